@@ -1,0 +1,66 @@
+"""The mcore plugin API: every hook a plugin may implement.
+
+A plugin is a plain module (or object) with a few functions decorated with ``@hookimpl`` and
+named after the specs below; it is found through the ``mcore`` entry-point group or registered at
+run time with :func:`mcore.core.register_plugin`. These docstrings are the API's documentation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from mcore.core.config import Config, ConfigErrors
+    from mcore.core.registry import PluginRegistrar
+
+PROJECT = "mcore"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def mcore_register(registry: PluginRegistrar) -> None:
+    """Add the plugin's named components to the registries.
+
+    Call ``registry.add(kind, name, obj)`` once per component, e.g.
+    ``registry.add("router", "my_router", MyRouter)``. ``kind`` is one of
+    :data:`mcore.core.registry.KINDS`. A name another plugin already holds is refused unless
+    ``override=True`` is passed. Registration is all-or-nothing per plugin: if this hook raises,
+    none of the plugin's components are kept and the error is reported under its name.
+    """
+
+
+@hookspec
+def mcore_validate_config(config: Config, errors: ConfigErrors) -> None:
+    """Check rules that span config sections, after each section has validated itself.
+
+    Report each problem with ``errors.add("section.field", "what is wrong and what to do")``;
+    do not raise. All problems from all plugins are shown to the user together, before any work
+    starts.
+    """
+
+
+@hookspec
+def mcore_on_train_start(trainer: Any) -> None:
+    """Called once, after the model, optimizer and data are built and before the first step."""
+
+
+@hookspec
+def mcore_on_step_end(trainer: Any, step: int, metrics: dict[str, float]) -> None:
+    """Called after every optimizer step with the step number (1-based) and its metrics.
+
+    ``metrics`` holds at least ``loss``; the dict is the plugin's to read, not to modify.
+    """
+
+
+@hookspec
+def mcore_on_checkpoint_saved(trainer: Any, path: str) -> None:
+    """Called when a checkpoint has been completely written and published at ``path``."""
+
+
+@hookspec
+def mcore_on_train_end(trainer: Any) -> None:
+    """Called once when training finishes, also when it stops early on an error."""

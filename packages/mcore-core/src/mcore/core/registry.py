@@ -1,0 +1,285 @@
+"""Typed registries of named components that plugins contribute.
+
+Each kind (``router``, ``model``, ``checkpoint_format``, ...) has its own :class:`Registry`.
+Plugins add to them through a :class:`PluginRegistrar`, which records who added what so that
+``mcore plugins`` can show it and a duplicate can name both claimants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from mcore.core.errors import DuplicateComponentError, McoreError, UnknownComponentError
+
+
+@dataclass(frozen=True)
+class CliCommand:
+    """An ``mcore`` sub-command: ``configure`` adds its arguments, ``run`` returns an exit code."""
+
+    help: str
+    configure: Callable[[Any], None]
+    run: Callable[[Any], int | None]
+
+
+def _is_dataclass_type(obj: Any) -> bool:
+    return isinstance(obj, type) and dataclasses.is_dataclass(obj)
+
+
+def _is_cli_command(obj: Any) -> bool:
+    return isinstance(obj, CliCommand)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a registry holds: a one-line description, a check on its entries and a home package."""
+
+    name: str
+    description: str
+    provider: str
+    check: Callable[[Any], bool] = callable
+    expects: str = "a callable (class or factory)"
+    label: str = ""
+    """How messages name one entry; defaults to the kind with spaces ("token dispatcher")."""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name.replace("_", " "))
+
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in [
+        Kind("router", "MoE routers: score tokens and pick experts", "mcore-moe"),
+        Kind("token_dispatcher", "MoE token dispatchers: move tokens to experts", "mcore-moe"),
+        Kind("flex_backend", "backends of the flex token dispatcher", "mcore-moe"),
+        Kind("mlp", "MLP blocks of a transformer layer", "mcore-models"),
+        Kind("layer", "transformer layer types, by layer-pattern symbol", "mcore-models"),
+        Kind("model", "model builders", "mcore-models"),
+        Kind("attention_backend", "attention kernels", "mcore-models"),
+        Kind("linear_backend", "linear layer implementations", "mcore-parallel"),
+        Kind("data_parallel", "data-parallel wrappers", "mcore-parallel"),
+        Kind("optimizer", "optimizer builders", "mcore-parallel"),
+        Kind("checkpoint_format", "checkpoint formats", "mcore-ckpt"),
+        Kind("dataset", "training datasets", "mcore-core"),
+        Kind("tokenizer", "tokenizers", "mcore-core"),
+        Kind("rl_env", "RL environments", "megatron-rl"),
+        Kind("rl_agent", "RL agents", "megatron-rl"),
+        Kind(
+            "cli_command",
+            "sub-commands of the mcore CLI",
+            "mcore-core",
+            check=_is_cli_command,
+            expects="a mcore.core.CliCommand",
+            label="command",
+        ),
+        Kind(
+            "config_section",
+            "configuration sections",
+            "mcore-core",
+            check=_is_dataclass_type,
+            expects="a dataclass type",
+        ),
+    ]
+}
+
+# Names that a known package provides, so a lookup can say what to install. Only for names
+# whose home differs from the kind's own provider above.
+KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
+    ("data_parallel", "megatron_fsdp"): "megatron-fsdp",
+    ("checkpoint_format", "fsdp_dtensor"): "mcore-ckpt",
+    ("flex_backend", "deepep"): "mcore-moe[deepep]",
+    ("flex_backend", "hybridep"): "mcore-moe[deepep]",
+    ("attention_backend", "te"): "mcore-models[te]",
+    ("linear_backend", "te"): "mcore-models[te]",
+    ("mlp", "moe"): "mcore-moe",
+    ("layer", "E"): "mcore-moe",
+    ("config_section", "parallel"): "mcore-parallel",
+    ("config_section", "model"): "mcore-models",
+    ("config_section", "moe"): "mcore-moe",
+    ("config_section", "fsdp"): "megatron-fsdp",
+    ("config_section", "inference"): "mcore-inference",
+    ("config_section", "rl"): "megatron-rl",
+    ("cli_command", "ckpt"): "mcore-ckpt",
+    ("cli_command", "generate"): "mcore-inference",
+    ("cli_command", "serve"): "mcore-inference",
+    ("cli_command", "rl"): "megatron-rl",
+}
+
+
+def provider_of(kind: str, name: str) -> str | None:
+    """The package known to provide ``name`` in registry ``kind``, if any."""
+    return KNOWN_PROVIDERS.get((kind, name))
+
+
+@dataclass(frozen=True)
+class Component:
+    """One registry entry: ``obj`` registered as ``name`` by ``plugin``."""
+
+    kind: str
+    name: str
+    obj: Any
+    plugin: str
+    override: bool = False
+
+
+class Registry:
+    """The components of one kind, by name.
+
+    Entries are kept in registration order. A name resolves to its single entry, or to the entry
+    registered with ``override=True`` when a plugin replaced another's component.
+    """
+
+    def __init__(self, kind: Kind, *, missing_hint: Callable[[str, str], str | None]) -> None:
+        self.kind = kind
+        self._entries: list[Component] = []
+        self._missing_hint = missing_hint
+
+    def add(self, component: Component) -> None:
+        """Add one entry; refuses a second claim on a name unless exactly one side overrides."""
+        if not self.kind.check(component.obj):
+            raise McoreError(
+                f"plugin {component.plugin!r} registered {self.kind.name} {component.name!r} as "
+                f"{component.obj!r}, but a {self.kind.name} must be {self.kind.expects}"
+            )
+        for other in self._entries:
+            if other.name != component.name:
+                continue
+            if other.override and component.override:
+                raise DuplicateComponentError(
+                    f"{self.kind.name} {component.name!r} is overridden by both plugin "
+                    f"{other.plugin!r} and plugin {component.plugin!r}; uninstall one of them"
+                )
+            if not (other.override or component.override):
+                raise DuplicateComponentError(
+                    f"{self.kind.name} {component.name!r} from plugin {component.plugin!r} is "
+                    f"already registered by plugin {other.plugin!r}; pick another name, or "
+                    f"register with override=True to replace it"
+                )
+        self._entries.append(component)
+
+    def discard(self, component: Component) -> None:
+        """Drop one entry (no error if it is not there)."""
+        self._entries = [c for c in self._entries if c is not component]
+
+    def remove_plugin(self, plugin: str) -> None:
+        """Drop every entry that ``plugin`` added."""
+        self._entries = [c for c in self._entries if c.plugin != plugin]
+
+    def component(self, name: str) -> Component:
+        """The entry that ``name`` resolves to; raises :class:`UnknownComponentError`."""
+        found = [c for c in self._entries if c.name == name]
+        if not found:
+            raise UnknownComponentError(self.kind.name, name, self._unknown_message(name))
+        overriding = [c for c in found if c.override]
+        return overriding[-1] if overriding else found[-1]
+
+    def get(self, name: str) -> Any:
+        """The object registered as ``name``."""
+        return self.component(name).obj
+
+    def names(self) -> list[str]:
+        """Every resolvable name, sorted."""
+        return sorted({c.name for c in self._entries})
+
+    def components(self) -> list[Component]:
+        """The entry each name resolves to, sorted by name."""
+        return [self.component(n) for n in self.names()]
+
+    def entries(self) -> list[Component]:
+        """Every entry in registration order, shadowed ones included."""
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return any(c.name == name for c in self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def _unknown_message(self, name: str) -> str:
+        label = self.kind.label
+        known = self.names()
+        msg = f"unknown {label} {name!r}. "
+        msg += f"Known: {', '.join(known)}." if known else f"No {label} is registered."
+        close = difflib.get_close_matches(name, known, n=1)
+        if close:
+            msg += f" Did you mean {close[0]!r}?"
+        hint = self._missing_hint(self.kind.name, name)
+        if hint:
+            msg += f" {hint}"
+        return msg
+
+
+class Registries:
+    """All registries, one per kind in :data:`KINDS`."""
+
+    def __init__(self, missing_hint: Callable[[str, str], str | None] | None = None) -> None:
+        hint = missing_hint or (lambda kind, name: None)
+        self._by_kind = {k: Registry(spec, missing_hint=hint) for k, spec in KINDS.items()}
+
+    def __getitem__(self, kind: str) -> Registry:
+        try:
+            return self._by_kind[kind]
+        except KeyError:
+            raise McoreError(
+                f"unknown registry kind {kind!r}; the kinds are: {', '.join(KINDS)}"
+            ) from None
+
+    def get(self, kind: str, name: str) -> Any:
+        """The object registered as ``name`` in registry ``kind``."""
+        return self[kind].get(name)
+
+    def names(self, kind: str) -> list[str]:
+        """Every name registered in ``kind``."""
+        return self[kind].names()
+
+    def components_of(self, plugin: str) -> dict[str, list[str]]:
+        """``{kind: [names]}`` of what ``plugin`` registered (kinds with none left out)."""
+        out: dict[str, list[str]] = {}
+        for kind, reg in self._by_kind.items():
+            names = sorted(c.name for c in reg.entries() if c.plugin == plugin)
+            if names:
+                out[kind] = names
+        return out
+
+    def add_all(self, components: list[Component]) -> None:
+        """Add a plugin's components together: if one is refused, none are kept."""
+        added: list[Component] = []
+        try:
+            for c in components:
+                self[c.kind].add(c)
+                added.append(c)
+        except Exception:
+            for c in added:
+                self[c.kind].discard(c)
+            raise
+
+    def remove_plugin(self, plugin: str) -> None:
+        """Drop everything ``plugin`` registered."""
+        for reg in self._by_kind.values():
+            reg.remove_plugin(plugin)
+
+
+class PluginRegistrar:
+    """What a plugin's ``mcore_register`` hook receives: ``add`` records the plugin's entries."""
+
+    def __init__(self, plugin: str) -> None:
+        self.plugin = plugin
+        self.components: list[Component] = []
+
+    def add(self, kind: str, name: str, obj: Any, *, override: bool = False) -> None:
+        """Register ``obj`` as ``name`` in registry ``kind``; ``override=True`` replaces another's."""
+        if kind not in KINDS:
+            raise McoreError(
+                f"plugin {self.plugin!r} registered into unknown kind {kind!r}; "
+                f"the kinds are: {', '.join(KINDS)}"
+            )
+        if not isinstance(name, str) or not name:
+            raise McoreError(f"plugin {self.plugin!r} registered a {kind} with name {name!r}")
+        self.components.append(Component(kind, name, obj, self.plugin, override))

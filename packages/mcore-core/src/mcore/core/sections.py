@@ -1,0 +1,221 @@
+"""The core's config sections: what the training driver needs whichever packages are installed.
+
+Field names follow Megatron-Core's arguments, so ``--train.micro-batch-size`` is Megatron's
+``--micro-batch-size``. The model, parallel, moe, fsdp, inference and rl sections belong to the
+packages that implement them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mcore.core.config import ConfigErrors, component
+
+
+def _positive(errors: ConfigErrors, section: object, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value <= 0:
+            errors.add(name, f"must be > 0, got {value}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """How long and how to train: batch sizes, steps, precision, data-parallel wrapper."""
+
+    train_iters: int = 100
+    """Number of optimizer steps to run."""
+    micro_batch_size: int = 4
+    """Sequences per micro-batch on each data-parallel rank."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all ranks; unset means micro-batch size x DP size."""
+    seed: int = 1234
+    """Random seed for initialisation, data order and dropout."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; auto picks CUDA when available."""
+    bf16: bool = False
+    """Train in bfloat16 mixed precision (fp32 main weights)."""
+    fp16: bool = False
+    """Train in float16 mixed precision with dynamic loss scaling."""
+    data_parallel: str = component("data_parallel", "ddp")
+    """Data-parallel wrapper by registry name (ddp, megatron_fsdp, ...)."""
+    eval_interval: int | None = None
+    """Run evaluation every this many steps; unset disables evaluation."""
+    eval_iters: int = 10
+    """Batches per evaluation."""
+
+    def validate(self, errors: ConfigErrors) -> None:
+        _positive(errors, self, "train_iters", "micro_batch_size", "global_batch_size")
+        _positive(errors, self, "eval_interval", "eval_iters")
+        if self.bf16 and self.fp16:
+            errors.add("fp16", "bf16 and fp16 are mutually exclusive; choose one")
+        gbs, mbs = self.global_batch_size, self.micro_batch_size
+        if gbs is not None and mbs > 0 and gbs % mbs:
+            errors.add(
+                "global_batch_size", f"must be a multiple of micro_batch_size ({mbs}), got {gbs}"
+            )
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: str = component("optimizer", "adam")
+    """Optimizer by registry name."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of decay."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam's first-moment decay."""
+    adam_beta2: float = 0.95
+    """Adam's second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam's denominator epsilon."""
+    clip_grad: float = 1.0
+    """Clip gradients to this global L2 norm; 0 disables clipping."""
+    lr_warmup_iters: int = 0
+    """Steps of linear warmup from 0 to lr."""
+    lr_decay_style: Literal["constant", "linear", "cosine", "WSD"] = "cosine"
+    """Decay after warmup."""
+    lr_decay_iters: int | None = None
+    """Steps over which lr decays; unset means train.train_iters."""
+    lr_wsd_decay_iters: int | None = None
+    """For WSD: length of the final decay phase."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state and fp32 main weights over data-parallel ranks."""
+    optimizer_cpu_offload: bool = False
+    """Keep optimizer state on the CPU."""
+    optimizer_offload_fraction: float = 1.0
+    """Fraction of optimizer state offloaded when optimizer_cpu_offload is on."""
+
+    def validate(self, errors: ConfigErrors) -> None:
+        _positive(errors, self, "lr", "adam_eps", "lr_decay_iters", "lr_wsd_decay_iters")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            errors.add("min_lr", f"must lie in [0, lr={self.lr}], got {self.min_lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                errors.add(name, f"must lie in [0, 1), got {value}")
+        for name in ("weight_decay", "clip_grad", "lr_warmup_iters"):
+            if getattr(self, name) < 0:
+                errors.add(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
+            errors.add(
+                "optimizer_offload_fraction",
+                f"must lie in [0, 1], got {self.optimizer_offload_fraction}",
+            )
+        if self.lr_decay_style == "WSD" and self.lr_wsd_decay_iters is None:
+            errors.add("lr_wsd_decay_iters", "is required when lr_decay_style is 'WSD'")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training data and tokenizer."""
+
+    dataset: str = component("dataset", "python_stdlib")
+    """Dataset by registry name; the default is the running Python's standard library source."""
+    data_path: list[str] = field(default_factory=list)
+    """Indexed dataset prefixes, optionally weighted: ["0.7", "a", "0.3", "b"] as in Megatron."""
+    tokenizer: str = component("tokenizer", "byte")
+    """Tokenizer by registry name."""
+    tokenizer_path: str | None = None
+    """Path of a tokenizer.json for file-based tokenizers."""
+    seq_length: int = 256
+    """Tokens per training sequence."""
+    split: str = "969,30,1"
+    """Train, validation and test proportions."""
+    num_workers: int = 2
+    """Data-loader worker processes per rank."""
+    cache_dir: str | None = None
+    """Where dataset indices are cached; unset means beside the data."""
+
+    def validate(self, errors: ConfigErrors) -> None:
+        _positive(errors, self, "seq_length")
+        if self.num_workers < 0:
+            errors.add("num_workers", f"must be >= 0, got {self.num_workers}")
+        parts = self.split.replace("/", ",").split(",")
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            weights = []
+        if not weights or any(w < 0 for w in weights) or sum(weights) <= 0 or len(weights) > 3:
+            errors.add("split", f"must be up to 3 non-negative numbers like '969,30,1', got {self.split!r}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Where and how often checkpoints are saved, and what to resume from."""
+
+    save: str | None = None
+    """Directory to save checkpoints to; unset disables saving."""
+    load: str | None = None
+    """Directory to resume from; unset means the save directory when it has a checkpoint."""
+    save_interval: int | None = None
+    """Save every this many steps (and at the end); unset saves only at the end."""
+    ckpt_format: str = component("checkpoint_format", "torch_dist")
+    """Checkpoint format by registry name (torch_dist, fsdp_dtensor, hf)."""
+    async_save: bool = False
+    """Write checkpoints in a background worker while training continues."""
+    keep_last: int | None = None
+    """Keep only this many most recent checkpoints; unset keeps all."""
+
+    def validate(self, errors: ConfigErrors) -> None:
+        _positive(errors, self, "save_interval", "keep_last")
+        if self.async_save and self.save is None:
+            errors.add("async_save", "needs checkpoint.save to be set")
+
+
+@dataclass(kw_only=True)
+class LoggerConfig:
+    """Console, JSONL and TensorBoard logging."""
+
+    log_interval: int = 10
+    """Print and record metrics every this many steps."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Console log level."""
+    metrics_file: str | None = None
+    """Append one JSON line of metrics per logged step to this file."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard events here; unset disables TensorBoard."""
+    progress_bar: bool = True
+    """Show a progress bar on an interactive terminal."""
+    timing_log_level: int = 0
+    """Timers to report: 0 none, 1 per-step phases, 2 everything."""
+
+    def validate(self, errors: ConfigErrors) -> None:
+        _positive(errors, self, "log_interval")
+        if self.timing_log_level not in (0, 1, 2):
+            errors.add("timing_log_level", f"must be 0, 1 or 2, got {self.timing_log_level}")
+
+
+@dataclass(kw_only=True)
+class StragglerDetectionConfig:
+    """Find ranks that run slower than the rest."""
+
+    log_straggler: bool = False
+    """Measure per-rank step time and report the slowest ranks."""
+    straggler_minmax_count: int = 1
+    """How many slowest and fastest ranks to report."""
+    straggler_ctrlr_port: int = 65535
+    """Port of the controller that toggles detection at run time."""
+    disable_straggler_on_startup: bool = False
+    """Start with detection off (enable it later through the controller)."""
+
+    def validate(self, errors: ConfigErrors) -> None:
+        _positive(errors, self, "straggler_minmax_count")
+        if not 0 < self.straggler_ctrlr_port < 65536:
+            errors.add("straggler_ctrlr_port", f"must be a TCP port, got {self.straggler_ctrlr_port}")
+
+
+CORE_SECTIONS: dict[str, type] = {
+    "train": TrainConfig,
+    "optimizer": OptimizerConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+    "logger": LoggerConfig,
+    "straggler": StragglerDetectionConfig,
+}
