@@ -41,4 +41,3 @@ class FSDPConfig:
 @hookimpl
 def mcore_register(registry: PluginRegistrar) -> None:
     registry.add("config_section", "fsdp", FSDPConfig)
-

@@ -1,4 +1,4 @@
-"""megatron-rl's plugin: the ``[rl]`` section (environments and agents register here as they land)."""
+"""megatron-rl's plugin: the ``[rl]`` section; environments and agents join as they land."""
 
 from __future__ import annotations
 

@@ -29,9 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for component in commands.components():
         cmd = component.obj
-        p = sub.add_parser(
-            component.name, help=cmd.help, description=cmd.help, allow_abbrev=False
-        )
+        p = sub.add_parser(component.name, help=cmd.help, description=cmd.help, allow_abbrev=False)
         cmd.configure(p)
         p.set_defaults(_run=cmd.run)
     return parser

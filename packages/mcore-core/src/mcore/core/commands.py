@@ -99,9 +99,7 @@ def _config_configure(parser: argparse.ArgumentParser) -> None:
         help="also resolve every component name (router, optimizer, ...) in the registries",
     )
     manager = get_plugin_manager()
-    owners = {
-        c.name: c.plugin for c in manager.registries["config_section"].components()
-    }
+    owners = {c.name: c.plugin for c in manager.registries["config_section"].components()}
     add_config_arguments(show, config_sections(manager), owners)
 
 

@@ -323,28 +323,30 @@ def _norm(key: str) -> str:
 def _build_section(
     name: str, cls: type, values: Mapping[str, Any], errors: ConfigErrors
 ) -> Any | None:
+    """The section instance from ``values``; a field that fails its type check is reported and
+    left at its default, so the section's own validation still runs on the rest."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
-    ok = True
     for key, value in values.items():
         field_name = _norm(key)
         if field_name not in fields:
             close = difflib.get_close_matches(field_name, list(fields), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             errors.add(f"{name}.{key}", f"unknown field of section [{name}].{hint}")
-            ok = False
             continue
         try:
             kwargs[field_name] = coerce(value, hints[field_name])
         except _Bad as exc:
             errors.add(f"{name}.{field_name}", str(exc))
-            ok = False
-    for f in fields.values():
-        if f.name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:
-            errors.add(f"{name}.{f.name}", "is required and has no default")
-            ok = False
-    if not ok:
+    missing = [
+        f.name
+        for f in fields.values()
+        if f.name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING
+    ]
+    for field_name in missing:
+        errors.add(f"{name}.{field_name}", "is required and has no default")
+    if missing:
         return None
     try:
         return cls(**kwargs)

@@ -140,7 +140,7 @@ class PluginManager:
         return self.registries.components_of(name)
 
     def hooks_of(self, name: str) -> list[str]:
-        """The lifecycle and validation hooks plugin ``name`` implements (not ``mcore_register``)."""
+        """The hooks plugin ``name`` implements, other than ``mcore_register``."""
         plugin = self.pm.get_plugin(name)
         if plugin is None:
             return []
@@ -151,6 +151,14 @@ class PluginManager:
         try:
             self.pm.register(plugin, name=info.name)
         except Exception as exc:
+            self._fail(info, f"not a valid mcore plugin: {exc}")
+            return
+        try:
+            # A hook implementation whose name matches no spec is a typo: refuse it now rather
+            # than have it silently never called. Earlier plugins were checked already.
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(plugin)
             self._fail(info, f"not a valid mcore plugin: {exc}")
             return
         impls = [i for i in self.pm.hook.mcore_register.get_hookimpls() if i.plugin is plugin]

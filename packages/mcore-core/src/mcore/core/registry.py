@@ -274,7 +274,7 @@ class PluginRegistrar:
         self.components: list[Component] = []
 
     def add(self, kind: str, name: str, obj: Any, *, override: bool = False) -> None:
-        """Register ``obj`` as ``name`` in registry ``kind``; ``override=True`` replaces another's."""
+        """Register ``obj`` as ``name`` in ``kind``; ``override=True`` replaces another's."""
         if kind not in KINDS:
             raise McoreError(
                 f"plugin {self.plugin!r} registered into unknown kind {kind!r}; "

@@ -143,7 +143,9 @@ class DataConfig:
         except ValueError:
             weights = []
         if not weights or any(w < 0 for w in weights) or sum(weights) <= 0 or len(weights) > 3:
-            errors.add("split", f"must be up to 3 non-negative numbers like '969,30,1', got {self.split!r}")
+            errors.add(
+                "split", f"must be up to 3 non-negative numbers like '969,30,1', got {self.split!r}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -208,7 +210,9 @@ class StragglerDetectionConfig:
     def validate(self, errors: ConfigErrors) -> None:
         _positive(errors, self, "straggler_minmax_count")
         if not 0 < self.straggler_ctrlr_port < 65536:
-            errors.add("straggler_ctrlr_port", f"must be a TCP port, got {self.straggler_ctrlr_port}")
+            errors.add(
+                "straggler_ctrlr_port", f"must be a TCP port, got {self.straggler_ctrlr_port}"
+            )
 
 
 CORE_SECTIONS: dict[str, type] = {

@@ -96,5 +96,6 @@ def validate_against_parallel(config: Config, errors: ConfigErrors) -> None:
     if groups is not None and groups % tp:
         errors.add(
             "model.num_query_groups",
-            f"{groups} key/value groups do not divide over parallel.tensor_model_parallel_size={tp}",
+            f"{groups} key/value groups do not divide over "
+            f"parallel.tensor_model_parallel_size={tp}",
         )

@@ -52,9 +52,7 @@ class MoEConfig:
                 f"{self.router_topk} exceeds num_experts ({self.num_experts})",
             )
         if self.expert_capacity_factor is not None and self.expert_capacity_factor <= 0:
-            errors.add(
-                "expert_capacity_factor", f"must be > 0, got {self.expert_capacity_factor}"
-            )
+            errors.add("expert_capacity_factor", f"must be > 0, got {self.expert_capacity_factor}")
         if self.flex_dispatcher_backend is not None and self.token_dispatcher_type != "flex":
             errors.add(
                 "flex_dispatcher_backend",

@@ -1,4 +1,4 @@
-"""mcore-moe's plugin: the ``[moe]`` section (routers and dispatchers register here as they land)."""
+"""mcore-moe's plugin: the ``[moe]`` section; routers and dispatchers join as they land."""
 
 from __future__ import annotations
 

@@ -1,0 +1,137 @@
+"""The plugin API: every hook spec is documented and exercised here by a ``test_hook_<name>``."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from mcore.core import ConfigError, PluginManager, hookimpl, hookspecs, load_config
+from mcore.core import plugin as core_plugin
+
+
+def _spec_names() -> list[str]:
+    return [
+        name
+        for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+        if name.startswith("mcore_")
+    ]
+
+
+def test_every_hook_spec_has_a_docstring_and_a_test() -> None:
+    names = _spec_names()
+    assert names, "no hook specs found"
+    tests = set(dir(sys.modules[__name__]))
+    for name in names:
+        doc = inspect.getdoc(getattr(hookspecs, name))
+        assert doc and len(doc) > 20, f"hook spec {name} needs a docstring"
+        assert f"test_hook_{name}" in tests, f"hook spec {name} needs a test_hook_{name}"
+
+
+def test_hook_mcore_register() -> None:
+    class Plugin:
+        @hookimpl
+        def mcore_register(self, registry):
+            registry.add("dataset", "squares", lambda n: [i * i for i in range(n)])
+
+    manager = PluginManager()
+    manager.register(Plugin(), name="squares-plugin")
+    assert manager.registries.get("dataset", "squares")(4) == [0, 1, 4, 9]
+
+
+def test_hook_mcore_validate_config() -> None:
+    @dataclass(kw_only=True)
+    class Budget:
+        max_steps: int = 10
+        """Upper bound on train.train_iters."""
+
+    class Plugin:
+        @hookimpl
+        def mcore_register(self, registry):
+            registry.add("config_section", "budget", Budget)
+
+        @hookimpl
+        def mcore_validate_config(self, config, errors):
+            if config.train.train_iters > config.budget.max_steps:
+                errors.add(
+                    "train.train_iters", f"exceeds budget.max_steps={config.budget.max_steps}"
+                )
+
+    manager = PluginManager()
+    manager.register(core_plugin, name="mcore-core")
+    manager.register(Plugin(), name="budget")
+    assert load_config(overrides={"train.train_iters": "5"}, manager=manager).train.train_iters == 5
+    with pytest.raises(ConfigError, match=r"train.train_iters: exceeds budget.max_steps=10"):
+        load_config(overrides={"train.train_iters": "50"}, manager=manager)
+
+
+class Recorder:
+    """A plugin that records every lifecycle call it receives."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    @hookimpl
+    def mcore_on_train_start(self, trainer):
+        self.calls.append(("start", trainer))
+
+    @hookimpl
+    def mcore_on_step_end(self, trainer, step, metrics):
+        self.calls.append(("step", step, metrics["loss"]))
+
+    @hookimpl
+    def mcore_on_checkpoint_saved(self, trainer, path):
+        self.calls.append(("saved", path))
+
+    @hookimpl
+    def mcore_on_train_end(self, trainer):
+        self.calls.append(("end", trainer))
+
+
+@pytest.fixture
+def recorder() -> tuple[PluginManager, Recorder]:
+    manager = PluginManager()
+    rec = Recorder()
+    manager.register(rec, name="recorder")
+    return manager, rec
+
+
+def test_hook_mcore_on_train_start(recorder) -> None:
+    manager, rec = recorder
+    manager.hook.mcore_on_train_start(trainer="T")
+    assert rec.calls == [("start", "T")]
+
+
+def test_hook_mcore_on_step_end(recorder) -> None:
+    manager, rec = recorder
+    for step in (1, 2):
+        manager.hook.mcore_on_step_end(trainer="T", step=step, metrics={"loss": 1.0 / step})
+    assert rec.calls == [("step", 1, 1.0), ("step", 2, 0.5)]
+
+
+def test_hook_mcore_on_checkpoint_saved(recorder) -> None:
+    manager, rec = recorder
+    manager.hook.mcore_on_checkpoint_saved(trainer="T", path="/ckpt/iter_0000010")
+    assert rec.calls == [("saved", "/ckpt/iter_0000010")]
+
+
+def test_hook_mcore_on_train_end(recorder) -> None:
+    manager, rec = recorder
+    manager.hook.mcore_on_train_end(trainer="T")
+    assert rec.calls == [("end", "T")]
+
+
+def test_lifecycle_hooks_reach_every_plugin_that_implements_them(recorder) -> None:
+    manager, rec = recorder
+    other = Recorder()
+    manager.register(other, name="other")
+    manager.hook.mcore_on_train_start(trainer="T")
+    assert rec.calls == other.calls == [("start", "T")]
+    assert manager.hooks_of("other") == [
+        "mcore_on_checkpoint_saved",
+        "mcore_on_step_end",
+        "mcore_on_train_end",
+        "mcore_on_train_start",
+    ]
