@@ -1,0 +1,98 @@
+"""The monorepo's rules hold: packages, versions, namespace, lint, import contracts, lock."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+FAMILY = [
+    "mcore-core",
+    "mcore-parallel",
+    "mcore-models",
+    "mcore-moe",
+    "mcore-ckpt",
+    "mcore-inference",
+    "megatron-rl",
+]
+PACKAGES = [*FAMILY, "megatron-fsdp"]
+
+
+def pyproject(name: str) -> dict:
+    return tomllib.loads((ROOT / "packages" / name / "pyproject.toml").read_text())
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def test_mcore_plugins_lists_all_eight_packages() -> None:
+    result = run(str(BIN / "mcore"), "plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert sorted(p["package"] for p in report["plugins"]) == sorted(PACKAGES)
+    assert report["failed"] == []
+    sections = {
+        name for p in report["plugins"] for name in p["components"].get("config_section", [])
+    }
+    assert sections >= {"model", "parallel", "train", "optimizer", "data", "checkpoint",
+                        "logger", "straggler", "moe", "fsdp", "inference", "rl"}  # fmt: skip
+
+
+def test_full_config_shows_every_section() -> None:
+    result = run(str(BIN / "mcore"), "config", "show", "--json", "--moe.num-experts", "8")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["moe"]["num_experts"] == 8
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_package_layout(name: str) -> None:
+    folder = ROOT / "packages" / name
+    meta = pyproject(name)
+    assert meta["build-system"]["build-backend"] == "hatchling.build"
+    assert (folder / "README.md").read_text().startswith(f"# {name}")
+    assert list((folder / "tests").glob("test_*.py")), f"{name} has no tests"
+    assert list(meta["project"]["entry-points"]["mcore"]) == [name]
+    # PEP 420: no wheel may own the mcore namespace.
+    assert not (folder / "src" / "mcore" / "__init__.py").exists()
+
+
+def test_the_family_releases_together_and_pins_itself_exactly() -> None:
+    versions = {name: pyproject(name)["project"]["version"] for name in FAMILY}
+    assert len(set(versions.values())) == 1, versions
+    version = versions["mcore-core"]
+    for name in FAMILY:
+        for dep in pyproject(name)["project"]["dependencies"]:
+            dep_name = dep.split("==")[0].split(">=")[0].strip()
+            if dep_name in PACKAGES:
+                assert dep == f"{dep_name}=={version}", f"{name} must pin {dep_name}=={version}"
+
+
+def test_megatron_fsdp_depends_on_torch_alone() -> None:
+    deps = pyproject("megatron-fsdp")["project"]["dependencies"]
+    assert [d.split(">")[0].split("=")[0] for d in deps] == ["torch"]
+
+
+def test_ruff_lint_and_format_pass() -> None:
+    for cmd in (["check", "."], ["format", "--check", "."]):
+        result = run(str(BIN / "ruff"), *cmd)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_import_contracts_hold() -> None:
+    result = run(str(BIN / "lint-imports"), "--no-cache")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def test_lock_is_up_to_date() -> None:
+    uv = shutil.which("uv") or str(BIN / "uv")
+    result = run(uv, "lock", "--check", "--offline")
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,32 @@
+"""mcore-ckpt's plugin refuses checkpoint formats that mcore does not carry."""
+
+from __future__ import annotations
+
+import pytest
+
+from mcore.ckpt import plugin as ckpt_plugin
+from mcore.core import ConfigError, PluginManager, load_config
+from mcore.core import plugin as core_plugin
+
+
+@pytest.fixture
+def manager() -> PluginManager:
+    m = PluginManager()
+    m.register(core_plugin, name="mcore-core")
+    m.register(ckpt_plugin, name="mcore-ckpt")
+    return m
+
+
+def test_zarr_is_refused_with_the_format_to_use(manager) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"checkpoint.ckpt-format": "zarr"}, manager=manager)
+    assert info.value.errors == [
+        "checkpoint.ckpt_format: 'zarr' is not supported; use 'torch_dist' "
+        "(sharded, resharding on load)"
+    ]
+
+
+def test_supported_formats_pass(manager) -> None:
+    for fmt in ("torch_dist", "fsdp_dtensor", "hf"):
+        config = load_config(overrides={"checkpoint.ckpt-format": fmt}, manager=manager)
+        assert config.checkpoint.ckpt_format == fmt

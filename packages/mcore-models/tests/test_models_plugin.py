@@ -1,0 +1,61 @@
+"""mcore-models' plugin: the [model] section and its checks against the parallel layout."""
+
+from __future__ import annotations
+
+import pytest
+
+from mcore.core import ConfigError, PluginManager, load_config
+from mcore.core import plugin as core_plugin
+from mcore.models import plugin as models_plugin
+from mcore.parallel import plugin as parallel_plugin
+
+
+@pytest.fixture
+def manager() -> PluginManager:
+    m = PluginManager()
+    m.register(core_plugin, name="mcore-core")
+    m.register(parallel_plugin, name="mcore-parallel")
+    m.register(models_plugin, name="mcore-models")
+    return m
+
+
+def test_model_section_is_registered(manager) -> None:
+    assert manager.components_of("mcore-models") == {"config_section": ["model"]}
+    assert manager.hooks_of("mcore-models") == ["mcore_validate_config"]
+    config = load_config(overrides={"model.num-layers": "2"}, manager=manager)
+    assert config.model.num_layers == 2 and config.model.name == "gpt"
+
+
+def test_head_shapes_are_checked(manager) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            overrides={"model.hidden-size": "100", "model.num-attention-heads": "8",
+                       "model.num-query-groups": "3"},
+            manager=manager,
+        )  # fmt: skip
+    assert info.value.errors == [
+        "model.hidden_size: 100 is not divisible by num_attention_heads (8); "
+        "set kv_channels to use another head size",
+        "model.num_query_groups: num_attention_heads (8) must be a multiple of "
+        "num_query_groups (3)",
+    ]
+
+
+def test_heads_must_divide_over_tensor_parallel_ranks(manager) -> None:
+    overrides = {
+        "model.num-attention-heads": "6",
+        "model.hidden-size": "96",
+        "model.num-query-groups": "2",
+        "parallel.tensor-model-parallel-size": "4",
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides, manager=manager)
+    assert info.value.errors == [
+        "model.num_attention_heads: 6 heads do not divide over "
+        "parallel.tensor_model_parallel_size=4",
+        "model.num_query_groups: 2 key/value groups do not divide over "
+        "parallel.tensor_model_parallel_size=4",
+    ]
+    overrides["parallel.tensor-model-parallel-size"] = "2"
+    config = load_config(overrides=overrides, manager=manager)
+    assert config.parallel.tensor_model_parallel_size == 2

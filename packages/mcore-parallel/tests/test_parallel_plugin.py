@@ -1,0 +1,40 @@
+"""mcore-parallel's plugin contributes the [parallel] section with checked sizes."""
+
+from __future__ import annotations
+
+import pytest
+
+from mcore.core import ConfigError, PluginManager, load_config
+from mcore.core import plugin as core_plugin
+from mcore.parallel import ParallelConfig
+from mcore.parallel import plugin as parallel_plugin
+
+
+@pytest.fixture
+def manager() -> PluginManager:
+    m = PluginManager()
+    m.register(core_plugin, name="mcore-core")
+    m.register(parallel_plugin, name="mcore-parallel")
+    return m
+
+
+def test_parallel_section_is_registered(manager) -> None:
+    assert manager.components_of("mcore-parallel") == {"config_section": ["parallel"]}
+    config = load_config(overrides={"parallel.tensor-model-parallel-size": "2"}, manager=manager)
+    assert config.parallel == ParallelConfig(tensor_model_parallel_size=2)
+
+
+def test_sizes_must_be_positive_and_interleaving_needs_a_pipeline(manager) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            overrides={
+                "parallel.context-parallel-size": "0",
+                "parallel.virtual-pipeline-model-parallel-size": "2",
+            },
+            manager=manager,
+        )
+    assert info.value.errors == [
+        "parallel.context_parallel_size: must be >= 1, got 0",
+        "parallel.virtual_pipeline_model_parallel_size: is 2, but interleaving needs "
+        "pipeline_model_parallel_size > 1",
+    ]
