@@ -1,0 +1,148 @@
+"""Run a function on N real ranks of a torch.distributed process group: the one helper that
+distributed tests use (gloo on CPU, NCCL when there is a GPU per rank).
+
+``run_ranks(fn, 4, x)`` starts four processes, calls ``fn(rank, world_size, x)`` in each after
+``init_process_group``, and returns the four results in rank order; an exception on any rank is
+raised here with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from mcore.core.errors import McoreError
+
+
+class RankError(McoreError):
+    """A rank raised or died; the message carries its traceback or exit code."""
+
+
+def _default_start_method() -> str:
+    # fork lets tests pass local functions and closures; spawn is the only safe choice on macOS.
+    return "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+def _resolve_backend(backend: str, world_size: int) -> str:
+    if backend != "auto":
+        return backend
+    import torch
+
+    usable = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+    return "nccl" if usable else "gloo"
+
+
+def _rank_main(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    backend: str,
+    store_path: str,
+    timeout_s: float,
+    threads: int,
+    results: Any,
+    args: tuple,
+    kwargs: dict,
+) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(threads)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{store_path}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        try:
+            out = fn(rank, world_size, *args, **kwargs)
+        finally:
+            dist.destroy_process_group()
+        # Plain pickle bytes: the queue's own pickler would hand tensors over as shared memory
+        # that vanishes when this process exits before the parent reads it.
+        results.put((rank, True, pickle.dumps(out)))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str = "auto",
+    timeout_s: float = 120.0,
+    start_method: str | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Call ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks; results by rank.
+
+    ``backend="auto"`` picks NCCL when there is a GPU per rank, else gloo. Results travel back
+    pickled, so return tensors (moved to CPU) or plain values.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    backend = _resolve_backend(backend, world_size)
+    ctx = mp.get_context(start_method or _default_start_method())
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    with tempfile.TemporaryDirectory(prefix="mcore-ranks-") as tmp:
+        store = str(Path(tmp) / "store")
+        results = ctx.Queue()
+        procs = [
+            ctx.Process(
+                target=_rank_main,
+                args=(fn, r, world_size, backend, store, timeout_s, threads, results, args, kwargs),
+                daemon=True,
+            )
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            return _collect(procs, results, world_size, timeout_s)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+                p.join(timeout=10)
+
+
+def _collect(procs: list, results: Any, world_size: int, timeout_s: float) -> list[Any]:
+    out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(out) < world_size:
+        try:
+            rank, ok, value = results.get(timeout=0.2)
+        except queue.Empty:
+            dead = [
+                (r, p.exitcode)
+                for r, p in enumerate(procs)
+                if r not in out and p.exitcode not in (None, 0)
+            ]
+            if dead:
+                rank, code = dead[0]
+                raise RankError(f"rank {rank} of {world_size} died with exit code {code}") from None
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(world_size)) - set(out))
+                raise RankError(
+                    f"ranks {missing} of {world_size} did not finish within {timeout_s:.0f}s"
+                ) from None
+            continue
+        if not ok:
+            raise RankError(f"rank {rank} of {world_size} raised:\n{value}")
+        out[rank] = pickle.loads(value)
+    return [out[r] for r in range(world_size)]
