@@ -128,7 +128,7 @@ def test_broken_plugin_is_listed_and_warned_about(capsys, make_dist, monkeypatch
     monkeypatch.delenv("MCORE_LOAD_PLUGINS")
     reset_plugin_manager()
     code, out, _ = run(capsys, "plugins", "--json")
-    assert code == 0
+    assert code == 1  # a broken plugin is worth a non-zero exit, as in the table form
     [failed] = json.loads(out)["failed"]
     assert failed["name"] == "zz-broken" and "ImportError: no gpu" in failed["error"]
     code, out, _ = run(capsys, "plugins")
@@ -150,3 +150,33 @@ def test_console_script_runs_in_a_subprocess() -> None:
         check=True,
     )
     assert [p["name"] for p in json.loads(result.stdout)["plugins"]] == ["mcore-core"]
+
+
+HELLO_PLUGIN = """
+from mcore.core import CliCommand, hookimpl
+
+def configure(parser):
+    parser.add_argument("--name", default="world")
+
+def run(args):
+    print(f"hello {args.name}")
+    return 0
+
+@hookimpl
+def mcore_register(registry):
+    registry.add("cli_command", "hello", CliCommand(help="say hello", configure=configure, run=run))
+"""
+
+
+def test_sub_commands_of_other_packages_come_in_through_the_hook(capsys, make_dist) -> None:
+    make_dist(
+        "mcore-hello", {"mcore-hello": "mcore_hello_mod"}, {"mcore_hello_mod.py": HELLO_PLUGIN}
+    )
+    import os
+
+    os.environ["MCORE_LOAD_PLUGINS"] = "mcore-hello"
+    reset_plugin_manager()
+    code, out, _ = run(capsys)
+    assert code == 0 and "say hello" in out
+    code, out, _ = run(capsys, "hello", "--name", "gloo")
+    assert (code, out) == (0, "hello gloo\n")

@@ -59,7 +59,7 @@ def _plugins_run(args: argparse.Namespace) -> int:
     report = plugins_report()
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return 1 if report["failed"] else 0
     rows: list[tuple[str, str, str, str]] = []
     for p in report["plugins"]:
         comps = [f"{kind}: {', '.join(names)}" for kind, names in p["components"].items()]
