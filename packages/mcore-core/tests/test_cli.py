@@ -168,13 +168,13 @@ def mcore_register(registry):
 """
 
 
-def test_sub_commands_of_other_packages_come_in_through_the_hook(capsys, make_dist) -> None:
+def test_sub_commands_of_other_packages_come_in_through_the_hook(
+    capsys, make_dist, monkeypatch
+) -> None:
     make_dist(
         "mcore-hello", {"mcore-hello": "mcore_hello_mod"}, {"mcore_hello_mod.py": HELLO_PLUGIN}
     )
-    import os
-
-    os.environ["MCORE_LOAD_PLUGINS"] = "mcore-hello"
+    monkeypatch.setenv("MCORE_LOAD_PLUGINS", "mcore-hello")
     reset_plugin_manager()
     code, out, _ = run(capsys)
     assert code == 0 and "say hello" in out
