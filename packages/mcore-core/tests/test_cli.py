@@ -180,3 +180,9 @@ def test_sub_commands_of_other_packages_come_in_through_the_hook(
     assert code == 0 and "say hello" in out
     code, out, _ = run(capsys, "hello", "--name", "gloo")
     assert (code, out) == (0, "hello gloo\n")
+
+
+def test_flag_of_a_section_from_an_uninstalled_package_says_what_to_install(capsys) -> None:
+    code, _, err = run(capsys, "config", "show", "--rl.group-size", "4")
+    assert code == 2
+    assert "--rl.group-size: no section [rl] is loaded. It is provided by megatron-rl" in err

@@ -47,11 +47,14 @@ def _unrecognized(extra: list[str], manager: Any) -> str:
         key = arg.split("=", 1)[0]
         if not (key.startswith("--") and "." in key):
             continue
-        field = key.rsplit(".", 1)[1]
+        section, field = key[2:].split(".", 1)
         same_field = [f for f in flags if f.rsplit(".", 1)[1] == field]
         guess = same_field or difflib.get_close_matches(key, flags, n=1)
+        hint = manager.missing_hint("config_section", section.replace("-", "_"))
         if guess:
             lines.append(f"  {key}: did you mean {' or '.join(guess)}?")
+        elif hint:
+            lines.append(f"  {key}: no section [{section}] is loaded. {hint}")
         else:
             lines.append(f"  {key}: no such config field (see --help)")
     return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""Each wheel installs on its own and brings only what it needs.
+
+Every test installs one package into a fresh virtual environment, from wheels of this checkout
+with third parties pinned to uv.lock (see conftest.py), and looks at the result from outside:
+what got installed, what imports, and what ``mcore plugins`` reports.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+OURS = {
+    "mcore-core",
+    "mcore-parallel",
+    "mcore-models",
+    "mcore-moe",
+    "megatron-fsdp",
+    "mcore-ckpt",
+    "mcore-inference",
+    "megatron-rl",
+}
+
+
+def ours_installed(venv) -> set[str]:
+    return OURS & set(venv.distributions())
+
+
+@pytest.fixture(scope="module")
+def core_only(make_venv):
+    return make_venv("mcore-core")
+
+
+@pytest.fixture(scope="module")
+def fsdp_only(make_venv):
+    return make_venv("megatron-fsdp")
+
+
+@pytest.fixture(scope="module")
+def moe(make_venv):
+    return make_venv("mcore-moe")
+
+
+def test_our_wheels_win_over_pypi_namesakes(fsdp_only, wheels) -> None:
+    # PyPI has an unrelated megatron-fsdp 0.6.x; the overrides must install our wheel instead.
+    assert fsdp_only.distributions()["megatron-fsdp"].version == "0.1.0"
+    assert fsdp_only.source_of("megatron-fsdp") == wheels["megatron-fsdp"].as_uri()
+
+
+def test_mcore_core_alone_lists_only_its_own_plugin(core_only) -> None:
+    assert ours_installed(core_only) == {"mcore-core"}
+
+    report = core_only.mcore_json("plugins", "--json")
+
+    assert [p["name"] for p in report["plugins"]] == ["mcore-core"]
+    assert report["failed"] == []
+
+
+def test_mcore_core_alone_shows_its_config(core_only) -> None:
+    (core,) = core_only.mcore_json("plugins", "--json")["plugins"]
+
+    config = core_only.mcore_json("config", "show", "--json", "--train.train-iters", "7")
+
+    # Exactly the core's own sections: no model, parallel or moe without their packages.
+    assert sorted(config) == core["components"]["config_section"]
+    assert config["train"]["train_iters"] == 7
+
+
+def test_mcore_core_alone_has_no_models(core_only) -> None:
+    result = core_only.python("import mcore.models")
+
+    assert result.returncode != 0
+    assert "ModuleNotFoundError: No module named 'mcore.models'" in result.stderr
+
+
+def test_megatron_fsdp_stands_alone_without_mcore(fsdp_only) -> None:
+    assert fsdp_only.python("import megatron_fsdp").returncode == 0
+
+    result = fsdp_only.python("import mcore")
+    assert "ModuleNotFoundError: No module named 'mcore'" in result.stderr
+
+
+def test_megatron_fsdp_brings_torch_and_nothing_else(fsdp_only) -> None:
+    installed = set(fsdp_only.distributions())
+
+    assert installed == {"megatron-fsdp"} | fsdp_only.requirement_closure("torch")
+    assert "pluggy" not in installed
+    assert ours_installed(fsdp_only) == {"megatron-fsdp"}
+
+
+def test_mcore_moe_pulls_its_chain_and_nothing_else(moe, wheels) -> None:
+    chain = {"mcore-core", "mcore-parallel", "mcore-models", "mcore-moe"}
+
+    assert ours_installed(moe) == chain
+    for name in chain:
+        assert moe.source_of(name) == wheels[name].as_uri()
+    # What checkpointing and inference need stays out.
+    assert not {"safetensors", "pyzmq", "msgpack"} & set(moe.distributions())
+
+
+def test_mcore_moe_plugins_and_moe_config(moe) -> None:
+    report = moe.mcore_json("plugins", "--json")
+
+    plugins = {p["name"]: p for p in report["plugins"]}
+    assert set(plugins) == {"mcore-core", "mcore-parallel", "mcore-models", "mcore-moe"}
+    assert report["failed"] == []
+    assert "moe" in plugins["mcore-moe"]["components"]["config_section"]
+
+    config = moe.mcore_json("config", "show", "--json", "--moe.num-experts", "8")
+    assert config["moe"]["num_experts"] == 8
