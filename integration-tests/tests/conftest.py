@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +36,12 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_PLUGIN = ROOT / "examples" / "custom-router-plugin"
-OUR_PACKAGES = (
-    "mcore-core",
-    "mcore-parallel",
-    "mcore-models",
-    "mcore-moe",
-    "megatron-fsdp",
-    "mcore-ckpt",
-    "mcore-inference",
-    "megatron-rl",
+# Every workspace package, read from disk so a new package is covered without editing tests.
+OUR_PACKAGES = tuple(
+    sorted(
+        tomllib.loads(p.read_text())["project"]["name"]
+        for p in (ROOT / "packages").glob("*/pyproject.toml")
+    )
 )
 # Environment variables that would let the dev environment leak into the venvs under test.
 _LEAKY_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "MCORE_LOAD_PLUGINS")

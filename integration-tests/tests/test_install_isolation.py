@@ -11,20 +11,11 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-OURS = {
-    "mcore-core",
-    "mcore-parallel",
-    "mcore-models",
-    "mcore-moe",
-    "megatron-fsdp",
-    "mcore-ckpt",
-    "mcore-inference",
-    "megatron-rl",
-}
 
-
-def ours_installed(venv) -> set[str]:
-    return OURS & set(venv.distributions())
+@pytest.fixture
+def ours_installed(wheels):
+    """Which of our distributions a venv has."""
+    return lambda venv: set(wheels) & set(venv.distributions())
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +39,7 @@ def test_our_wheels_win_over_pypi_namesakes(fsdp_only, wheels) -> None:
     assert fsdp_only.source_of("megatron-fsdp") == wheels["megatron-fsdp"].as_uri()
 
 
-def test_mcore_core_alone_lists_only_its_own_plugin(core_only) -> None:
+def test_mcore_core_alone_lists_only_its_own_plugin(core_only, ours_installed) -> None:
     assert ours_installed(core_only) == {"mcore-core"}
 
     report = core_only.mcore_json("plugins", "--json")
@@ -81,7 +72,7 @@ def test_megatron_fsdp_stands_alone_without_mcore(fsdp_only) -> None:
     assert "ModuleNotFoundError: No module named 'mcore'" in result.stderr
 
 
-def test_megatron_fsdp_brings_torch_and_nothing_else(fsdp_only) -> None:
+def test_megatron_fsdp_brings_torch_and_nothing_else(fsdp_only, ours_installed) -> None:
     installed = set(fsdp_only.distributions())
 
     assert installed == {"megatron-fsdp"} | fsdp_only.requirement_closure("torch")
@@ -89,7 +80,7 @@ def test_megatron_fsdp_brings_torch_and_nothing_else(fsdp_only) -> None:
     assert ours_installed(fsdp_only) == {"megatron-fsdp"}
 
 
-def test_mcore_moe_pulls_its_chain_and_nothing_else(moe, wheels) -> None:
+def test_mcore_moe_pulls_its_chain_and_nothing_else(moe, wheels, ours_installed) -> None:
     chain = {"mcore-core", "mcore-parallel", "mcore-models", "mcore-moe"}
 
     assert ours_installed(moe) == chain

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from mcore.ckpt import plugin as ckpt_plugin
 from mcore.core import ConfigError, PluginManager, load_config
-from mcore.core import plugin as core_plugin
 
 
 @pytest.fixture
 def manager() -> PluginManager:
-    m = PluginManager()
-    m.register(core_plugin, name="mcore-core")
-    m.register(ckpt_plugin, name="mcore-ckpt")
-    return m
+    """The installed entry points of exactly these packages (and the core)."""
+    return PluginManager().load_entry_points(only=["mcore-ckpt"])
 
 
 def test_zarr_is_refused_with_the_format_to_use(manager) -> None:

@@ -5,23 +5,12 @@ from __future__ import annotations
 import pytest
 
 from mcore.core import ConfigError, PluginManager, load_config
-from mcore.core import plugin as core_plugin
-from mcore.models import plugin as models_plugin
-from mcore.moe import plugin as moe_plugin
-from mcore.parallel import plugin as parallel_plugin
 
 
 @pytest.fixture
 def manager() -> PluginManager:
-    m = PluginManager()
-    for name, module in [
-        ("mcore-core", core_plugin),
-        ("mcore-parallel", parallel_plugin),
-        ("mcore-models", models_plugin),
-        ("mcore-moe", moe_plugin),
-    ]:
-        m.register(module, name=name)
-    return m
+    """The installed entry points of exactly these packages (and the core)."""
+    return PluginManager().load_entry_points(only=["mcore-parallel", "mcore-models", "mcore-moe"])
 
 
 def test_megatron_knob_names_set_the_moe_section(manager) -> None:

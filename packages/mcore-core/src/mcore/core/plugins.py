@@ -12,6 +12,7 @@ import importlib.metadata as md
 import os
 import threading
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,9 +75,10 @@ class PluginManager:
         """Plugins that failed to import or register."""
         return [p for p in self.plugins.values() if not p.ok]
 
-    def load_entry_points(self) -> None:
-        """Load every installed ``mcore`` entry point (or those ``MCORE_LOAD_PLUGINS`` names)."""
-        wanted = _restriction()
+    def load_entry_points(self, only: Iterable[str] | None = None) -> PluginManager:
+        """Load every installed ``mcore`` entry point, or only those named by ``only`` (else by
+        ``MCORE_LOAD_PLUGINS``); the core's own plugin always loads. Returns the manager."""
+        wanted = set(only) if only is not None else _restriction()
         seen: set[str] = set()
         eps = sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
         for ep in eps:
@@ -105,6 +107,7 @@ class PluginManager:
                 p.package for p in self.plugins.values() if p.package
             }
             self.unknown_requested = sorted(wanted - known)
+        return self
 
     def register(self, plugin: object, name: str | None = None) -> PluginInfo:
         """Register a plugin object (module, class instance) at run time.
