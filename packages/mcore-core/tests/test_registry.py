@@ -26,9 +26,9 @@ class MyTopK:
 
 def test_every_kind_the_design_names_has_a_registry() -> None:
     expected = {
-        "router", "token_dispatcher", "flex_backend", "mlp", "layer", "model",
+        "router", "token_dispatcher", "flex_backend", "mlp", "norm", "attention", "layer", "model",
         "attention_backend", "linear_backend", "data_parallel", "optimizer",
-        "checkpoint_format", "dataset", "tokenizer", "rl_env", "rl_agent",
+        "checkpoint_format", "hf_architecture", "dataset", "tokenizer", "rl_env", "rl_agent",
         "cli_command", "config_section",
     }  # fmt: skip
     assert set(KINDS) == expected
@@ -137,3 +137,21 @@ def test_registrar_refuses_unknown_kinds_and_empty_names() -> None:
         registrar.add("router", "", TopK)
     with pytest.raises(McoreError, match="unknown registry kind 'nope'"):
         Registries()["nope"]
+
+
+def test_lazy_entries_import_on_first_lookup() -> None:
+    import sys
+
+    from mcore.core import Lazy
+
+    registries = Registries()
+    registries.add_all(
+        [
+            Component("tokenizer", "split", Lazy("shlex:split"), "p"),
+            Component("tokenizer", "missing", Lazy("no_such_module_xyz:thing"), "p"),
+        ]
+    )
+    sys.modules.pop("shlex", None)
+    assert registries.get("tokenizer", "split")("a 'b c'") == ["a", "b c"]
+    with pytest.raises(McoreError, match="cannot import component 'no_such_module_xyz:thing'"):
+        registries.get("tokenizer", "missing")

@@ -14,7 +14,14 @@ def manager() -> PluginManager:
 
 
 def test_model_section_is_registered(manager) -> None:
-    assert manager.components_of("mcore-models") == {"config_section": ["model"]}
+    components = manager.components_of("mcore-models")
+    assert components["config_section"] == ["model"]
+    assert components["model"] == ["gpt"]
+    assert components["attention"] == ["mla", "self_attention"]
+    assert components["norm"] == ["LayerNorm", "RMSNorm"]
+    assert components["hf_architecture"] == [
+        "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    ]  # fmt: skip
     assert manager.hooks_of("mcore-models") == ["mcore_validate_config"]
     config = load_config(overrides={"model.num-layers": "2"}, manager=manager)
     assert config.model.num_layers == 2 and config.model.name == "gpt"

@@ -29,7 +29,7 @@ from mcore.core.plugins import (
     register_plugin,
     unregister_plugin,
 )
-from mcore.core.registry import KINDS, CliCommand, PluginRegistrar
+from mcore.core.registry import KINDS, CliCommand, Lazy, PluginRegistrar
 
 try:
     __version__ = _md.version("mcore-core")
@@ -43,6 +43,7 @@ __all__ = [
     "ConfigError",
     "ConfigErrors",
     "DuplicateComponentError",
+    "Lazy",
     "McoreError",
     "PluginError",
     "PluginManager",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +59,8 @@ KINDS: dict[str, Kind] = {
         Kind("token_dispatcher", "MoE token dispatchers: move tokens to experts", "mcore-moe"),
         Kind("flex_backend", "backends of the flex token dispatcher", "mcore-moe"),
         Kind("mlp", "MLP blocks of a transformer layer", "mcore-models"),
+        Kind("norm", "normalisation layers", "mcore-models"),
+        Kind("attention", "attention modules of a transformer layer", "mcore-models"),
         Kind("layer", "transformer layer types, by layer-pattern symbol", "mcore-models"),
         Kind("model", "model builders", "mcore-models"),
         Kind("attention_backend", "attention kernels", "mcore-models"),
@@ -64,6 +68,14 @@ KINDS: dict[str, Kind] = {
         Kind("data_parallel", "data-parallel wrappers", "mcore-parallel"),
         Kind("optimizer", "optimizer builders", "mcore-parallel"),
         Kind("checkpoint_format", "checkpoint formats", "mcore-ckpt"),
+        Kind(
+            "hf_architecture",
+            "Hugging Face architectures and their weight mappings",
+            "mcore-models",
+            check=lambda obj: obj is not None,
+            expects="an architecture mapping object",
+            label="Hugging Face architecture",
+        ),
         Kind("dataset", "training datasets", "mcore-core"),
         Kind("tokenizer", "tokenizers", "mcore-core"),
         Kind("rl_env", "RL environments", "megatron-rl"),
@@ -96,6 +108,9 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("attention_backend", "te"): "mcore-models[te]",
     ("linear_backend", "te"): "mcore-models[te]",
     ("mlp", "moe"): "mcore-moe",
+    ("hf_architecture", "DeepseekV3ForCausalLM"): "mcore-moe",
+    ("hf_architecture", "Qwen3MoeForCausalLM"): "mcore-moe",
+    ("hf_architecture", "MixtralForCausalLM"): "mcore-moe",
     ("layer", "E"): "mcore-moe",
     ("config_section", "parallel"): "mcore-parallel",
     ("config_section", "model"): "mcore-models",
@@ -113,6 +128,33 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
 def provider_of(kind: str, name: str) -> str | None:
     """The package known to provide ``name`` in registry ``kind``, if any."""
     return KNOWN_PROVIDERS.get((kind, name))
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A component named by import path (``"pkg.module:Name"``), imported on first lookup.
+
+    Registering heavy components (anything importing torch) lazily keeps plugin loading, and so
+    ``mcore plugins`` and ``mcore --help``, fast.
+    """
+
+    target: str
+
+    def resolve(self) -> Any:
+        """Import and return the named object."""
+        return _import_target(self.target)
+
+
+@functools.cache
+def _import_target(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split(".") if attr else []:
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise McoreError(f"cannot import component {target!r}: {exc}") from exc
+    return obj
 
 
 @dataclass(frozen=True)
@@ -140,7 +182,7 @@ class Registry:
 
     def add(self, component: Component) -> None:
         """Add one entry; refuses a second claim on a name unless exactly one side overrides."""
-        if not self.kind.check(component.obj):
+        if not isinstance(component.obj, Lazy) and not self.kind.check(component.obj):
             raise McoreError(
                 f"plugin {component.plugin!r} registered {self.kind.name} {component.name!r} as "
                 f"{component.obj!r}, but a {self.kind.name} must be {self.kind.expects}"
@@ -178,8 +220,9 @@ class Registry:
         return overriding[-1] if overriding else found[-1]
 
     def get(self, name: str) -> Any:
-        """The object registered as ``name``."""
-        return self.component(name).obj
+        """The object registered as ``name`` (a :class:`Lazy` entry is imported now)."""
+        obj = self.component(name).obj
+        return obj.resolve() if isinstance(obj, Lazy) else obj
 
     def names(self) -> list[str]:
         """Every resolvable name, sorted."""

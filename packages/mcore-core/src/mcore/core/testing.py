@@ -97,7 +97,12 @@ def run_ranks(
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     backend = _resolve_backend(backend, world_size)
-    ctx = mp.get_context(start_method or _default_start_method())
+    method = start_method or _default_start_method()
+    if method == "fork":
+        # Modules torch imports lazily on first use (DTensor, sympy) take seconds each; import
+        # them once here so forked ranks inherit them instead of each paying again.
+        import torch.distributed.tensor  # noqa: F401
+    ctx = mp.get_context(method)
     threads = max(1, (os.cpu_count() or 1) // world_size)
     with tempfile.TemporaryDirectory(prefix="mcore-ranks-") as tmp:
         store = str(Path(tmp) / "store")

@@ -1,4 +1,9 @@
-"""The ``[model]`` config section: which model to build and its shape."""
+"""``TransformerConfig``: the architecture of a transformer, and the ``[model]`` config section.
+
+Field names follow Megatron-Core's ``TransformerConfig`` and arguments, so ``--model.num-layers``
+is Megatron's ``--num-layers``. Derived sizes (head dim, MLP width, key/value groups) are read
+through properties, so an unset field never needs to be filled in by hand.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from mcore.core import Config, ConfigErrors, component
 
 
 @dataclass(kw_only=True)
-class ModelConfig:
+class TransformerConfig:
     """Model architecture: the builder by name and the transformer's dimensions."""
 
     name: str = component("model", "gpt")
@@ -30,20 +35,54 @@ class ModelConfig:
     """Vocabulary size; unset means the tokenizer's."""
     max_position_embeddings: int = 4096
     """Longest sequence the position embedding supports."""
-    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
-    """Normalisation layer."""
+    normalization: str = component("norm", "RMSNorm")
+    """Normalisation layer by registry name (RMSNorm, LayerNorm)."""
     norm_epsilon: float = 1e-5
     """Epsilon of the normalisation layers."""
     activation: Literal["swiglu", "gelu", "squared_relu"] = "swiglu"
-    """MLP activation."""
+    """MLP activation; swiglu is gated (two input projections)."""
+    add_bias_linear: bool = False
+    """Bias in the MLP and attention output projections."""
+    add_qkv_bias: bool = False
+    """Bias in the query/key/value projection (Qwen2 style)."""
+    qk_layernorm: bool = False
+    """Normalise queries and keys per head before rotary (Qwen3 style)."""
     position_embedding_type: Literal["rope", "learned_absolute", "none"] = "rope"
     """Position encoding."""
     rotary_base: float = 10000.0
     """Base of the rotary embedding frequencies."""
-    add_qkv_bias: bool = False
-    """Bias in the query/key/value projection (Qwen2 style)."""
-    qk_layernorm: bool = False
-    """Normalise queries and keys per head (Qwen3 style)."""
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    """Rotary frequency scaling for long context."""
+    rope_scaling_factor: float = 1.0
+    """Context extension factor of the rope scaling."""
+    rope_original_max_position_embeddings: int | None = None
+    """Context length the model was pre-trained at (llama3, yarn)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original_len / this are fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original_len / this are not scaled."""
+    yarn_beta_fast: float = 32.0
+    """YaRN: rotations above which frequencies are kept (extrapolated)."""
+    yarn_beta_slow: float = 1.0
+    """YaRN: rotations below which frequencies are fully interpolated."""
+    yarn_mscale: float = 1.0
+    """YaRN attention temperature coefficient."""
+    yarn_mscale_all_dim: float = 0.0
+    """YaRN: mscale of the denominator (DeepSeek style); 0 uses the plain YaRN factor."""
+    attention_backend: str = component("attention_backend", "sdpa")
+    """Core attention kernel by registry name (sdpa; te with mcore-models[te])."""
+    multi_latent_attention: bool = False
+    """DeepSeek-style multi-latent attention (low-rank q and kv, decoupled rope)."""
+    q_lora_rank: int | None = None
+    """MLA: rank of the query down-projection; unset projects queries directly."""
+    kv_lora_rank: int = 512
+    """MLA: rank of the compressed key/value latent."""
+    qk_head_dim: int = 128
+    """MLA: per-head query/key dimension without rope."""
+    qk_pos_emb_head_dim: int = 64
+    """MLA: per-head query/key dimension that carries rope (shared key across heads)."""
+    v_head_dim: int = 128
+    """MLA: per-head value dimension."""
     untie_embeddings_and_output_weights: bool = False
     """Give the output layer its own weights instead of sharing the input embedding."""
     init_method_std: float = 0.02
@@ -53,7 +92,25 @@ class ModelConfig:
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
     recompute_granularity: Literal["full", "selective"] | None = None
-    """Activation recompute: full layers, selected parts, or none."""
+    """Activation recompute: whole layers, the core attention only, or none."""
+
+    # --- derived sizes ---------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.activation == "swiglu"
 
     def validate(self, errors: ConfigErrors) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
@@ -78,6 +135,28 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 errors.add(name, f"must lie in [0, 1), got {getattr(self, name)}")
+        if (
+            self.rope_scaling in ("llama3", "yarn")
+            and self.rope_original_max_position_embeddings is None
+        ):
+            errors.add(
+                "rope_original_max_position_embeddings",
+                f"is required with rope_scaling = {self.rope_scaling!r}",
+            )
+        if self.rope_scaling != "none" and self.rope_scaling_factor <= 0:
+            errors.add("rope_scaling_factor", f"must be > 0, got {self.rope_scaling_factor}")
+        if self.multi_latent_attention and self.position_embedding_type != "rope":
+            errors.add("multi_latent_attention", "needs position_embedding_type = 'rope'")
+
+    def checked(self) -> TransformerConfig:
+        """Raise ``ConfigError`` if the config is invalid; returns ``self`` for chaining."""
+        from mcore.core import ConfigError
+
+        errors = ConfigErrors("model.")
+        self.validate(errors)
+        if errors:
+            raise ConfigError(errors.messages)
+        return self
 
 
 def validate_against_parallel(config: Config, errors: ConfigErrors) -> None:

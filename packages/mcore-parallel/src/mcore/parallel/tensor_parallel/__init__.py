@@ -1,0 +1,34 @@
+"""Tensor and sequence parallelism: differentiable collectives, parallel linear and embedding
+layers, and cross-entropy over vocab-parallel logits."""
+
+from mcore.parallel.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from mcore.parallel.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from mcore.parallel.tensor_parallel.mappings import (
+    copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_parallel_region,
+    reduce_from_tensor_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+    scatter_to_tensor_parallel_region,
+)
+from mcore.parallel.tensor_parallel.utils import init_method_normal
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "copy_to_tensor_parallel_region",
+    "gather_from_sequence_parallel_region",
+    "gather_from_tensor_parallel_region",
+    "init_method_normal",
+    "reduce_from_tensor_parallel_region",
+    "reduce_scatter_to_sequence_parallel_region",
+    "scatter_to_sequence_parallel_region",
+    "scatter_to_tensor_parallel_region",
+    "vocab_parallel_cross_entropy",
+]
