@@ -46,6 +46,23 @@ def test_mcore_plugins_lists_all_eight_packages() -> None:
                         "logger", "straggler", "moe", "fsdp", "inference", "rl"}  # fmt: skip
 
 
+def test_loading_every_plugin_does_not_import_torch() -> None:
+    # `mcore plugins` and `mcore --help` stay fast: heavy components are registered lazily.
+    code = "import sys; from mcore.core import get_plugin_manager; get_plugin_manager(); "
+    code += "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    result = run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_plugins_output_into_a_closed_pipe_is_quiet() -> None:
+    result = subprocess.run(
+        f"{BIN / 'mcore'} plugins | head -1", shell=True, capture_output=True, text=True
+    )
+    assert result.stdout.startswith("PLUGIN")
+    assert "Traceback" not in result.stderr
+
+
 def test_full_config_shows_every_section() -> None:
     result = run(str(BIN / "mcore"), "config", "show", "--json", "--moe.num-experts", "8")
     assert result.returncode == 0, result.stderr

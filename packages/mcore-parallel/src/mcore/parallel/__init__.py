@@ -1,33 +1,37 @@
 """mcore.parallel: process groups, parallel layers, pipeline schedules and data parallelism."""
 
-from mcore.parallel.config import ParallelConfig
-from mcore.parallel.context_parallel import (
-    context_parallel_attention,
-    cp_local_positions,
-    gather_from_context_parallel,
-    split_for_context_parallel,
-)
-from mcore.parallel.errors import (
-    DistributedNotInitializedError,
-    ParallelLayoutError,
-    ShardShapeError,
-)
-from mcore.parallel.grads import mark_tp_partial_grad, reduce_tp_partial_grads
-from mcore.parallel.state import ParallelState
-from mcore.parallel.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    copy_to_tensor_parallel_region,
-    gather_from_sequence_parallel_region,
-    gather_from_tensor_parallel_region,
-    init_method_normal,
-    reduce_from_tensor_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-    scatter_to_sequence_parallel_region,
-    scatter_to_tensor_parallel_region,
-    vocab_parallel_cross_entropy,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names resolve on first use, so importing a plugin module of this package (which the plugin
+# loader does for `mcore plugins`) does not import torch.
+_EXPORTS = {
+    "ColumnParallelLinear": "mcore.parallel.tensor_parallel",
+    "DistributedNotInitializedError": "mcore.parallel.errors",
+    "ParallelConfig": "mcore.parallel.config",
+    "ParallelLayoutError": "mcore.parallel.errors",
+    "ParallelState": "mcore.parallel.state",
+    "RowParallelLinear": "mcore.parallel.tensor_parallel",
+    "ShardShapeError": "mcore.parallel.errors",
+    "VocabParallelEmbedding": "mcore.parallel.tensor_parallel",
+    "context_parallel_attention": "mcore.parallel.context_parallel",
+    "copy_to_tensor_parallel_region": "mcore.parallel.tensor_parallel",
+    "cp_local_positions": "mcore.parallel.context_parallel",
+    "gather_from_context_parallel": "mcore.parallel.context_parallel",
+    "gather_from_sequence_parallel_region": "mcore.parallel.tensor_parallel",
+    "gather_from_tensor_parallel_region": "mcore.parallel.tensor_parallel",
+    "init_method_normal": "mcore.parallel.tensor_parallel",
+    "mark_tp_partial_grad": "mcore.parallel.grads",
+    "reduce_from_tensor_parallel_region": "mcore.parallel.tensor_parallel",
+    "reduce_scatter_to_sequence_parallel_region": "mcore.parallel.tensor_parallel",
+    "reduce_tp_partial_grads": "mcore.parallel.grads",
+    "scatter_to_sequence_parallel_region": "mcore.parallel.tensor_parallel",
+    "scatter_to_tensor_parallel_region": "mcore.parallel.tensor_parallel",
+    "split_for_context_parallel": "mcore.parallel.context_parallel",
+    "vocab_parallel_cross_entropy": "mcore.parallel.tensor_parallel",
+}
 
 __all__ = [
     "ColumnParallelLinear",
@@ -54,3 +58,53 @@ __all__ = [
     "split_for_context_parallel",
     "vocab_parallel_cross_entropy",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:
+    from mcore.parallel.config import (
+        ParallelConfig,
+    )
+    from mcore.parallel.context_parallel import (
+        context_parallel_attention,
+        cp_local_positions,
+        gather_from_context_parallel,
+        split_for_context_parallel,
+    )
+    from mcore.parallel.errors import (
+        DistributedNotInitializedError,
+        ParallelLayoutError,
+        ShardShapeError,
+    )
+    from mcore.parallel.grads import (
+        mark_tp_partial_grad,
+        reduce_tp_partial_grads,
+    )
+    from mcore.parallel.state import (
+        ParallelState,
+    )
+    from mcore.parallel.tensor_parallel import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        copy_to_tensor_parallel_region,
+        gather_from_sequence_parallel_region,
+        gather_from_tensor_parallel_region,
+        init_method_normal,
+        reduce_from_tensor_parallel_region,
+        reduce_scatter_to_sequence_parallel_region,
+        scatter_to_sequence_parallel_region,
+        scatter_to_tensor_parallel_region,
+        vocab_parallel_cross_entropy,
+    )
