@@ -86,8 +86,9 @@ class TEAttention:
             ranks = torch.distributed.get_process_group_ranks(cp_group)
             module.set_context_parallel_group(cp_group, ranks, torch.cuda.Stream(), "all_gather")
         b, hq, s, _ = q.shape
-        out = module(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.view(b, s, hq, -1).transpose(1, 2)
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # TE's bshd layout
+        out = module(q, k, v)  # [b, s, hq * dv]
+        return out.reshape(b, s, hq, -1).transpose(1, 2)
 
 
 _warned: set[str] = set()

@@ -8,6 +8,7 @@ layout and loads the weights, each rank reading only the slices of the safetenso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,15 +118,22 @@ def _local_tensor(
 
 
 def load_hf(
-    path: str | Path, parallel_state: ParallelState | None = None, **model_kwargs: Any
+    path: str | Path,
+    parallel_state: ParallelState | None = None,
+    *,
+    config_overrides: dict[str, Any] | None = None,
+    **model_kwargs: Any,
 ) -> GPTModel:
     """Build a ``GPTModel`` from the HF directory ``path`` and load its weights.
 
-    Each rank reads only its own TP slices of the safetensors files. ``model_kwargs`` go to
-    ``GPTModel`` (e.g. ``sequence_parallel=True``).
+    Each rank reads only its own TP slices of the safetensors files. ``config_overrides`` change
+    fields that do not alter the weights (``attention_backend``, ``recompute_granularity``);
+    ``model_kwargs`` go to ``GPTModel`` (e.g. ``sequence_parallel=True``).
     """
     path = Path(path)
     arch, config = read_hf_config(path)
+    if config_overrides:
+        config = dataclasses.replace(config, **config_overrides)
     ps = parallel_state or ParallelState()
     model = GPTModel(config, ps, **model_kwargs)
     reader = _SafetensorsReader(path)
