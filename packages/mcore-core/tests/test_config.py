@@ -251,3 +251,19 @@ def test_component_fields_resolve_in_the_registries(core_manager) -> None:
     problems = check_components(config, core_manager.registries)
     assert not any(p.startswith("optimizer.optimizer") for p in problems)
     assert any(p.startswith("train.data_parallel: unknown data parallel 'ddp'") for p in problems)
+
+
+def test_aliases_name_a_field_in_files_overrides_and_flags() -> None:
+    @dataclass(kw_only=True)
+    class Par:
+        tensor_model_parallel_size: int = field(default=1, metadata={"aliases": ("tp",)})
+        """Tensor-parallel ranks."""
+
+    sections = {"parallel": Par}
+    assert build_config({"parallel": {"tp": 2}}, sections).parallel.tensor_model_parallel_size == 2
+    parsed = parse_overrides(["parallel.tp=4"], sections)
+    assert parsed == {"parallel": {"tensor_model_parallel_size": 4}}
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_config_arguments(parser, sections, owners={})
+    args = parser.parse_args(["--parallel.tp", "8"])
+    assert overrides_from_args(args) == {"parallel.tensor_model_parallel_size": "8"}

@@ -34,3 +34,30 @@ def test_sizes_must_be_positive_and_interleaving_needs_a_pipeline(manager) -> No
         "parallel.virtual_pipeline_model_parallel_size: is 2, but interleaving needs "
         "pipeline_model_parallel_size > 1",
     ]
+
+
+def test_short_megatron_style_aliases_set_the_sizes(manager) -> None:
+    config = load_config(
+        overrides={"parallel.tp": "2", "parallel.pp": "2", "parallel.dp": "1"}, manager=manager
+    )
+    assert config.parallel.tensor_model_parallel_size == 2
+    assert config.parallel.pipeline_model_parallel_size == 2
+    assert config.parallel.data_parallel_size == 1
+
+
+def test_a_data_parallel_size_that_disagrees_with_the_world_is_refused() -> None:
+    from mcore.core.testing import run_ranks
+
+    def build(rank, world):
+        from mcore.parallel import ParallelLayoutError, ParallelState
+
+        try:
+            ParallelState.from_config(
+                ParallelConfig(tensor_model_parallel_size=2, data_parallel_size=2)
+            )
+        except ParallelLayoutError as exc:
+            return str(exc)
+        return None
+
+    [message, _] = run_ranks(build, 2, backend="gloo")
+    assert message.startswith("data_parallel_size is 2, but world size 2")

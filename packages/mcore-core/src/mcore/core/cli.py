@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _unrecognized(extra: list[str], manager: Any) -> str:
     """Name the unknown arguments, suggesting the config flag a dotted one probably meant."""
     flags = [
-        f"--{section}.{f.name.replace('_', '-')}"
+        f"--{section}.{name.replace('_', '-')}"
         for section, cls in config_sections(manager).items()
         for f in dataclasses.fields(cls)
+        for name in (f.name, *f.metadata.get("aliases", ()))
     ]
     lines = [f"unrecognized arguments: {' '.join(extra)}"]
     for arg in extra:

@@ -96,6 +96,22 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+@functools.cache
+def field_aliases(cls: type) -> dict[str, str]:
+    """Short names (``metadata["aliases"]``, e.g. ``tp``) -> the field they stand for."""
+    return {
+        _norm(alias): f.name
+        for f in dataclasses.fields(cls)
+        for alias in f.metadata.get("aliases", ())
+    }
+
+
+def _field_name(cls: type, key: str) -> str:
+    """The field ``key`` names: itself (dashes or underscores) or one of its aliases."""
+    name = _norm(key)
+    return field_aliases(cls).get(name, name)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -329,7 +345,7 @@ def _build_section(
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        field_name = _norm(key)
+        field_name = _field_name(cls, key)
         if field_name not in fields:
             close = difflib.get_close_matches(field_name, list(fields), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -437,14 +453,15 @@ def parse_overrides(
         if not dot or name is None:
             out.setdefault(section_key, {})[field_key] = text  # build_config reports it
             continue
-        tp = _hints(sections[name]).get(_norm(field_key))
+        field_name = _field_name(sections[name], field_key)
+        tp = _hints(sections[name]).get(field_name)
         if tp is None:
             out.setdefault(name, {})[field_key] = text
             continue
         try:
-            out.setdefault(name, {})[_norm(field_key)] = parse_text(text, tp)
+            out.setdefault(name, {})[field_name] = parse_text(text, tp)
         except _Bad as exc:
-            errors.add(f"{name}.{_norm(field_key)}", str(exc))
+            errors.add(f"{name}.{field_name}", str(exc))
     if raise_now and errors:
         raise ConfigError(errors.messages)
     return out
@@ -590,6 +607,7 @@ def add_config_arguments(
             help_text += f" (default: {_plain(default)!r})" if default is not None else ""
             group.add_argument(
                 _flag(name, f.name),
+                *(_flag(name, alias) for alias in f.metadata.get("aliases", ())),
                 dest=f"{_DEST_PREFIX}{name}.{f.name}",
                 metavar=_metavar(tp),
                 default=argparse.SUPPRESS,

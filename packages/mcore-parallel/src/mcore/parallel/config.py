@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mcore.core import ConfigErrors
@@ -12,18 +12,22 @@ from mcore.core import ConfigErrors
 class ParallelConfig:
     """Parallel layout: tensor, pipeline, context and expert parallel sizes."""
 
-    tensor_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = field(default=1, metadata={"aliases": ("tp",)})
     """Ranks that split each layer's weights (TP)."""
-    pipeline_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = field(default=1, metadata={"aliases": ("pp",)})
     """Pipeline stages (PP)."""
-    virtual_pipeline_model_parallel_size: int | None = None
+    virtual_pipeline_model_parallel_size: int | None = field(
+        default=None, metadata={"aliases": ("vpp",)}
+    )
     """Model chunks per pipeline stage for the interleaved schedule."""
-    context_parallel_size: int = 1
+    context_parallel_size: int = field(default=1, metadata={"aliases": ("cp",)})
     """Ranks that split each sequence (CP)."""
-    expert_model_parallel_size: int = 1
+    expert_model_parallel_size: int = field(default=1, metadata={"aliases": ("ep",)})
     """Ranks that split the experts of a MoE layer (EP)."""
-    expert_tensor_parallel_size: int | None = None
+    expert_tensor_parallel_size: int | None = field(default=None, metadata={"aliases": ("etp",)})
     """Tensor parallel size inside each expert; unset means the dense TP size."""
+    data_parallel_size: int | None = field(default=None, metadata={"aliases": ("dp",)})
+    """Data-parallel replicas; unset derives world / (tp x pp x cp), set it to have it checked."""
     sequence_parallel: bool = False
     """Split activations along the sequence in TP regions (no effect when TP is 1)."""
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
@@ -37,6 +41,7 @@ class ParallelConfig:
             "context_parallel_size",
             "expert_model_parallel_size",
             "expert_tensor_parallel_size",
+            "data_parallel_size",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -136,7 +136,7 @@ class ParallelState:
     def from_config(cls, cfg: ParallelConfig) -> ParallelState:
         """The state of a ``[parallel]`` config section (``distributed_backend`` picks the
         mesh's device type: ``nccl`` → cuda, ``gloo`` → cpu, ``auto`` → the default group's)."""
-        return cls(
+        state = cls(
             tp=cfg.tensor_model_parallel_size,
             pp=cfg.pipeline_model_parallel_size,
             cp=cfg.context_parallel_size,
@@ -144,6 +144,14 @@ class ParallelState:
             etp=cfg.expert_tensor_parallel_size,
             device_type=_DEVICE_OF_BACKEND[cfg.distributed_backend],
         )
+        if cfg.data_parallel_size is not None and cfg.data_parallel_size != state.dp_size:
+            raise ParallelLayoutError(
+                f"data_parallel_size is {cfg.data_parallel_size}, but world size "
+                f"{state.world_size} / (tensor_model_parallel_size {state.tp_size} {_TIMES} "
+                f"pipeline_model_parallel_size {state.pp_size} {_TIMES} context_parallel_size "
+                f"{state.cp_size}) gives {state.dp_size}; leave it unset to derive it"
+            )
+        return state
 
     def _init_single_process(self) -> None:
         self.world_size, self.rank = 1, 0
