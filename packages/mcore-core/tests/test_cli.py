@@ -37,8 +37,10 @@ def test_plugins_json_lists_the_core_and_its_components(capsys) -> None:
     assert core["name"] == core["package"] == "mcore-core"
     assert core["version"] == "0.1.0"
     assert core["components"] == {
-        "cli_command": ["config", "plugins"],
+        "cli_command": ["config", "data", "plugins"],
         "config_section": ["checkpoint", "data", "logger", "optimizer", "straggler", "train"],
+        "dataset": ["indexed", "python_stdlib"],
+        "tokenizer": ["byte", "hf"],
     }
     assert report["failed"] == []
 
@@ -49,8 +51,8 @@ def test_plugins_table_is_readable(capsys) -> None:
     lines = out.splitlines()
     assert lines[0].split() == ["PLUGIN", "VERSION", "PACKAGE", "COMPONENTS"]
     assert lines[1].split()[:3] == ["mcore-core", "0.1.0", "mcore-core"]
-    assert "cli_command: config, plugins" in lines[1]
-    assert "config_section: checkpoint, data" in lines[2]
+    assert "dataset: indexed, python_stdlib" in lines[1]
+    assert "config_section: checkpoint, data" in "\n".join(lines[2:5])
 
 
 def test_config_show_resolves_file_and_overrides(capsys, tmp_path: Path) -> None:
@@ -103,7 +105,7 @@ def test_config_help_lists_fields_with_their_docs(capsys) -> None:
 def test_unknown_command_says_so(capsys) -> None:
     code, _, err = run(capsys, "trian")
     assert code == 2
-    assert "unknown command 'trian'. Known: config, plugins." in err
+    assert "unknown command 'trian'. Known: config, data, plugins." in err
 
 
 def test_command_of_an_uninstalled_package_says_what_to_install(capsys) -> None:

@@ -132,9 +132,31 @@ class DataConfig:
     """Data-loader worker processes per rank."""
     cache_dir: str | None = None
     """Where dataset indices are cached; unset means beside the data."""
+    max_bytes: int | None = None
+    """python_stdlib: cap on the source bytes read (smaller corpora build faster)."""
+    allow_ambiguous_pad_tokens: bool = False
+    """Accept a tokenizer whose PAD id equals EOD/BOS (real EOD labels then lose their loss)."""
+    eod_mask_loss: bool = False
+    """Exclude end-of-document labels from the loss."""
+    reset_position_ids: bool = False
+    """Restart position ids at every document boundary inside a sample."""
+    fim_rate: float = 0.0
+    """Fraction of samples rewritten as fill-in-the-middle."""
+    fim_spm_rate: float = 0.5
+    """Of FIM samples, the fraction in suffix-prefix-middle order (the rest in PSM)."""
+    fim_split_token: str | None = None
+    """FIM: split documents into fragments at this token, each rewritten on its own."""
+    fim_fragment_rate: float | None = None
+    """FIM: per-fragment rate when documents are split; unset uses fim_rate."""
+    fim_no_prefix: str | None = None
+    """FIM: skip samples starting with this string."""
 
     def validate(self, errors: ConfigErrors) -> None:
-        _positive(errors, self, "seq_length")
+        _positive(errors, self, "seq_length", "max_bytes")
+        for name in ("fim_rate", "fim_spm_rate", "fim_fragment_rate"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                errors.add(name, f"must lie in [0, 1], got {value}")
         if self.num_workers < 0:
             errors.add("num_workers", f"must be >= 0, got {self.num_workers}")
         parts = self.split.replace("/", ",").split(",")
