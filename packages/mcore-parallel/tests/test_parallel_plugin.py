@@ -14,8 +14,12 @@ def manager() -> PluginManager:
     return PluginManager().load_entry_points(only=["mcore-parallel"])
 
 
-def test_parallel_section_is_registered(manager) -> None:
-    assert manager.components_of("mcore-parallel") == {"config_section": ["parallel"]}
+def test_parallel_components_are_registered(manager) -> None:
+    assert manager.components_of("mcore-parallel") == {
+        "config_section": ["ddp", "parallel"],
+        "data_parallel": ["ddp"],
+        "optimizer": ["adam", "sgd"],
+    }
     config = load_config(overrides={"parallel.tensor-model-parallel-size": "2"}, manager=manager)
     assert config.parallel == ParallelConfig(tensor_model_parallel_size=2)
 

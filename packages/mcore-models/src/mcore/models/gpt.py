@@ -5,10 +5,22 @@ returns the per-token loss ``[b, s]`` computed on the vocab-parallel logits with
 them. Under context parallelism, ``input_ids``, ``labels`` and ``position_ids`` are this rank's
 load-balanced shard (``mcore.parallel.split_for_context_parallel``) and positions default to the
 shard's global positions.
+
+Under pipeline parallelism a ``GPTModel`` is one stage's model chunk (see ``GPTModel``), run by
+the schedules of ``mcore.parallel.pipeline``.
+
+Initialisation is deterministic per component: the embedding, the position embeddings, each
+layer (by its global index) and the output layer draw from their own seed, derived from one base
+seed. A stage therefore holds exactly the weights of the same components of the whole model,
+and each tensor-parallel layer still fills its full weight before keeping its shard, so one seed
+gives one model for any TP and PP layout.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,19 +32,46 @@ from mcore.models.layer import LayerSpec, TransformerLayer, gpt_layer_spec
 from mcore.models.rope import RotaryEmbedding
 from mcore.parallel import (
     ColumnParallelLinear,
+    ParallelLayoutError,
     ParallelState,
     VocabParallelEmbedding,
     cp_local_positions,
     gather_from_tensor_parallel_region,
+    mark_shared_embedding,
     mark_tp_partial_grad,
     reduce_tp_partial_grads,
     scatter_to_sequence_parallel_region,
+    stage_layers,
     vocab_parallel_cross_entropy,
 )
 
 
 class GPTModel(torch.nn.Module):
-    """A decoder-only transformer language model, tensor/sequence/context parallel."""
+    """A decoder-only transformer language model, tensor/sequence/context/pipeline parallel.
+
+    With ``parallel_state.pp_size > 1`` the model is this rank's pipeline stage: the first
+    stage (``pre_process``) owns the embedding, the last (``post_process``) the final norm and
+    the output layer, and each holds ``num_layers / pp`` layers under their global names (layer
+    "17" is ``layers["17"]`` wherever it lives). With virtual pipeline stages, build one chunk
+    per ``vp_stage`` in ``range(vp_size)``: chunk ``c`` of stage ``s`` holds virtual stage
+    ``c * pp + s`` (Megatron's interleaved assignment), the embedding lives on chunk 0 of the
+    first stage and the output layer on the last chunk of the last stage. ``num_layers`` must
+    divide by ``pp * vp_size``.
+
+    A stage without the embedding takes the previous stage's hidden states through
+    :meth:`set_input_tensor` (Megatron's convention; the schedules call it); a stage without
+    the output layer returns hidden states ``[s, b, h]`` (``[s / tp, b, h]`` under sequence
+    parallelism) instead of logits or losses. Positions still come from the batch.
+
+    Tied embeddings over stages: the last stage keeps its own copy of the word embeddings for
+    the output layer, initialised equal to the first stage's, and
+    ``mcore.parallel.pipeline.allreduce_embedding_grads(chunks, parallel_state)`` sums the two
+    copies' gradients after backward, before the optimizer step.
+
+    ``init_seed`` is the base seed of the weights; by default it is drawn from torch's global
+    generator without advancing it, so ``torch.manual_seed(s)`` before building picks the
+    weights, and the chunks a rank builds in a row agree with the single-process model.
+    """
 
     def __init__(
         self,
@@ -42,6 +81,9 @@ class GPTModel(torch.nn.Module):
         sequence_parallel: bool = False,
         spec: LayerSpec | None = None,
         registries: Any = None,
+        vp_stage: int | None = None,
+        vp_size: int | None = None,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         if config.vocab_size is None:
@@ -49,22 +91,40 @@ class GPTModel(torch.nn.Module):
         config.checked()
         ps = parallel_state or ParallelState()
         ps.check_divisible(vocab_size=config.vocab_size)
+        vp_size, vp_stage = _virtual_stage(vp_size, vp_stage, ps.pp_size)
+        layer_ids = stage_layers(
+            config.num_layers,
+            pp_size=ps.pp_size,
+            pp_rank=ps.pp_rank,
+            vp_size=vp_size,
+            vp_stage=vp_stage,
+        )
         ctx = ModelContext(config, ps, sequence_parallel, registries)
         self.config, self.parallel_state = config, ps
         self.sequence_parallel = ctx.sequence_parallel
-        self.embedding = VocabParallelEmbedding(
-            config.vocab_size,
-            config.hidden_size,
-            tp_group=ps.tp_group,
-            init_method=ctx.init_method(),
-            sequence_parallel=ctx.sequence_parallel,
-        )
+        self.vp_stage, self.vp_size = vp_stage, vp_size
+        self.pre_process = ps.is_first_pp_stage and vp_stage == 0
+        self.post_process = ps.is_last_pp_stage and vp_stage == vp_size - 1
+        self.input_tensor: torch.Tensor | None = None
+        seed = _peek_seed() if init_seed is None else init_seed
+
+        self.embedding = None
         self.position_embeddings = None
-        if config.position_embedding_type == "learned_absolute":
-            self.position_embeddings = torch.nn.Embedding(
-                config.max_position_embeddings, config.hidden_size
-            )
-            ctx.init_method()(self.position_embeddings.weight.data)
+        if self.pre_process:
+            with _seeded(seed, "embedding"):
+                self.embedding = VocabParallelEmbedding(
+                    config.vocab_size,
+                    config.hidden_size,
+                    tp_group=ps.tp_group,
+                    init_method=ctx.init_method(),
+                    sequence_parallel=ctx.sequence_parallel,
+                )
+            if config.position_embedding_type == "learned_absolute":
+                with _seeded(seed, "position_embeddings"):
+                    self.position_embeddings = torch.nn.Embedding(
+                        config.max_position_embeddings, config.hidden_size
+                    )
+                    ctx.init_method()(self.position_embeddings.weight.data)
         self.rotary = None
         if config.position_embedding_type == "rope":
             rope_dim = (
@@ -73,22 +133,38 @@ class GPTModel(torch.nn.Module):
             self.rotary = RotaryEmbedding(rope_dim, config)
         spec = spec or gpt_layer_spec(config)
         # A dict with stable names: a pipeline stage keeps layer "17" called "17".
-        self.layers = torch.nn.ModuleDict(
-            {str(i): TransformerLayer(ctx, spec, layer_number=i) for i in range(config.num_layers)}
-        )
-        self.final_layernorm = ctx.norm(config.hidden_size)
-        if ctx.sequence_parallel:
-            mark_tp_partial_grad(*self.final_layernorm.parameters())
-        self.output_layer = ColumnParallelLinear(
-            config.hidden_size,
-            config.vocab_size,
-            tp_group=ps.tp_group,
-            bias=False,
-            gather_output=False,
-            sequence_parallel=ctx.sequence_parallel,
-            init_method=ctx.init_method(),
-            skip_weight_param_allocation=not config.untie_embeddings_and_output_weights,
-        )
+        layers = {}
+        for i in layer_ids:
+            with _seeded(seed, f"layers.{i}"):
+                layers[str(i)] = TransformerLayer(ctx, spec, layer_number=i)
+        self.layers = torch.nn.ModuleDict(layers)
+
+        self.final_layernorm = None
+        self.output_layer = None
+        if self.post_process:
+            self.final_layernorm = ctx.norm(config.hidden_size)
+            if ctx.sequence_parallel:
+                mark_tp_partial_grad(*self.final_layernorm.parameters())
+            # Tied and on the embedding's chunk: reuse the embedding table. Tied on another
+            # stage: a copy of it, drawn from the embedding's seed (same full shape, same row
+            # split over TP), kept equal by allreduce_embedding_grads.
+            shares_table = self.tied_embeddings and self.pre_process
+            copies_table = self.tied_embeddings and not self.pre_process
+            with _seeded(seed, "embedding" if copies_table else "output_layer"):
+                self.output_layer = ColumnParallelLinear(
+                    config.hidden_size,
+                    config.vocab_size,
+                    tp_group=ps.tp_group,
+                    bias=False,
+                    gather_output=False,
+                    sequence_parallel=ctx.sequence_parallel,
+                    init_method=ctx.init_method(),
+                    skip_weight_param_allocation=shares_table,
+                )
+            if copies_table:
+                mark_shared_embedding(self.output_layer.weight)
+        if self.tied_embeddings and self.pre_process and not self.post_process:
+            mark_shared_embedding(self.embedding.weight)
         self.recompute_layers = config.recompute_granularity == "full"
 
     @property
@@ -104,29 +180,54 @@ class GPTModel(torch.nn.Module):
             pos = torch.arange(seq, device=device)
         return pos.unsqueeze(0).expand(batch, seq)
 
+    def set_input_tensor(self, input_tensor: torch.Tensor | list | None) -> None:
+        """Hidden states from the previous pipeline stage, used by the next ``forward`` of a
+        stage without the embedding (a one-element list is accepted, as Megatron passes)."""
+        if isinstance(input_tensor, (list, tuple)):
+            (input_tensor,) = input_tensor
+        self.input_tensor = input_tensor
+
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        b, s = input_ids.shape
-        if position_ids is None:
-            position_ids = self.default_positions(b, s, input_ids.device)
-        x = self.embedding(input_ids.t())  # [s, b, h], or [s / tp, b, h] with SP
-        if self.position_embeddings is not None:
-            pos = self.position_embeddings(position_ids.t())
-            if self.sequence_parallel:
-                pos = scatter_to_sequence_parallel_region(pos, self.parallel_state.tp_group)
-            x = x + pos
+        """Logits ``[b, s, vocab]``, or with ``labels`` the per-token loss ``[b, s]``; a stage
+        without the output layer returns its hidden states ``[s, b, h]`` instead."""
+        if self.pre_process:
+            if input_ids is None:
+                raise ValueError("GPTModel.forward needs input_ids on the embedding stage")
+            b, s = input_ids.shape
+            if position_ids is None:
+                position_ids = self.default_positions(b, s, input_ids.device)
+            x = self.embedding(input_ids.t())  # [s, b, h], or [s / tp, b, h] with SP
+            if self.position_embeddings is not None:
+                pos = self.position_embeddings(position_ids.t())
+                if self.sequence_parallel:
+                    pos = scatter_to_sequence_parallel_region(pos, self.parallel_state.tp_group)
+                x = x + pos
+        else:
+            x = self.input_tensor
+            if x is None:
+                raise ValueError(
+                    "this pipeline stage has no embedding: call set_input_tensor(hidden) with "
+                    "the previous stage's output before forward (the schedules do)"
+                )
+            if position_ids is None and self.rotary is not None:
+                s_local, b = x.shape[:2]  # under sequence parallelism s is split over TP
+                s = s_local * (self.parallel_state.tp_size if self.sequence_parallel else 1)
+                position_ids = self.default_positions(b, s, x.device)
         rotary = self.rotary(position_ids) if self.rotary is not None else None
         for layer in self.layers.values():
             if self.recompute_layers and torch.is_grad_enabled():
                 x = checkpoint(layer, x, rotary, use_reentrant=False)
             else:
                 x = layer(x, rotary)
+        if not self.post_process:
+            return x
         x = self.final_layernorm(x)
-        weight = self.embedding.weight if self.tied_embeddings else None
+        weight = self.embedding.weight if self.tied_embeddings and self.pre_process else None
         logits = self.output_layer(x, weight=weight)  # [s, b, vocab / tp]
         if labels is None:
             logits = gather_from_tensor_parallel_region(logits, self.parallel_state.tp_group)
@@ -142,6 +243,43 @@ class GPTModel(torch.nn.Module):
         Needed with sequence parallelism or qk-norm under TP; call after backward.
         """
         reduce_tp_partial_grads(self, self.parallel_state.tp_group)
+
+
+def _virtual_stage(vp_size: int | None, vp_stage: int | None, pp_size: int) -> tuple[int, int]:
+    """``(vp_size, vp_stage)`` with defaults filled in and the combination checked."""
+    if vp_size is None:
+        if vp_stage not in (None, 0):
+            raise ParallelLayoutError(
+                f"vp_stage is {vp_stage}: pass vp_size (virtual_pipeline_model_parallel_size) "
+                "too, to build one of several model chunks"
+            )
+        return 1, 0
+    vp_stage = 0 if vp_stage is None else vp_stage
+    if vp_size > 1 and pp_size == 1:
+        raise ParallelLayoutError(
+            f"virtual_pipeline_model_parallel_size is {vp_size}, but interleaving needs "
+            "pipeline_model_parallel_size > 1"
+        )
+    return vp_size, vp_stage
+
+
+def _peek_seed() -> int:
+    """The next number torch's global generator would draw, leaving it where it was."""
+    with torch.random.fork_rng(devices=[]):
+        return int(torch.randint(0, 2**62, (), device="cpu"))
+
+
+@contextlib.contextmanager
+def _seeded(base_seed: int, component: str) -> Iterator[None]:
+    """Draw ``component``'s initial weights from its own seed; the global RNG is untouched."""
+    digest = hashlib.sha256(f"{base_seed}/{component}".encode()).digest()
+    seed = int.from_bytes(digest[:8], "little") >> 1  # a non-negative 63-bit seed
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:  # weights built directly on the GPU draw from its generator
+            torch.cuda.manual_seed(seed)
+        yield
 
 
 def build_gpt_model(config: TransformerConfig, parallel_state: ParallelState | None = None, **kw):

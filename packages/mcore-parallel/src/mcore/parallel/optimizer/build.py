@@ -1,0 +1,75 @@
+"""The ``optimizer`` registry's entries: build a run's optimizer from its config.
+
+Each entry is ``build(model, parallel_state, config) -> optimizer`` where ``model`` is the
+(usually DDP-wrapped) model and ``config`` the run's ``Config``. The optimizer has ``step()``
+returning ``(skipped, grad_norm)``, ``zero_grad()``, ``scale_loss(loss)`` and
+``param_groups`` for the LR scheduler. ``optimizer.use_distributed_optimizer`` picks
+:class:`DistributedOptimizer` over :class:`MixedPrecisionOptimizer`; ``train.fp16`` adds a
+dynamic loss scaler; ``optimizer.optimizer_cpu_offload`` offloads
+``optimizer_offload_fraction`` of the main weights and state to the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from mcore.parallel.optimizer.distributed import DistributedOptimizer
+from mcore.parallel.optimizer.loss_scaler import DynamicLossScaler
+from mcore.parallel.optimizer.mixed_precision import MakeOptimizer, MixedPrecisionOptimizer
+
+if TYPE_CHECKING:
+    from mcore.parallel.state import ParallelState
+
+
+def build_optimizer(
+    model: nn.Module, parallel_state: ParallelState, config: Any, make_optimizer: MakeOptimizer
+) -> MixedPrecisionOptimizer:
+    """Wrap the torch optimizer ``make_optimizer`` builds as the config's sections say."""
+    opt = config.optimizer
+    fp16 = "train" in config and config.train.fp16
+    cls = DistributedOptimizer if opt.use_distributed_optimizer else MixedPrecisionOptimizer
+    return cls(
+        model,
+        parallel_state,
+        make_optimizer,
+        weight_decay=opt.weight_decay,
+        clip_grad=opt.clip_grad,
+        loss_scaler=DynamicLossScaler() if fp16 else None,
+        offload_fraction=opt.optimizer_offload_fraction if opt.optimizer_cpu_offload else 0.0,
+    )
+
+
+def build_adam(
+    model: nn.Module, parallel_state: ParallelState, config: Any
+) -> MixedPrecisionOptimizer:
+    """``adam``: AdamW (decoupled weight decay) with the ``[optimizer]`` section's betas, eps,
+    lr and weight decay; biases and 1-D parameters are not decayed."""
+    opt = config.optimizer
+
+    def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            groups,
+            lr=opt.lr,
+            betas=(opt.adam_beta1, opt.adam_beta2),
+            eps=opt.adam_eps,
+            weight_decay=opt.weight_decay,
+        )
+
+    return build_optimizer(model, parallel_state, config, make)
+
+
+def build_sgd(
+    model: nn.Module, parallel_state: ParallelState, config: Any
+) -> MixedPrecisionOptimizer:
+    """``sgd``: SGD with momentum (``optimizer.sgd_momentum`` when the section has it, else
+    Megatron's default 0.9) and L2 weight decay; biases and 1-D parameters are not decayed."""
+    opt = config.optimizer
+    momentum = getattr(opt, "sgd_momentum", 0.9)
+
+    def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=momentum, weight_decay=opt.weight_decay)
+
+    return build_optimizer(model, parallel_state, config, make)

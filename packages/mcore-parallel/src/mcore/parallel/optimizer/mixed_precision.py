@@ -1,0 +1,286 @@
+"""``MixedPrecisionOptimizer``: a torch optimizer stepping fp32 main weights for a model of any
+precision, with loss scaling, global-norm clipping and optional CPU offload.
+
+The optimizer never touches the model's parameters directly. It keeps a list of *shards*: a
+contiguous range of one parameter with its fp32 *main* copy, which the wrapped torch optimizer
+updates. Here a shard is a whole parameter; the distributed optimizer, a subclass, makes shards
+of the ranges this data-parallel rank owns. A step is:
+
+1. finish DDP's gradient reduction, point each main's ``.grad`` at its gradient (a view when
+   the gradient already is fp32 on the main's device, else an fp32 copy);
+2. unscale (fp16), take the global norm over all parallel groups, skip the step if it is not
+   finite (and let the loss scaler back off);
+3. clip to ``clip_grad``, step the torch optimizer(s);
+4. copy mains back into the model parameters (nothing to copy for fp32 parameters on the device:
+   their mains are views of the parameters themselves).
+
+With ``offload_fraction > 0`` the first that fraction of the main weights (by elements) lives
+on the CPU with its optimizer state, in a second torch optimizer stepped there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from mcore.parallel.distributed.ddp import DistributedDataParallel
+from mcore.parallel.optimizer.grad_norm import (
+    clip_grads_,
+    global_grad_norm,
+    scale_grads_,
+    tp_sharded_params,
+)
+from mcore.parallel.optimizer.loss_scaler import DynamicLossScaler
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from mcore.parallel.state import ParallelState
+
+MakeOptimizer = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+"""Builds a torch optimizer from param groups, e.g. ``lambda g: torch.optim.AdamW(g, lr=1e-3)``."""
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Megatron's rule: biases and 1-D parameters (norm weights) are not weight-decayed."""
+    return name == "bias" or name.endswith(".bias") or param.ndim == 1
+
+
+@dataclass(eq=False)
+class _Shard:
+    """Elements ``[start, end)`` of a flattened model parameter, updated through ``main``."""
+
+    name: str
+    param: nn.Parameter
+    start: int
+    end: int
+    counted: bool
+    """Counted in the grad norm on this rank (see :mod:`mcore.parallel.optimizer.grad_norm`)."""
+    decay: bool
+    main: torch.Tensor = field(init=False)
+    """fp32 weights the torch optimizer updates: a view of the parameter when it is fp32 and
+    on its device, otherwise a copy (``is_copy``)."""
+    is_copy: bool = False
+    offloaded: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+    def model_view(self) -> torch.Tensor:
+        return self.param.detach().view(-1)[self.start : self.end]
+
+    def grad_view(self, from_main_grad: bool) -> torch.Tensor | None:
+        grad = self.param.main_grad if from_main_grad else self.param.grad
+        return None if grad is None else grad.reshape(-1)[self.start : self.end]
+
+
+class MixedPrecisionOptimizer:
+    """A torch optimizer over fp32 main weights of ``model`` (a plain module or a
+    :class:`~mcore.parallel.distributed.DistributedDataParallel`).
+
+    ``make_optimizer`` builds the torch optimizer from two param groups: parameters that are
+    decayed with ``weight_decay`` and biases/1-D parameters, which are not. ``clip_grad > 0``
+    clips by the global L2 norm. ``loss_scaler`` (fp16) scales the loss through
+    :meth:`scale_loss` and the gradients back. ``offload_fraction`` of the main weights and their
+    optimizer state live on the CPU.
+
+    ``step()`` returns ``(skipped, grad_norm)``: ``skipped`` is true when the gradient was not
+    finite (the step is skipped then, in every precision). Gradients are read from DDP's
+    ``main_grad`` buffer, or from ``.grad`` for a plain module.
+
+    Build it once the model is on its device (and wrapped): the main weights of fp32
+    parameters are views of them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        parallel_state: ParallelState,
+        make_optimizer: MakeOptimizer,
+        *,
+        weight_decay: float = 0.0,
+        clip_grad: float = 0.0,
+        loss_scaler: DynamicLossScaler | None = None,
+        offload_fraction: float = 0.0,
+    ) -> None:
+        if not 0.0 <= offload_fraction <= 1.0:
+            raise ValueError(f"offload_fraction must lie in [0, 1], got {offload_fraction}")
+        if clip_grad < 0:
+            raise ValueError(f"clip_grad must be >= 0 (0 disables clipping), got {clip_grad}")
+        self.ddp = model if isinstance(model, DistributedDataParallel) else None
+        self.module = self.ddp.module if self.ddp is not None else model
+        self.parallel_state = parallel_state
+        self.clip_grad = clip_grad
+        self.loss_scaler = loss_scaler
+        self._tp_sharded = tp_sharded_params(self.module)
+        self._shards = self._make_shards()
+        self._make_mains(offload_fraction)
+        self._optimizers = self._make_optimizers(make_optimizer, weight_decay, offload_fraction)
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    def _shard(self, name: str, param: nn.Parameter, start: int, end: int) -> _Shard:
+        ps = self.parallel_state
+        # Count each gradient element once over the world: a TP-replicated parameter on TP rank
+        # 0 only, a tied-embedding copy (one on the first and one on the last pipeline stage,
+        # with equal gradients after allreduce_embedding_grads) on the first stage only.
+        tp_duplicate = id(param) not in self._tp_sharded and ps.tp_rank > 0
+        pp_duplicate = getattr(param, "shared_embedding", False) and not ps.is_first_pp_stage
+        return _Shard(
+            name=name,
+            param=param,
+            start=start,
+            end=end,
+            counted=not (tp_duplicate or pp_duplicate),
+            decay=not no_weight_decay(name, param),
+        )
+
+    def _make_shards(self) -> list[_Shard]:
+        """One shard per trainable parameter."""
+        return [
+            self._shard(name, p, 0, p.numel())
+            for name, p in self.module.named_parameters()
+            if p.requires_grad
+        ]
+
+    def _make_mains(self, offload_fraction: float) -> None:
+        budget, used = offload_fraction * sum(s.numel for s in self._shards), 0
+        for s in self._shards:
+            s.offloaded = offload_fraction > 0 and used < budget
+            used += s.numel if s.offloaded else 0
+            if not s.param.is_contiguous():
+                raise ValueError(
+                    f"parameter {s.name!r} is not contiguous: the optimizer keeps flat views of "
+                    "parameters; make it contiguous before building the optimizer"
+                )
+            flat = s.model_view()
+            if s.param.dtype == torch.float32 and not s.offloaded:
+                s.main = flat  # updated in place: the parameter is its own main weight
+                continue
+            device = torch.device("cpu") if s.offloaded else flat.device
+            main = flat.to(device=device, dtype=torch.float32, copy=True)
+            if s.offloaded and flat.is_cuda:
+                main = main.pin_memory()  # faster copies to and from the GPU
+            s.main, s.is_copy = main, True
+
+    def _make_optimizers(
+        self, make_optimizer: MakeOptimizer, weight_decay: float, offload_fraction: float
+    ) -> list[torch.optim.Optimizer]:
+        # The same two groups in each optimizer (possibly empty), so that every rank has the
+        # same param_groups for the LR scheduler and for checkpoints.
+        parts = []
+        if offload_fraction < 1.0:
+            parts.append([s for s in self._shards if not s.offloaded])
+        if offload_fraction > 0.0:
+            parts.append([s for s in self._shards if s.offloaded])
+        return [
+            make_optimizer(
+                [
+                    {"params": [s.main for s in part if s.decay], "weight_decay": weight_decay},
+                    {"params": [s.main for s in part if not s.decay], "weight_decay": 0.0},
+                ]
+            )
+            for part in parts
+        ]
+
+    def _norm_groups(self) -> list[ProcessGroup | None]:
+        """Groups over which the counted parts of the gradient differ (see grad_norm)."""
+        return [self.parallel_state.tp_group, self.parallel_state.pp_group]
+
+    # -- the step -------------------------------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every param group of the wrapped optimizer(s); an LR scheduler sets ``lr`` here."""
+        return [group for opt in self._optimizers for group in opt.param_groups]
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the loss scale: call backward on this (a no-op without a scaler)."""
+        return loss * self.loss_scaler.scale if self.loss_scaler is not None else loss
+
+    def zero_grad(self) -> None:
+        """Clear the gradients (DDP's buffer, or every parameter's ``.grad``)."""
+        if self.ddp is not None:
+            self.ddp.zero_grad_buffer()
+        else:
+            for s in self._shards:
+                s.param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, float]:
+        """Update the model from its gradients; returns ``(skipped, grad_norm)``."""
+        if self.ddp is not None:
+            self.ddp.finish_grad_sync()
+        grads = self._load_main_grads()
+        if self.loss_scaler is not None:
+            scale_grads_(grads, 1.0 / self.loss_scaler.scale)
+        counted = [s.main.grad for s in self._shards if s.counted and s.main.grad is not None]
+        grad_norm = float(global_grad_norm(counted, self._norm_groups()))
+        found_inf = not math.isfinite(grad_norm)
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(found_inf)
+        if not found_inf:
+            if self.clip_grad > 0:
+                clip_grads_(grads, self.clip_grad, grad_norm)
+            for opt in self._optimizers:
+                opt.step()
+            self._publish_params()
+        for s in self._shards:
+            s.main.grad = None  # release fp32 copies until the next step
+        return found_inf, grad_norm
+
+    def _load_main_grads(self) -> list[torch.Tensor]:
+        from_main_grad = self.ddp is not None
+        grads = []
+        for s in self._shards:
+            grad = s.grad_view(from_main_grad)
+            # .to() returns the view itself when dtype and device already match: no copy.
+            s.main.grad = None if grad is None else grad.to(s.main.device, torch.float32)
+            if s.main.grad is not None:
+                grads.append(s.main.grad)
+        return grads
+
+    def _publish_params(self) -> None:
+        """Write updated main weights into the model parameters."""
+        for s in self._shards:
+            if s.is_copy:
+                s.model_view().copy_(s.main)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's optimizer state: the torch optimizers', the fp32 main weights that are
+        copies (the model holds them only rounded), and the loss scaler's."""
+        return {
+            "optimizers": [opt.state_dict() for opt in self._optimizers],
+            "main_params": [s.main.detach().clone() for s in self._shards if s.is_copy],
+            "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` of the same layout on the same rank."""
+        copies = [s for s in self._shards if s.is_copy]
+        mains: Sequence[torch.Tensor] = state["main_params"]
+        if len(mains) != len(copies) or len(state["optimizers"]) != len(self._optimizers):
+            raise ValueError(
+                "optimizer state does not match this optimizer's layout: it was saved with a "
+                "different model, parallel layout or offload fraction"
+            )
+        with torch.no_grad():
+            for s, main in zip(copies, mains, strict=True):
+                s.main.copy_(main)
+            self._publish_params()
+        for opt, opt_state in zip(self._optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        if self.loss_scaler is not None and state["loss_scaler"] is not None:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
