@@ -135,3 +135,20 @@ def test_lifecycle_hooks_reach_every_plugin_that_implements_them(recorder) -> No
         "mcore_on_train_end",
         "mcore_on_train_start",
     ]
+
+
+def test_hook_mcore_training_runtime() -> None:
+    class Layout:
+        def __init__(self, name):
+            self.name = name
+
+        @hookimpl
+        def mcore_training_runtime(self, config):
+            return None if self.name == "declines" else f"runtime from {self.name}"
+
+    manager = PluginManager()
+    manager.register(Layout("declines"), name="declines")
+    assert manager.hook.mcore_training_runtime(config=None) is None
+    manager.register(Layout("mine"), name="mine")
+    # firstresult: the first plugin with an answer wins, the rest are not asked.
+    assert manager.hook.mcore_training_runtime(config=None) == "runtime from mine"

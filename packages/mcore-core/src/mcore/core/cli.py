@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    # What followed the command name, for commands that re-launch themselves (mcore train).
+    args.command_argv = argv[argv.index(args.command) + 1 :]
     if args.command != "plugins":
         for failed in manager.failures:
             print(

@@ -43,6 +43,18 @@ def mcore_validate_config(config: Config, errors: ConfigErrors) -> None:
     """
 
 
+@hookspec(firstresult=True)
+def mcore_training_runtime(config: Config) -> Any:
+    """Provide the parallel runtime ``mcore train`` runs on, or ``None`` to leave it to others.
+
+    The first non-``None`` result wins. mcore-parallel provides one built from the ``[parallel]``
+    section; a plugin with its own layout can return first. The object has ``parallel_state``
+    (with ``dp_rank``/``dp_size``), ``build(config, model_config, registries) -> (chunks,
+    optimizer, scheduler)``, ``forward_backward(...)`` (Megatron's schedule arguments),
+    ``finalize_grads(chunks)`` and ``reduce_loss(losses) -> float``.
+    """
+
+
 @hookspec
 def mcore_on_train_start(trainer: Any) -> None:
     """Called once, after the model, optimizer and data are built and before the first step."""

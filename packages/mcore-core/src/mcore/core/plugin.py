@@ -7,6 +7,7 @@ from mcore.core.data.cli import DATA
 from mcore.core.hookspecs import hookimpl
 from mcore.core.registry import Lazy, PluginRegistrar
 from mcore.core.sections import CORE_SECTIONS
+from mcore.core.training.cli import TRAIN
 
 
 @hookimpl
@@ -16,6 +17,7 @@ def mcore_register(registry: PluginRegistrar) -> None:
     registry.add("cli_command", "plugins", PLUGINS)
     registry.add("cli_command", "config", CONFIG)
     registry.add("cli_command", "data", DATA)
+    registry.add("cli_command", "train", TRAIN)
     # Lazy: loading plugins must not import numpy, torch or tokenizers
     registry.add("tokenizer", "byte", Lazy("mcore.core.data.tokenizer:build_byte_tokenizer"))
     registry.add("tokenizer", "hf", Lazy("mcore.core.data.tokenizer:build_hf_tokenizer"))

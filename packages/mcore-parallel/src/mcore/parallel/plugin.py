@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from mcore.core import Lazy, PluginRegistrar, hookimpl
 from mcore.parallel.config import ParallelConfig
 from mcore.parallel.distributed.config import DDPConfig
@@ -15,3 +17,10 @@ def mcore_register(registry: PluginRegistrar) -> None:
     registry.add("data_parallel", "ddp", Lazy("mcore.parallel.distributed:wrap_ddp"))
     registry.add("optimizer", "adam", Lazy("mcore.parallel.optimizer:build_adam"))
     registry.add("optimizer", "sgd", Lazy("mcore.parallel.optimizer:build_sgd"))
+
+
+@hookimpl
+def mcore_training_runtime(config: Any) -> Any:
+    from mcore.parallel.training import MeshTrainingRuntime
+
+    return MeshTrainingRuntime(config)

@@ -1,0 +1,87 @@
+"""``mcore train [FILE] [--nproc N] [--section.field VALUE ...]``.
+
+Under torchrun (``WORLD_SIZE`` set) every rank runs the loop. Otherwise ``--nproc N`` (default:
+one rank per GPU, or 2 CPU ranks with gloo) starts the local ranks through torch's elastic
+launcher, which runs this same command in each of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from mcore.core.config import (
+    add_config_arguments,
+    config_sections,
+    load_config,
+    overrides_from_args,
+)
+from mcore.core.registry import CliCommand
+
+DEFAULT_SAVE = "mcore-run"
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    from mcore.core.plugins import get_plugin_manager
+
+    parser.add_argument("file", nargs="?", metavar="FILE", help="TOML config file")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="local ranks to launch (default: one per GPU, else 2 CPU ranks; none under torchrun)",
+    )
+    manager = get_plugin_manager()
+    owners = {c.name: c.plugin for c in manager.registries["config_section"].components()}
+    add_config_arguments(parser, config_sections(manager), owners)
+
+
+def _default_nproc() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run ``mcore train argv`` on ``nproc`` local ranks with torch's elastic launcher."""
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "-m", "mcore.core.cli", "train", *argv]
+    )
+    run(args)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = overrides_from_args(args)
+    overrides.setdefault("checkpoint.save", DEFAULT_SAVE)
+    config = load_config(args.file, overrides)  # validate before starting any rank
+    if "WORLD_SIZE" not in os.environ:
+        nproc = args.nproc or _default_nproc()
+        if nproc > 1:
+            argv = args.command_argv  # what the user typed after `mcore train`
+            argv = [a for i, a in enumerate(argv) if not _is_nproc(argv, i)]
+            return _launch(nproc, argv)
+    from mcore.core.training.loop import train
+
+    result = train(config)
+    if result.checkpoint and _is_rank_zero():
+        print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _is_nproc(argv: list[str], i: int) -> bool:
+    arg = argv[i]
+    return arg == "--nproc" or arg.startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc")
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+TRAIN = CliCommand(
+    help="train a model (default: a small GPT on the Python standard library's source)",
+    configure=_configure,
+    run=_run,
+)

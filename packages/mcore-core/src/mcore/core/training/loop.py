@@ -1,0 +1,186 @@
+"""The training loop of ``mcore train``, readable top to bottom.
+
+Everything parallel comes from the ``mcore_training_runtime`` hook (mcore-parallel provides it),
+and every component by name from the registries: model, data-parallel wrapper, optimizer,
+tokenizer and dataset. This module imports no other mcore package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mcore.core.config import Config
+from mcore.core.data import build_datasets, build_tokenizer
+from mcore.core.errors import McoreError
+from mcore.core.plugins import PluginManager, get_plugin_manager
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the loss of every step, and where the checkpoint went."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    checkpoint: str | None = None
+
+
+class NonFiniteLossError(McoreError):
+    """The loss became NaN or infinite; training stops rather than corrupt the weights."""
+
+
+def init_distributed(config: Config) -> None:
+    """Join the process group torchrun (or ``mcore train --nproc``) set up in the environment."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    use_cuda = torch.cuda.is_available() and config.train.device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+
+
+def _padded_vocab(vocab_size: int, tp: int) -> int:
+    # Pad to a multiple of 128 (aligned matmuls) that also splits over TP. Unlike Megatron's
+    # 128 x tp, the padded size does not change with TP for power-of-two sizes, so the same run
+    # under another layout builds the same model.
+    multiple = math.lcm(128, tp)
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def _micro_batches(dataset: Any, step: int, *, gbs: int, mbs: int, dp_rank: int, dp_size: int):
+    """This data-parallel rank's micro-batches of ``step``: consecutive slices of the global
+    batch, the same on every TP/PP rank of the replica."""
+    per_rank = gbs // dp_size
+    start = (step - 1) * gbs + dp_rank * per_rank
+    for m in range(per_rank // mbs):
+        first = start + m * mbs
+        items = [dataset[(first + i) % len(dataset)] for i in range(mbs)]
+        yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def _forward_step(device: torch.device):
+    def forward_step(data_iterator: Iterator, model: Any):
+        batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+        output = model(batch["tokens"], position_ids=batch["position_ids"], labels=batch["labels"])
+
+        def loss_func(per_token: torch.Tensor):
+            mask = batch["loss_mask"].float()
+            loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+            return loss, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def train(config: Config, *, manager: PluginManager | None = None) -> TrainResult:
+    """Train as ``config`` says; returns the per-step losses. Call on every rank."""
+    manager = manager or get_plugin_manager()
+    hook, registries = manager.hook, manager.registries
+    init_distributed(config)
+    runtime = hook.mcore_training_runtime(config=config)
+    if runtime is None:
+        raise McoreError("mcore train needs a parallel runtime: pip install mcore-parallel")
+    ps = runtime.parallel_state
+    train_cfg = config.train
+    torch.manual_seed(train_cfg.seed)
+
+    # --- data and model -----------------------------------------------------------------
+    tokenizer = build_tokenizer(config)
+    model_config = config.model
+    if model_config.vocab_size is None:
+        vocab = _padded_vocab(tokenizer.vocab_size, ps.tp_size)
+        model_config = dataclasses.replace(model_config, vocab_size=vocab)
+    chunks, optimizer, scheduler = runtime.build(config, model_config, registries)
+    mbs = train_cfg.micro_batch_size
+    gbs = train_cfg.global_batch_size or mbs * ps.dp_size
+    if gbs % (mbs * ps.dp_size):
+        raise McoreError(
+            f"train.global_batch_size ({gbs}) must be a multiple of micro_batch_size ({mbs}) "
+            f"x data-parallel size ({ps.dp_size})"
+        )
+    num_micro = gbs // (mbs * ps.dp_size)
+    seq = config.data.seq_length
+    train_set, _, _ = build_datasets(
+        config, tokenizer, num_samples={"train": train_cfg.train_iters * gbs, "valid": 0, "test": 0}
+    )
+    device = next(chunks[0].parameters()).device
+    forward_step = _forward_step(device)
+
+    # --- the loop ------------------------------------------------------------------------
+    result = TrainResult()
+    log_every = config.logger.log_interval
+    is_logger = ps.rank == 0
+    hook.mcore_on_train_start(trainer=result)
+    try:
+        for step in range(1, train_cfg.train_iters + 1):
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            batches = _micro_batches(
+                train_set, step, gbs=gbs, mbs=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size
+            )
+            metrics = runtime.forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=batches,
+                model=chunks,
+                num_microbatches=num_micro,
+                seq_length=seq,
+                micro_batch_size=mbs,
+            )
+            runtime.finalize_grads(chunks)
+            _skipped, grad_norm = optimizer.step()
+            scheduler.step()
+            loss = runtime.reduce_loss([float(m["loss"]) for m in metrics])
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step}; lower optimizer.lr, keep "
+                    "optimizer.clip_grad on, or check the data"
+                )
+            elapsed = time.perf_counter() - start
+            step_metrics = {
+                "loss": loss,
+                "grad_norm": float(grad_norm),
+                "lr": float(optimizer.param_groups[0]["lr"]),
+                "tokens_per_s": gbs * seq / elapsed,
+            }
+            result.losses.append(loss)
+            result.grad_norms.append(float(grad_norm))
+            if is_logger and (step % log_every == 0 or step == train_cfg.train_iters):
+                print(
+                    f"step {step}/{train_cfg.train_iters} | loss {loss:.4f} | "
+                    f"grad_norm {step_metrics['grad_norm']:.3f} | lr {step_metrics['lr']:.2e} | "
+                    f"tokens/s {step_metrics['tokens_per_s']:.0f}",
+                    flush=True,
+                )
+            hook.mcore_on_step_end(trainer=result, step=step, metrics=step_metrics)
+        result.checkpoint = _save_stopgap(config, chunks, ps)
+        if result.checkpoint:
+            hook.mcore_on_checkpoint_saved(trainer=result, path=result.checkpoint)
+    finally:
+        hook.mcore_on_train_end(trainer=result)
+    return result
+
+
+def _save_stopgap(config: Config, chunks: list, ps: Any) -> str | None:
+    """A plain ``torch.save`` of each rank's model shard, until mcore-ckpt's formats land."""
+    save = config.checkpoint.save
+    if save is None:
+        return None
+    folder = Path(save)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"model_rank{ps.rank:05d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save([c.state_dict() for c in chunks], tmp)
+    tmp.replace(path)
+    if dist.is_initialized():
+        dist.barrier()
+    return str(folder)

@@ -1,0 +1,88 @@
+"""The runtime ``mcore train`` runs on: the parallel layout, how a model is wrapped and
+optimised, the pipeline schedule, and the reductions between backward and the optimizer step.
+
+The core's training loop knows none of this package; it asks the ``mcore_training_runtime``
+hook, which this package implements with :class:`MeshTrainingRuntime`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mcore.core import McoreError
+from mcore.parallel.optimizer.scheduler import build_lr_scheduler
+from mcore.parallel.pipeline import allreduce_embedding_grads, get_forward_backward_func
+from mcore.parallel.state import ParallelState
+
+
+class MeshTrainingRuntime:
+    """Training on a ``ParallelState`` mesh: TP, PP (1F1B), DP through the registries."""
+
+    def __init__(self, config: Any) -> None:
+        self.parallel_state = ParallelState.from_config(config.parallel)
+        vpp = config.parallel.virtual_pipeline_model_parallel_size
+        self.vp_size = vpp if vpp and vpp > 1 else None
+        self.sequence_parallel = config.parallel.sequence_parallel
+        self.device = _device(config)
+        self._schedule = get_forward_backward_func(self.parallel_state, vp_size=self.vp_size)
+
+    def build(self, config: Any, model_config: Any, registries: Any) -> tuple[list, Any, Any]:
+        """Model chunks (one per virtual stage), wrapped for data parallelism, their optimizer
+        and LR schedule, each component chosen by name from the registries."""
+        if self.vp_size is not None:
+            raise McoreError(
+                "parallel.virtual_pipeline_model_parallel_size: the interleaved schedule is not "
+                "wired into mcore train yet; leave it unset (1F1B) for now"
+            )
+        ps = self.parallel_state
+        build_model = registries.get("model", model_config.name)
+        model = build_model(model_config, ps, sequence_parallel=self.sequence_parallel)
+        model = model.to(self.device)
+        wrap = registries.get("data_parallel", config.train.data_parallel)
+        chunks = [wrap(model, ps, config)]
+        optimizer = registries.get("optimizer", config.optimizer.optimizer)(chunks[0], ps, config)
+        return chunks, optimizer, build_lr_scheduler(optimizer, config)
+
+    def forward_backward(self, **kwargs: Any) -> list[Any]:
+        """One step's forward and backward over its micro-batches (Megatron's arguments)."""
+        return self._schedule(**kwargs)
+
+    def finalize_grads(self, chunks: list) -> None:
+        """Finish the data-parallel reduction, then sum tied-embedding gradients over stages."""
+        for chunk in chunks:
+            chunk.finish_grad_sync()
+        allreduce_embedding_grads(chunks, self.parallel_state)
+
+    def reduce_loss(self, losses: list[float]) -> float:
+        """The step's loss: the mean over micro-batches (held by the last pipeline stage),
+        averaged over data-parallel replicas, known on every rank."""
+        ps = self.parallel_state
+        local = sum(losses) / len(losses) if losses else 0.0
+        if ps.world_size == 1:
+            return local
+        t = torch.tensor([local], dtype=torch.float64, device=_collective_device(ps))
+        if ps.dp_cp_size > 1:
+            dist.all_reduce(t, group=ps.dp_cp_group)
+            t /= ps.dp_cp_size
+        if ps.pp_size > 1:
+            # Only the last stage computed a loss: sum over stages spreads it to every rank.
+            if not ps.is_last_pp_stage:
+                t.zero_()
+            dist.all_reduce(t, group=ps.pp_group)
+        return float(t.item())
+
+
+def _device(config: Any) -> torch.device:
+    want = config.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _collective_device(ps: ParallelState) -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
