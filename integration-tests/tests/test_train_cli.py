@@ -15,7 +15,7 @@ def test_mcore_train_launches_two_ranks_and_writes_a_checkpoint(tmp_path: Path) 
         [
             str(BIN / "mcore"), "train", "--nproc", "2",
             "--train.train-iters", "6", "--train.micro-batch-size", "2",
-            "--data.seq-length", "64", "--data.max-bytes", "100000",
+            "--train.seq-length", "64", "--data.max-bytes", "100000",
             "--data.cache-dir", str(tmp_path / "cache"),
             "--model.num-layers", "2", "--model.hidden-size", "64",
             "--logger.log-interval", "1", "--optimizer.lr", "3e-3",

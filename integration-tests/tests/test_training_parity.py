@@ -17,7 +17,7 @@ def config(cache_dir: str, **overrides: str):
         "train.train-iters": str(STEPS),
         "train.micro-batch-size": "2",
         "train.global-batch-size": "8",
-        "data.seq-length": "32",
+        "train.seq-length": "32",
         "data.max-bytes": "100000",
         "data.cache-dir": cache_dir,
         "model.num-layers": "2",

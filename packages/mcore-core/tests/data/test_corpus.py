@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mcore.core import McoreError, get_registry, load_config
+from mcore.core import Config, McoreError, get_registry, load_config
 from mcore.core.data import (
     BlendedDataset,
     ByteTokenizer,
@@ -21,7 +21,7 @@ from mcore.core.data import (
     stdlib_sources,
 )
 from mcore.core.data.prepare import write_documents
-from mcore.core.sections import DataConfig
+from mcore.core.sections import DataConfig, TrainConfig
 
 
 def test_stdlib_sources_are_sorted_source_files_without_tests() -> None:
@@ -39,12 +39,11 @@ def test_stdlib_sources_are_sorted_source_files_without_tests() -> None:
 STDLIB_BYTES = 300_000
 
 
-def stdlib_config(tmp_path: Path, **extra) -> DataConfig:
-    config = DataConfig(cache_dir=str(tmp_path / "cache"), seq_length=64, split="8,1,1")
-    config.max_bytes = STDLIB_BYTES  # optional fields are read when a section has them
+def stdlib_config(tmp_path: Path, **extra) -> Config:
+    data = DataConfig(cache_dir=str(tmp_path / "cache"), split="8,1,1", max_bytes=STDLIB_BYTES)
     for name, value in extra.items():
-        setattr(config, name, value)
-    return config
+        setattr(data, name, value)
+    return Config({"data": data, "train": TrainConfig(seq_length=64)})
 
 
 def test_python_stdlib_is_the_default_and_builds_once(tmp_path: Path) -> None:
@@ -56,7 +55,7 @@ def test_python_stdlib_is_the_default_and_builds_once(tmp_path: Path) -> None:
     )
     again, _, _ = build_datasets(config, tokenizer, num_samples={"train": 300, "valid": 20})
 
-    assert config.dataset == "python_stdlib"
+    assert config.data.dataset == "python_stdlib"
     assert [type(d) for d in (train, valid, test)] == [GPTDataset] * 3
     assert len(train) >= 300 and len(valid) >= 20 and len(test) >= 10
     assert set(train[0]) == {"tokens", "labels", "loss_mask", "position_ids"}
@@ -68,7 +67,7 @@ def test_python_stdlib_is_the_default_and_builds_once(tmp_path: Path) -> None:
 
 
 def test_run_config_seed_and_zero_samples(tmp_path: Path) -> None:
-    overrides = {"data.cache_dir": str(tmp_path), "data.seq_length": "32", "train.seed": "7"}
+    overrides = {"data.cache_dir": str(tmp_path), "train.seq_length": "32", "train.seed": "7"}
     config = load_config(None, overrides)
     config.data.max_bytes = STDLIB_BYTES
 
@@ -100,12 +99,12 @@ def two_prefixes(tmp_path: Path, stdlib_files: list[Path]) -> list[str]:
 
 
 def test_indexed_blends_data_path_by_weight(tmp_path: Path, two_prefixes: list[str]) -> None:
-    config = DataConfig(
+    data = DataConfig(
         dataset="indexed",
         data_path=["0.7", two_prefixes[0], "0.3", two_prefixes[1]],
-        seq_length=64,
         split="8,1,1",
     )
+    config = Config({"data": data, "train": TrainConfig(seq_length=64)})
 
     train, valid, _ = build_datasets(
         config, ByteTokenizer(), num_samples={"train": 500, "valid": 40, "test": 0}
@@ -120,7 +119,7 @@ def test_indexed_blends_data_path_by_weight(tmp_path: Path, two_prefixes: list[s
 
 def test_indexed_single_prefix_and_errors(tmp_path: Path, two_prefixes: list[str]) -> None:
     build = get_registry("dataset").get("indexed")
-    single = DataConfig(dataset="indexed", data_path=[two_prefixes[0]], seq_length=64)
+    single = DataConfig(dataset="indexed", data_path=[two_prefixes[0]])
 
     train, _, _ = build(single, ByteTokenizer(), num_samples={"train": 30})
 

@@ -28,6 +28,8 @@ class TrainConfig:
     """Number of optimizer steps to run."""
     micro_batch_size: int = 4
     """Sequences per micro-batch on each data-parallel rank."""
+    seq_length: int = 256
+    """Tokens per training sequence."""
     global_batch_size: int | None = None
     """Sequences per optimizer step over all ranks; unset means micro-batch size x DP size."""
     seed: int = 1234
@@ -46,7 +48,9 @@ class TrainConfig:
     """Batches per evaluation."""
 
     def validate(self, errors: ConfigErrors) -> None:
-        _positive(errors, self, "train_iters", "micro_batch_size", "global_batch_size")
+        _positive(
+            errors, self, "train_iters", "micro_batch_size", "global_batch_size", "seq_length"
+        )
         _positive(errors, self, "eval_interval", "eval_iters")
         if self.bf16 and self.fp16:
             errors.add("fp16", "bf16 and fp16 are mutually exclusive; choose one")
@@ -124,8 +128,6 @@ class DataConfig:
     """Tokenizer by registry name."""
     tokenizer_path: str | None = None
     """Path of a tokenizer.json for file-based tokenizers."""
-    seq_length: int = 256
-    """Tokens per training sequence."""
     split: str = "969,30,1"
     """Train, validation and test proportions."""
     num_workers: int = 2
@@ -152,7 +154,7 @@ class DataConfig:
     """FIM: skip samples starting with this string."""
 
     def validate(self, errors: ConfigErrors) -> None:
-        _positive(errors, self, "seq_length", "max_bytes")
+        _positive(errors, self, "max_bytes")
         for name in ("fim_rate", "fim_spm_rate", "fim_fragment_rate"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:

@@ -41,6 +41,7 @@ from mcore.core.data.indexed import IndexedDataset
 from mcore.core.data.prepare import write_documents
 from mcore.core.data.tokenizer import Tokenizer, data_section, fingerprint
 from mcore.core.errors import McoreError
+from mcore.core.sections import TrainConfig
 
 SKIPPED_FOLDERS = frozenset(
     {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -146,7 +147,8 @@ class GPTDataOptions:
                 )
             split_token = ids[0]
         return cls(
-            seq_length=data.seq_length,
+            # train.seq_length in a run config; a bare DataConfig gets the run default.
+            seq_length=getattr(train, "seq_length", None) or TrainConfig().seq_length,
             split=data.split,
             seed=getattr(train, "seed", getattr(data, "seed", 1234)),
             cache_dir=data.cache_dir,

@@ -109,7 +109,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
             f"x data-parallel size ({ps.dp_size})"
         )
     num_micro = gbs // (mbs * ps.dp_size)
-    seq = config.data.seq_length
+    seq = train_cfg.seq_length
     train_set, _, _ = build_datasets(
         config, tokenizer, num_samples={"train": train_cfg.train_iters * gbs, "valid": 0, "test": 0}
     )
