@@ -31,6 +31,8 @@ class TrainResult:
 
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    tokens_per_step: int = 0
     checkpoint: str | None = None
 
 
@@ -154,6 +156,8 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
             }
             result.losses.append(loss)
             result.grad_norms.append(float(grad_norm))
+            result.step_seconds.append(elapsed)
+            result.tokens_per_step = gbs * seq
             if is_logger and (step % log_every == 0 or step == train_cfg.train_iters):
                 print(
                     f"step {step}/{train_cfg.train_iters} | loss {loss:.4f} | "
