@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BIN = Path(sys.executable).parent
 
@@ -32,6 +35,15 @@ def test_mcore_train_launches_two_ranks_and_writes_a_checkpoint(tmp_path: Path) 
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert sorted(p.name for p in save.glob("*.pt")) == ["model_rank00000.pt", "model_rank00001.pt"]
     assert f"checkpoint: {save}" in result.stdout
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(records[0])
+    assert [r["loss"] for r in records] == pytest.approx(losses, abs=1e-4)
+    plot = subprocess.run(
+        [str(BIN / "mcore"), "plot", str(save / "metrics.jsonl")], capture_output=True, text=True
+    )
+    assert plot.returncode == 0, plot.stderr
+    assert (save / "metrics.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_mcore_train_reports_bad_config_before_launching(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def test_plugins_json_lists_the_core_and_its_components(capsys) -> None:
     assert core["name"] == core["package"] == "mcore-core"
     assert core["version"] == "0.1.0"
     assert core["components"] == {
-        "cli_command": ["config", "data", "plugins", "train"],
+        "cli_command": ["config", "data", "plot", "plugins", "train"],
         "config_section": ["checkpoint", "data", "logger", "optimizer", "straggler", "train"],
         "dataset": ["indexed", "python_stdlib"],
         "tokenizer": ["byte", "hf"],
@@ -105,7 +105,7 @@ def test_config_help_lists_fields_with_their_docs(capsys) -> None:
 def test_unknown_command_says_so(capsys) -> None:
     code, _, err = run(capsys, "trian")
     assert code == 2
-    assert "unknown command 'trian'. Known: config, data, plugins, train." in err
+    assert "unknown command 'trian'. Known: config, data, plot, plugins, train." in err
     assert "Did you mean 'train'?" in err
 
 

@@ -8,6 +8,7 @@ from mcore.core.hookspecs import hookimpl
 from mcore.core.registry import Lazy, PluginRegistrar
 from mcore.core.sections import CORE_SECTIONS
 from mcore.core.training.cli import TRAIN
+from mcore.core.training.plot import PLOT
 
 
 @hookimpl
@@ -18,6 +19,7 @@ def mcore_register(registry: PluginRegistrar) -> None:
     registry.add("cli_command", "config", CONFIG)
     registry.add("cli_command", "data", DATA)
     registry.add("cli_command", "train", TRAIN)
+    registry.add("cli_command", "plot", PLOT)
     # Lazy: loading plugins must not import numpy, torch or tokenizers
     registry.add("tokenizer", "byte", Lazy("mcore.core.data.tokenizer:build_byte_tokenizer"))
     registry.add("tokenizer", "hf", Lazy("mcore.core.data.tokenizer:build_hf_tokenizer"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,12 @@ from mcore.core.config import Config
 from mcore.core.data import build_datasets, build_tokenizer
 from mcore.core.errors import McoreError
 from mcore.core.plugins import PluginManager, get_plugin_manager
+from mcore.core.training.flops import gpt_flops_per_token, mfu, peak_flops
+from mcore.core.training.metrics import MetricsLogger, NonFiniteLossError, check_finite
+from mcore.core.training.straggler import StragglerDetector
+from mcore.core.training.timers import Timers
+
+__all__ = ["NonFiniteLossError", "TrainResult", "init_distributed", "train"]
 
 
 @dataclass
@@ -34,10 +39,6 @@ class TrainResult:
     step_seconds: list[float] = field(default_factory=list)
     tokens_per_step: int = 0
     checkpoint: str | None = None
-
-
-class NonFiniteLossError(McoreError):
-    """The loss became NaN or infinite; training stops rather than corrupt the weights."""
 
 
 def init_distributed(config: Config) -> None:
@@ -120,58 +121,93 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
 
     # --- the loop ------------------------------------------------------------------------
     result = TrainResult()
-    log_every = config.logger.log_interval
-    is_logger = ps.rank == 0
+    logger_cfg, straggler_cfg = config.logger, config.straggler
+    save_dir = config.checkpoint.save
+    metrics_file = logger_cfg.metrics_file or (
+        str(Path(save_dir) / "metrics.jsonl") if save_dir else None
+    )
+    timers = Timers(cuda_sync=device.type == "cuda")
+    straggler = StragglerDetector(
+        minmax_count=straggler_cfg.straggler_minmax_count,
+        enabled=straggler_cfg.log_straggler and not straggler_cfg.disable_straggler_on_startup,
+    )
+    flops_per_token = _flops_per_token(model_config, seq)
+    peak = peak_flops(device) if device.type == "cuda" else None
+    logger = MetricsLogger(
+        metrics_file=metrics_file,
+        tensorboard_dir=logger_cfg.tensorboard_dir,
+        log_interval=logger_cfg.log_interval,
+        total_steps=train_cfg.train_iters,
+        progress_bar=logger_cfg.progress_bar,
+        rank=ps.rank,
+    )
     hook.mcore_on_train_start(trainer=result)
     try:
         for step in range(1, train_cfg.train_iters + 1):
-            start = time.perf_counter()
+            timers("step").start()
             optimizer.zero_grad()
             batches = _micro_batches(
                 train_set, step, gbs=gbs, mbs=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size
             )
-            metrics = runtime.forward_backward(
-                forward_step_func=forward_step,
-                data_iterator=batches,
-                model=chunks,
-                num_microbatches=num_micro,
-                seq_length=seq,
-                micro_batch_size=mbs,
-            )
-            runtime.finalize_grads(chunks)
-            _skipped, grad_norm = optimizer.step()
-            scheduler.step()
-            loss = runtime.reduce_loss([float(m["loss"]) for m in metrics])
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss} at step {step}; lower optimizer.lr, keep "
-                    "optimizer.clip_grad on, or check the data"
+            with timers("forward-backward"):
+                metrics = runtime.forward_backward(
+                    forward_step_func=forward_step,
+                    data_iterator=batches,
+                    model=chunks,
+                    num_microbatches=num_micro,
+                    seq_length=seq,
+                    micro_batch_size=mbs,
                 )
-            elapsed = time.perf_counter() - start
+            with timers("optimizer"):
+                runtime.finalize_grads(chunks)
+                _skipped, grad_norm = optimizer.step()
+                scheduler.step()
+            loss = runtime.reduce_loss([float(m["loss"]) for m in metrics])
+            check_finite(step, loss)
+            elapsed = timers("step").stop()
+            timers.step_end()
+            straggler.record(elapsed)
             step_metrics = {
                 "loss": loss,
                 "grad_norm": float(grad_norm),
                 "lr": float(optimizer.param_groups[0]["lr"]),
                 "tokens_per_s": gbs * seq / elapsed,
             }
+            if peak:  # MFU per GPU: the step's model FLOPs over what the GPUs could do
+                per_gpu = step_metrics["tokens_per_s"] / ps.world_size
+                step_metrics["mfu"] = mfu(per_gpu, flops_per_token, peak)
             result.losses.append(loss)
             result.grad_norms.append(float(grad_norm))
             result.step_seconds.append(elapsed)
             result.tokens_per_step = gbs * seq
-            if is_logger and (step % log_every == 0 or step == train_cfg.train_iters):
-                print(
-                    f"step {step}/{train_cfg.train_iters} | loss {loss:.4f} | "
-                    f"grad_norm {step_metrics['grad_norm']:.3f} | lr {step_metrics['lr']:.2e} | "
-                    f"tokens/s {step_metrics['tokens_per_s']:.0f}",
-                    flush=True,
-                )
+            logger.log(step, step_metrics)
+            if logger.should_log(step):
+                if logger_cfg.timing_log_level > 0 and ps.rank == 0 and timers.summary():
+                    print(timers.format(reset=True), flush=True)
+                report = straggler.report()  # collective: every rank calls it
+                if report is not None and ps.rank == 0:
+                    print(report.format(), flush=True)
             hook.mcore_on_step_end(trainer=result, step=step, metrics=step_metrics)
         result.checkpoint = _save_stopgap(config, chunks, ps)
         if result.checkpoint:
             hook.mcore_on_checkpoint_saved(trainer=result, path=result.checkpoint)
     finally:
+        logger.close()
         hook.mcore_on_train_end(trainer=result)
     return result
+
+
+def _flops_per_token(model_config: Any, seq: int) -> float:
+    return gpt_flops_per_token(
+        num_layers=model_config.num_layers,
+        hidden_size=model_config.hidden_size,
+        ffn_hidden_size=model_config.ffn_hidden_size or 4 * model_config.hidden_size,
+        num_attention_heads=model_config.num_attention_heads,
+        num_query_groups=model_config.num_query_groups or model_config.num_attention_heads,
+        vocab_size=model_config.vocab_size,
+        seq_length=seq,
+        gated_mlp=model_config.activation == "swiglu",
+    )
 
 
 def _save_stopgap(config: Config, chunks: list, ps: Any) -> str | None:
