@@ -1,4 +1,4 @@
-"""``mcore train``'s loop gives the same loss curve on one process and under DP, TP, PP,
+"""``mcore train``'s loop gives the same loss curve on one process and under DP, TP, CP, PP,
 DP x TP and the distributed optimizer (fp32, gloo ranks)."""
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ LAYOUTS = {
     "tp2": (2, {"parallel.tp": "2"}),
     "tp2_sp": (2, {"parallel.tp": "2", "parallel.sequence-parallel": "true"}),
     "pp2_1f1b": (2, {"parallel.pp": "2"}),
+    "cp2": (2, {"parallel.cp": "2"}),
     "dp2_tp2": (4, {"parallel.tp": "2"}),
     "dp2_distributed_optimizer": (2, {"optimizer.use-distributed-optimizer": "true"}),
 }

@@ -50,7 +50,8 @@ def mcore_training_runtime(config: Config) -> Any:
     The first non-``None`` result wins. mcore-parallel provides one built from the ``[parallel]``
     section; a plugin with its own layout can return first. The object has ``parallel_state``
     (with ``dp_rank``/``dp_size``), ``build(config, model_config, registries) -> (chunks,
-    optimizer, scheduler)``, ``forward_backward(...)`` (Megatron's schedule arguments),
+    optimizer, scheduler)``, ``prepare_batch(batch) -> batch`` (this rank's part of a
+    micro-batch), ``forward_backward(...)`` (Megatron's schedule arguments),
     ``finalize_grads(chunks)`` and ``reduce_loss(losses) -> float``.
     """
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mcore.core import McoreError
+from mcore.parallel.context_parallel import split_for_context_parallel
 from mcore.parallel.optimizer.scheduler import build_lr_scheduler
 from mcore.parallel.pipeline import allreduce_embedding_grads, get_forward_backward_func
 from mcore.parallel.state import ParallelState
@@ -45,6 +46,16 @@ class MeshTrainingRuntime:
         chunks = [wrap(model, ps, config)]
         optimizer = registries.get("optimizer", config.optimizer.optimizer)(chunks[0], ps, config)
         return chunks, optimizer, build_lr_scheduler(optimizer, config)
+
+    def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's part of a micro-batch: with context parallelism, its two chunks of the
+        sequence (tokens, labels, loss mask and positions alike)."""
+        cp_group = self.parallel_state.cp_group
+        if self.parallel_state.cp_size == 1:
+            return batch
+        return {
+            k: split_for_context_parallel(v, dim=1, cp_group=cp_group) for k, v in batch.items()
+        }
 
     def forward_backward(self, **kwargs: Any) -> list[Any]:
         """One step's forward and backward over its micro-batches (Megatron's arguments)."""

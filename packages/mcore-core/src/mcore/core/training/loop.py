@@ -70,9 +70,9 @@ def _micro_batches(dataset: Any, step: int, *, gbs: int, mbs: int, dp_rank: int,
         yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-def _forward_step(device: torch.device):
+def _forward_step(device: torch.device, runtime: Any):
     def forward_step(data_iterator: Iterator, model: Any):
-        batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+        batch = runtime.prepare_batch({k: v.to(device) for k, v in next(data_iterator).items()})
         output = model(batch["tokens"], position_ids=batch["position_ids"], labels=batch["labels"])
 
         def loss_func(per_token: torch.Tensor):
@@ -117,7 +117,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
         config, tokenizer, num_samples={"train": train_cfg.train_iters * gbs, "valid": 0, "test": 0}
     )
     device = next(chunks[0].parameters()).device
-    forward_step = _forward_step(device)
+    forward_step = _forward_step(device, runtime)
 
     # --- the loop ------------------------------------------------------------------------
     result = TrainResult()
