@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mcore.core import McoreError
 from mcore.parallel.context_parallel import split_for_context_parallel
 from mcore.parallel.optimizer.scheduler import build_lr_scheduler
 from mcore.parallel.pipeline import allreduce_embedding_grads, get_forward_backward_func
@@ -20,7 +19,7 @@ from mcore.parallel.state import ParallelState
 
 
 class MeshTrainingRuntime:
-    """Training on a ``ParallelState`` mesh: TP, PP (1F1B), DP through the registries."""
+    """Training on a ``ParallelState`` mesh: TP, SP, CP, PP (1F1B or interleaved), DP."""
 
     def __init__(self, config: Any) -> None:
         self.parallel_state = ParallelState.from_config(config.parallel)
@@ -31,20 +30,35 @@ class MeshTrainingRuntime:
         self._schedule = get_forward_backward_func(self.parallel_state, vp_size=self.vp_size)
 
     def build(self, config: Any, model_config: Any, registries: Any) -> tuple[list, Any, Any]:
-        """Model chunks (one per virtual stage), wrapped for data parallelism, their optimizer
-        and LR schedule, each component chosen by name from the registries."""
-        if self.vp_size is not None:
-            raise McoreError(
-                "parallel.virtual_pipeline_model_parallel_size: the interleaved schedule is not "
-                "wired into mcore train yet; leave it unset (1F1B) for now"
-            )
+        """Model chunks (one per virtual pipeline stage) for the schedule to run, their
+        optimizer and LR schedule; model, data-parallel wrapper and optimizer come by name from
+        the registries."""
         ps = self.parallel_state
         build_model = registries.get("model", model_config.name)
-        model = build_model(model_config, ps, sequence_parallel=self.sequence_parallel)
-        model = model.to(self.device)
         wrap = registries.get("data_parallel", config.train.data_parallel)
-        chunks = [wrap(model, ps, config)]
-        optimizer = registries.get("optimizer", config.optimizer.optimizer)(chunks[0], ps, config)
+        if self.vp_size is None:
+            model = build_model(model_config, ps, sequence_parallel=self.sequence_parallel)
+            self._wrapped = wrap(model.to(self.device), ps, config)
+            chunks = [self._wrapped]
+        else:
+            chunks = [
+                build_model(
+                    model_config,
+                    ps,
+                    sequence_parallel=self.sequence_parallel,
+                    vp_stage=c,
+                    vp_size=self.vp_size,
+                ).to(self.device)
+                for c in range(self.vp_size)
+            ]
+            # One data-parallel wrapper over all of this rank's chunks, so one optimizer steps
+            # them; the schedule runs the chunks themselves, all micro-batches under no_sync,
+            # and finalize_grads reduces every bucket at once (no overlap with backward yet).
+            self._wrapped = wrap(torch.nn.ModuleList(chunks), ps, config)
+        self._chunks = chunks
+        optimizer = registries.get("optimizer", config.optimizer.optimizer)(
+            self._wrapped, ps, config
+        )
         return chunks, optimizer, build_lr_scheduler(optimizer, config)
 
     def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,12 +73,14 @@ class MeshTrainingRuntime:
 
     def forward_backward(self, **kwargs: Any) -> list[Any]:
         """One step's forward and backward over its micro-batches (Megatron's arguments)."""
-        return self._schedule(**kwargs)
+        if self.vp_size is None:
+            return self._schedule(**kwargs)
+        with self._wrapped.no_sync():
+            return self._schedule(**kwargs)
 
     def finalize_grads(self, chunks: list) -> None:
         """Finish the data-parallel reduction, then sum tied-embedding gradients over stages."""
-        for chunk in chunks:
-            chunk.finish_grad_sync()
+        self._wrapped.finish_grad_sync()
         allreduce_embedding_grads(chunks, self.parallel_state)
 
     def reduce_loss(self, losses: list[float]) -> float:

@@ -146,13 +146,18 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
         for step in range(1, train_cfg.train_iters + 1):
             timers("step").start()
             optimizer.zero_grad()
-            batches = _micro_batches(
-                train_set, step, gbs=gbs, mbs=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size
-            )
+            # One iterator per model chunk: with virtual pipeline stages each chunk reads every
+            # micro-batch (the first for tokens, the last for labels).
+            iterators = [
+                _micro_batches(
+                    train_set, step, gbs=gbs, mbs=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size
+                )
+                for _ in chunks
+            ]
             with timers("forward-backward"):
                 metrics = runtime.forward_backward(
                     forward_step_func=forward_step,
-                    data_iterator=batches,
+                    data_iterator=iterators if len(chunks) > 1 else iterators[0],
                     model=chunks,
                     num_microbatches=num_micro,
                     seq_length=seq,
