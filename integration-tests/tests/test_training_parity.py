@@ -3,6 +3,8 @@ DP x TP and the distributed optimizer (fp32, gloo ranks)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from mcore.core import load_config
@@ -65,3 +67,13 @@ def test_loss_curve_matches_one_process(reference, layout) -> None:
     assert len(expected) == STEPS and expected[-1] < expected[0]
     for curve in curves:  # every rank reports the same, globally reduced loss
         assert curve == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(reference, precision) -> None:
+    cache, fp32 = reference
+    result = train(config(cache, **{f"train.{precision}": "true"}))
+    assert all(map(math.isfinite, result.losses))
+    assert result.losses[-1] < result.losses[0] - 0.2
+    # Low precision follows the fp32 curve closely on this tiny model.
+    assert result.losses[-1] == pytest.approx(fp32[-1], abs=0.1)

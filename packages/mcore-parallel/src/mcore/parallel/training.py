@@ -34,11 +34,14 @@ class MeshTrainingRuntime:
         optimizer and LR schedule; model, data-parallel wrapper and optimizer come by name from
         the registries."""
         ps = self.parallel_state
+        # Mixed precision: the model computes in bf16/fp16; the optimizer keeps fp32 main weights.
+        train = config.train
+        dtype = torch.bfloat16 if train.bf16 else torch.float16 if train.fp16 else None
         build_model = registries.get("model", model_config.name)
         wrap = registries.get("data_parallel", config.train.data_parallel)
         if self.vp_size is None:
             model = build_model(model_config, ps, sequence_parallel=self.sequence_parallel)
-            self._wrapped = wrap(model.to(self.device), ps, config)
+            self._wrapped = wrap(model.to(self.device, dtype), ps, config)
             chunks = [self._wrapped]
         else:
             chunks = [
@@ -48,7 +51,7 @@ class MeshTrainingRuntime:
                     sequence_parallel=self.sequence_parallel,
                     vp_stage=c,
                     vp_size=self.vp_size,
-                ).to(self.device)
+                ).to(self.device, dtype)
                 for c in range(self.vp_size)
             ]
             # One data-parallel wrapper over all of this rank's chunks, so one optimizer steps

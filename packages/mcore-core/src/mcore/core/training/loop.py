@@ -162,6 +162,8 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
                     num_microbatches=num_micro,
                     seq_length=seq,
                     micro_batch_size=mbs,
+                    # fp16: scale the loss before backward so small gradients do not underflow
+                    grad_scale_func=optimizer.scale_loss if train_cfg.fp16 else None,
                 )
             with timers("optimizer"):
                 runtime.finalize_grads(chunks)
