@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from mcore.core import load_config
+from mcore.core import McoreError, load_config
 from mcore.core.testing import run_ranks
 from mcore.core.training.loop import train
 
@@ -77,3 +77,15 @@ def test_mixed_precision_trains(reference, precision) -> None:
     assert result.losses[-1] < result.losses[0] - 0.2
     # Low precision follows the fp32 curve closely on this tiny model.
     assert result.losses[-1] == pytest.approx(fp32[-1], abs=0.1)
+
+
+def test_checkpoint_load_starts_from_the_saved_weights(reference, tmp_path) -> None:
+    cache, fp32 = reference
+    save = str(tmp_path / "run")
+    first = train(config(cache, **{"checkpoint.save": save}))
+    assert first.checkpoint == save
+    resumed = train(config(cache, **{"checkpoint.load": save, "train.train-iters": "3"}))
+    # The loaded model starts near where the first run ended, far below a fresh start.
+    assert resumed.losses[0] < fp32[0] - 0.2
+    with pytest.raises(McoreError, match="checkpoint.load: .*does not exist"):
+        train(config(cache, **{"checkpoint.load": str(tmp_path / "nothing")}))

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mcore.core import McoreError
 from mcore.parallel.context_parallel import split_for_context_parallel
 from mcore.parallel.optimizer.scheduler import build_lr_scheduler
 from mcore.parallel.pipeline import allreduce_embedding_grads, get_forward_backward_func
@@ -29,10 +30,18 @@ class MeshTrainingRuntime:
         self.device = _device(config)
         self._schedule = get_forward_backward_func(self.parallel_state, vp_size=self.vp_size)
 
-    def build(self, config: Any, model_config: Any, registries: Any) -> tuple[list, Any, Any]:
+    def build(
+        self,
+        config: Any,
+        model_config: Any,
+        registries: Any,
+        *,
+        initial_state: list[dict[str, Any]] | None = None,
+    ) -> tuple[list, Any, Any]:
         """Model chunks (one per virtual pipeline stage) for the schedule to run, their
         optimizer and LR schedule; model, data-parallel wrapper and optimizer come by name from
-        the registries."""
+        the registries. ``initial_state`` (one state dict per chunk) is loaded before the
+        optimizer copies the weights."""
         ps = self.parallel_state
         # Mixed precision: the model computes in bf16/fp16; the optimizer keeps fp32 main weights.
         train = config.train
@@ -41,6 +50,7 @@ class MeshTrainingRuntime:
         wrap = registries.get("data_parallel", config.train.data_parallel)
         if self.vp_size is None:
             model = build_model(model_config, ps, sequence_parallel=self.sequence_parallel)
+            _load(model, initial_state, 0)
             self._wrapped = wrap(model.to(self.device, dtype), ps, config)
             chunks = [self._wrapped]
         else:
@@ -54,6 +64,8 @@ class MeshTrainingRuntime:
                 ).to(self.device, dtype)
                 for c in range(self.vp_size)
             ]
+            for c, chunk in enumerate(chunks):
+                _load(chunk, initial_state, c)
             # One data-parallel wrapper over all of this rank's chunks, so one optimizer steps
             # them; the schedule runs the chunks themselves, all micro-batches under no_sync,
             # and finalize_grads reduces every bucket at once (no overlap with backward yet).
@@ -103,6 +115,23 @@ class MeshTrainingRuntime:
                 t.zero_()
             dist.all_reduce(t, group=ps.pp_group)
         return float(t.item())
+
+
+def _load(chunk: torch.nn.Module, states: list[dict[str, Any]] | None, index: int) -> None:
+    if states is None:
+        return
+    if len(states) <= index:
+        raise McoreError(
+            f"the checkpoint holds {len(states)} model chunk(s) for this rank, the run builds "
+            f"more; load it with the parallel layout it was saved with"
+        )
+    try:
+        chunk.load_state_dict(states[index])
+    except RuntimeError as exc:
+        raise McoreError(
+            f"checkpoint.load: the saved model does not fit this run's model ({exc}); "
+            "use the same model config and parallel layout"
+        ) from exc
 
 
 def _device(config: Any) -> torch.device:

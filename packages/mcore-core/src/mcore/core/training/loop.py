@@ -103,7 +103,10 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
     if model_config.vocab_size is None:
         vocab = _padded_vocab(tokenizer.vocab_size, ps.tp_size)
         model_config = dataclasses.replace(model_config, vocab_size=vocab)
-    chunks, optimizer, scheduler = runtime.build(config, model_config, registries)
+    initial_state = _load_stopgap(config, ps)
+    chunks, optimizer, scheduler = runtime.build(
+        config, model_config, registries, initial_state=initial_state
+    )
     mbs = train_cfg.micro_batch_size
     gbs = train_cfg.global_batch_size or mbs * ps.dp_size
     if gbs % (mbs * ps.dp_size):
@@ -215,6 +218,26 @@ def _flops_per_token(model_config: Any, seq: int) -> float:
         seq_length=seq,
         gated_mlp=model_config.activation == "swiglu",
     )
+
+
+def _load_stopgap(config: Config, ps: Any) -> list[dict] | None:
+    """Model weights saved by :func:`_save_stopgap` for this rank (same layout), or None.
+
+    Weights only: optimizer state, LR step and data position resume with mcore-ckpt's formats.
+    """
+    load = config.checkpoint.load
+    if load is None:
+        return None
+    path = Path(load) / f"model_rank{ps.rank:05d}.pt"
+    if not path.is_file():
+        raise McoreError(
+            f"checkpoint.load: {str(path)!r} does not exist; point it at a directory that "
+            "mcore train saved with the same parallel layout"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise McoreError(f"checkpoint.load: cannot read {str(path)!r}: {exc}") from exc
 
 
 def _save_stopgap(config: Config, chunks: list, ps: Any) -> str | None:
