@@ -89,3 +89,35 @@ def test_checkpoint_load_starts_from_the_saved_weights(reference, tmp_path) -> N
     assert resumed.losses[0] < fp32[0] - 0.2
     with pytest.raises(McoreError, match="checkpoint.load: .*does not exist"):
         train(config(cache, **{"checkpoint.load": str(tmp_path / "nothing")}))
+
+
+def test_plugins_observe_the_loop_through_lifecycle_hooks(reference, tmp_path) -> None:
+    from mcore.core import PluginManager, hookimpl
+
+    calls: list[tuple] = []
+
+    class Observer:
+        @hookimpl
+        def mcore_on_train_start(self, trainer):
+            calls.append(("start",))
+
+        @hookimpl
+        def mcore_on_step_end(self, trainer, step, metrics):
+            calls.append(("step", step, round(metrics["loss"], 6)))
+
+        @hookimpl
+        def mcore_on_checkpoint_saved(self, trainer, path):
+            calls.append(("saved", path))
+
+        @hookimpl
+        def mcore_on_train_end(self, trainer):
+            calls.append(("end",))
+
+    cache, _ = reference
+    manager = PluginManager().load_entry_points()
+    manager.register(Observer(), name="observer")
+    save = str(tmp_path / "run")
+    cfg = config(cache, **{"train.train-iters": "3", "checkpoint.save": save})
+    result = train(cfg, manager=manager)
+    steps = [("step", i + 1, round(loss, 6)) for i, loss in enumerate(result.losses)]
+    assert calls == [("start",), *steps, ("saved", save), ("end",)]
