@@ -129,6 +129,8 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
     metrics_file = logger_cfg.metrics_file or (
         str(Path(save_dir) / "metrics.jsonl") if save_dir else None
     )
+    if metrics_file and ps.rank == 0 and config.checkpoint.load is None:
+        Path(metrics_file).unlink(missing_ok=True)  # a new run starts a new curve
     timers = Timers(cuda_sync=device.type == "cuda")
     straggler = StragglerDetector(
         minmax_count=straggler_cfg.straggler_minmax_count,
