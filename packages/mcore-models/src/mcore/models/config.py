@@ -93,6 +93,9 @@ class TransformerConfig:
     """Dropout on attention probabilities."""
     recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recompute: whole layers, the core attention only, or none."""
+    hybrid_override_pattern: str | None = None
+    """One symbol per layer from the ``layer`` registry: ``*`` attention, ``-`` MLP, ``E`` MoE
+    (mcore-moe); unset builds GPT layers (attention and MLP each)."""
 
     # --- derived sizes ---------------------------------------------------------------------
 
@@ -145,6 +148,13 @@ class TransformerConfig:
             )
         if self.rope_scaling != "none" and self.rope_scaling_factor <= 0:
             errors.add("rope_scaling_factor", f"must be > 0, got {self.rope_scaling_factor}")
+        pattern = self.hybrid_override_pattern
+        if pattern is not None and len(pattern) != self.num_layers:
+            errors.add(
+                "hybrid_override_pattern",
+                f"has {len(pattern)} symbols but num_layers is {self.num_layers}; give one "
+                "symbol per layer",
+            )
         if self.multi_latent_attention and self.position_embedding_type != "rope":
             errors.add("multi_latent_attention", "needs position_embedding_type = 'rope'")
 

@@ -24,6 +24,8 @@ class ModelContext:
     sequence_parallel: bool = False
     """Shard activations along the sequence between TP regions (only when TP > 1)."""
     registries: Any = None
+    sections: dict[str, Any] = field(default_factory=dict)
+    """Config sections of other packages the modules may read (e.g. ``moe``), by name."""
 
     def __post_init__(self) -> None:
         if self.parallel_state.tp_size == 1:
@@ -36,6 +38,15 @@ class ModelContext:
     @property
     def tp_group(self) -> Any:
         return self.parallel_state.tp_group
+
+    def section(self, name: str) -> Any:
+        """The ``[name]`` config section a module needs; a clear error when it was not given."""
+        if name not in self.sections:
+            raise ValueError(
+                f"this model needs the [{name}] config section, but the model was built "
+                f"without it: pass sections={{'{name}': ...}} to the model (mcore train does)"
+            )
+        return self.sections[name]
 
     def init_method(self) -> Callable[[torch.Tensor], Any]:
         std = self.config.init_method_std

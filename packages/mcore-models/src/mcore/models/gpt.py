@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mcore.models.config import TransformerConfig
 from mcore.models.context import ModelContext
-from mcore.models.layer import LayerSpec, TransformerLayer, gpt_layer_spec
+from mcore.models.layer import LayerSpec, TransformerLayer, layer_specs
 from mcore.models.rope import RotaryEmbedding
 from mcore.parallel import (
     ColumnParallelLinear,
@@ -71,6 +71,10 @@ class GPTModel(torch.nn.Module):
     ``init_seed`` is the base seed of the weights; by default it is drawn from torch's global
     generator without advancing it, so ``torch.manual_seed(s)`` before building picks the
     weights, and the chunks a rank builds in a row agree with the single-process model.
+
+    ``sections`` hands config sections of other packages to the modules that need them, e.g.
+    ``{"moe": MoEConfig(...)}`` (a whole run ``Config`` is accepted too): with mcore-moe
+    installed its ``[moe]`` section turns the chosen layers' MLPs into MoE layers.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class GPTModel(torch.nn.Module):
         vp_stage: int | None = None,
         vp_size: int | None = None,
         init_seed: int | None = None,
+        sections: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if config.vocab_size is None:
@@ -99,7 +104,7 @@ class GPTModel(torch.nn.Module):
             vp_size=vp_size,
             vp_stage=vp_stage,
         )
-        ctx = ModelContext(config, ps, sequence_parallel, registries)
+        ctx = ModelContext(config, ps, sequence_parallel, registries, _sections(sections))
         self.config, self.parallel_state = config, ps
         self.sequence_parallel = ctx.sequence_parallel
         self.vp_stage, self.vp_size = vp_stage, vp_size
@@ -131,12 +136,16 @@ class GPTModel(torch.nn.Module):
                 config.qk_pos_emb_head_dim if config.multi_latent_attention else config.head_dim
             )
             self.rotary = RotaryEmbedding(rope_dim, config)
-        spec = spec or gpt_layer_spec(config)
+        specs = (
+            dict.fromkeys(layer_ids, spec)
+            if spec is not None
+            else layer_specs(config, layer_ids, sections=ctx.sections, registries=ctx.registries)
+        )
         # A dict with stable names: a pipeline stage keeps layer "17" called "17".
         layers = {}
         for i in layer_ids:
             with _seeded(seed, f"layers.{i}"):
-                layers[str(i)] = TransformerLayer(ctx, spec, layer_number=i)
+                layers[str(i)] = TransformerLayer(ctx, specs[i], layer_number=i)
         self.layers = torch.nn.ModuleDict(layers)
 
         self.final_layernorm = None
@@ -243,6 +252,15 @@ class GPTModel(torch.nn.Module):
         Needed with sequence parallelism or qk-norm under TP; call after backward.
         """
         reduce_tp_partial_grads(self, self.parallel_state.tp_group)
+
+
+def _sections(sections: Any) -> dict[str, Any]:
+    """``sections`` as a dict by name; a run ``Config`` gives every section it holds."""
+    if sections is None:
+        return {}
+    if hasattr(sections, "section_names"):
+        return {name: getattr(sections, name) for name in sections.section_names()}
+    return dict(sections)
 
 
 def _virtual_stage(vp_size: int | None, vp_stage: int | None, pp_size: int) -> tuple[int, int]:

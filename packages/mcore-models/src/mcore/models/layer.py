@@ -1,12 +1,20 @@
 """A pre-norm transformer layer assembled from registered modules.
 
-``LayerSpec`` names the norm, attention and MLP; each is looked up in its registry, so a plugin
-swaps one by registering a module and naming it in the spec, without subclassing anything.
+``LayerSpec`` names the attention and MLP; each is looked up in its registry, so a plugin swaps
+one by registering a module and naming it in the spec, without subclassing anything.
+
+Which spec each layer gets: with ``hybrid_override_pattern`` one symbol per layer, looked up in
+the ``layer`` registry (``*`` attention, ``-`` MLP; mcore-moe adds ``E``, an MoE MLP). Otherwise
+a GPT layer (attention and MLP), whose MLP a config section of another package may choose per
+layer through a ``mlp_for_layer(layer_number) -> str | None`` method (mcore-moe's ``[moe]``
+section picks ``moe`` for its MoE layers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,15 +27,57 @@ from mcore.models.context import ModelContext, mark_tp_partial_grad
 class LayerSpec:
     """Registry names of the modules one transformer layer is built from."""
 
-    attention: str = "self_attention"
-    """``attention`` registry: self_attention (MHA/GQA) or mla."""
-    mlp: str = "mlp"
-    """``mlp`` registry: mlp (dense); mcore-moe adds moe."""
+    attention: str | None = "self_attention"
+    """``attention`` registry: self_attention (MHA/GQA) or mla; None for an MLP-only layer."""
+    mlp: str | None = "mlp"
+    """``mlp`` registry: mlp (dense); mcore-moe adds moe. None for an attention-only layer."""
 
 
-def gpt_layer_spec(config: TransformerConfig) -> LayerSpec:
-    """The spec of a GPT layer for ``config``."""
-    return LayerSpec(attention="mla" if config.multi_latent_attention else "self_attention")
+def _attention_name(config: TransformerConfig) -> str:
+    return "mla" if config.multi_latent_attention else "self_attention"
+
+
+def gpt_layer_spec(
+    config: TransformerConfig, layer_number: int = 0, sections: Mapping[str, Any] | None = None
+) -> LayerSpec:
+    """The spec of GPT layer ``layer_number`` (0-based): attention and an MLP, the MLP chosen
+    by a section's ``mlp_for_layer`` when one picks it."""
+    mlp = "mlp"
+    for section in (sections or {}).values():
+        choose = getattr(section, "mlp_for_layer", None)
+        chosen = choose(layer_number) if callable(choose) else None
+        if chosen is not None:
+            mlp = chosen
+    return LayerSpec(attention=_attention_name(config), mlp=mlp)
+
+
+def attention_layer_spec(config: TransformerConfig) -> LayerSpec:
+    """The ``*`` symbol of a hybrid pattern: an attention-only layer."""
+    return LayerSpec(attention=_attention_name(config), mlp=None)
+
+
+def mlp_layer_spec(config: TransformerConfig) -> LayerSpec:
+    """The ``-`` symbol of a hybrid pattern: a dense-MLP-only layer."""
+    return LayerSpec(attention=None, mlp="mlp")
+
+
+def layer_specs(
+    config: TransformerConfig,
+    layer_numbers: list[int],
+    *,
+    sections: Mapping[str, Any] | None = None,
+    registries: Any = None,
+) -> dict[int, LayerSpec]:
+    """The spec of each of ``layer_numbers``: from the hybrid pattern when there is one (symbols
+    from the ``layer`` registry), else GPT layers."""
+    pattern = config.hybrid_override_pattern
+    if not pattern:
+        return {i: gpt_layer_spec(config, i, sections) for i in layer_numbers}
+    if registries is None:
+        from mcore.core import get_plugin_manager
+
+        registries = get_plugin_manager().registries
+    return {i: registries.get("layer", pattern[i])(config) for i in layer_numbers}
 
 
 class TransformerLayer(torch.nn.Module):
@@ -37,19 +87,27 @@ class TransformerLayer(torch.nn.Module):
         super().__init__()
         cfg = ctx.config
         self.layer_number = layer_number
-        self.input_layernorm = ctx.norm(cfg.hidden_size)
-        self.self_attention = ctx.build("attention", spec.attention, ctx, layer_number=layer_number)
-        self.pre_mlp_layernorm = ctx.norm(cfg.hidden_size)
-        self.mlp = ctx.build("mlp", spec.mlp, ctx)
+        self.input_layernorm = self.self_attention = None
+        self.pre_mlp_layernorm = self.mlp = None
+        if spec.attention is not None:
+            self.input_layernorm = ctx.norm(cfg.hidden_size)
+            self.self_attention = ctx.build(
+                "attention", spec.attention, ctx, layer_number=layer_number
+            )
+        if spec.mlp is not None:
+            self.pre_mlp_layernorm = ctx.norm(cfg.hidden_size)
+            self.mlp = ctx.build("mlp", spec.mlp, ctx, layer_number=layer_number)
         self.dropout = cfg.hidden_dropout
         if ctx.sequence_parallel:
             # Norms see only this rank's sequence shard: their gradients are partial over TP.
-            mark_tp_partial_grad(
-                *self.input_layernorm.parameters(), *self.pre_mlp_layernorm.parameters()
-            )
+            norms = [n for n in (self.input_layernorm, self.pre_mlp_layernorm) if n is not None]
+            mark_tp_partial_grad(*(p for n in norms for p in n.parameters()))
 
     def forward(self, x: torch.Tensor, rotary=None) -> torch.Tensor:
-        h = self.self_attention(self.input_layernorm(x), rotary)
-        x = x + F.dropout(h, self.dropout, self.training)
-        h = self.mlp(self.pre_mlp_layernorm(x))
-        return x + F.dropout(h, self.dropout, self.training)
+        if self.self_attention is not None:
+            h = self.self_attention(self.input_layernorm(x), rotary)
+            x = x + F.dropout(h, self.dropout, self.training)
+        if self.mlp is not None:
+            h = self.mlp(self.pre_mlp_layernorm(x))
+            x = x + F.dropout(h, self.dropout, self.training)
+        return x

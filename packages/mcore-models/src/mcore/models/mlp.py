@@ -16,7 +16,13 @@ def _squared_relu(x: torch.Tensor) -> torch.Tensor:
 class MLP(torch.nn.Module):
     """``fc2(act(fc1(x)))``; with SwiGLU, fc1 fuses the gate and up projections."""
 
-    def __init__(self, ctx: ModelContext, *, ffn_hidden_size: int | None = None) -> None:
+    def __init__(
+        self,
+        ctx: ModelContext,
+        *,
+        ffn_hidden_size: int | None = None,
+        layer_number: int | None = None,
+    ) -> None:
         super().__init__()
         cfg = ctx.config
         ffn = ffn_hidden_size or cfg.ffn_size

@@ -27,6 +27,8 @@ def mcore_register(registry: PluginRegistrar) -> None:
     registry.add("attention", "self_attention", Lazy("mcore.models.attention:SelfAttention"))
     registry.add("attention", "mla", Lazy("mcore.models.attention:MLASelfAttention"))
     registry.add("mlp", "mlp", Lazy("mcore.models.mlp:MLP"))
+    registry.add("layer", "*", Lazy("mcore.models.layer:attention_layer_spec"))
+    registry.add("layer", "-", Lazy("mcore.models.layer:mlp_layer_spec"))
     registry.add("attention_backend", "sdpa", Lazy("mcore.models.backends:SDPAAttention"))
     if importlib.util.find_spec("transformer_engine") is not None:
         registry.add("attention_backend", "te", Lazy("mcore.models.backends:TEAttention"))

@@ -49,7 +49,9 @@ class MeshTrainingRuntime:
         build_model = registries.get("model", model_config.name)
         wrap = registries.get("data_parallel", config.train.data_parallel)
         if self.vp_size is None:
-            model = build_model(model_config, ps, sequence_parallel=self.sequence_parallel)
+            model = build_model(
+                model_config, ps, sequence_parallel=self.sequence_parallel, sections=config
+            )
             _load(model, initial_state, 0)
             self._wrapped = wrap(model.to(self.device, dtype), ps, config)
             chunks = [self._wrapped]
@@ -61,6 +63,7 @@ class MeshTrainingRuntime:
                     sequence_parallel=self.sequence_parallel,
                     vp_stage=c,
                     vp_size=self.vp_size,
+                    sections=config,
                 ).to(self.device, dtype)
                 for c in range(self.vp_size)
             ]
