@@ -106,6 +106,7 @@ class GPTModel(torch.nn.Module):
         )
         ctx = ModelContext(config, ps, sequence_parallel, registries, _sections(sections))
         self.config, self.parallel_state = config, ps
+        self.sections = ctx.sections  # other packages' sections (e.g. moe), for HF export
         self.sequence_parallel = ctx.sequence_parallel
         self.vp_stage, self.vp_size = vp_stage, vp_size
         self.pre_process = ps.is_first_pp_stage and vp_stage == 0

@@ -34,7 +34,8 @@ class MoEConfig:
     router_pre_softmax: bool = False
     """Softmax over all experts before choosing the top-k (else over the chosen k only)."""
     router_norm_topk_prob: bool = False
-    """Renormalise the chosen k probabilities to sum to one (always so for sigmoid scores)."""
+    """Renormalise the chosen k probabilities to sum to one (softmax over the chosen k already
+    does; with sigmoid scores or router_pre_softmax this is the switch)."""
     router_num_groups: int | None = None
     """Group-limited routing: experts form this many groups (DeepSeek's n_group)."""
     router_group_topk: int | None = None
@@ -67,8 +68,6 @@ class MoEConfig:
     extra tokens to it with zero probability."""
     router_padding_quantization: Literal["fp8", "fp4"] = "fp8"
     """Which alignment the padding targets: fp8 (16 tokens) or fp4 (128 tokens)."""
-    router_replay: bool = False
-    """Let ``RouterReplay`` record and replay routing decisions (RL log-prob recomputation)."""
 
     # --- dispatch and experts ------------------------------------------------------------
     token_dispatcher_type: str = component("token_dispatcher", "alltoall")
@@ -92,6 +91,11 @@ class MoEConfig:
         if not self.router_padding_for_quantization:
             return None
         return QUANTIZATION_ALIGNMENT[self.router_padding_quantization]
+
+    def mlp_for_layer(self, layer_number: int) -> str | None:
+        """The ``mlp`` registry name for layer ``layer_number``: ``moe`` for MoE layers, else
+        None (the model's default). ``GPTModel`` asks its sections this."""
+        return "moe" if self.is_moe_layer(layer_number) else None
 
     def is_moe_layer(self, layer_number: int) -> bool:
         """Whether layer ``layer_number`` (0-based) has an MoE MLP rather than a dense one."""

@@ -51,3 +51,106 @@ class Router(torch.nn.Module):
         recorded earlier) the router must choose exactly those experts and only recompute
         their probabilities."""
         raise NotImplementedError
+
+
+class TopKRouter(Router):
+    """A linear gate over the hidden states, then top-k: softmax or sigmoid scores, optional
+    group-limited choice, an optional per-expert bias for aux-loss-free balancing, normalised
+    and scaled probabilities. Covers Mixtral, Qwen-MoE and DeepSeek-V3 routing.
+
+    ``weight`` is ``[num_experts, hidden]``, replicated over tensor-parallel ranks (each rank
+    routes its own sequence shard). ``expert_bias`` (with ``router_enable_expert_bias``) shifts
+    only which experts are chosen, never the probabilities; the MoE layer moves it toward
+    balance after every optimizer step.
+    """
+
+    def __init__(self, ctx: ModelContext, moe: MoEConfig, *, layer_number: int) -> None:
+        super().__init__(ctx, moe, layer_number=layer_number)
+        self.weight = torch.nn.Parameter(torch.empty(self.num_experts, ctx.config.hidden_size))
+        ctx.init_method()(self.weight.data)
+        self.fp32 = moe.router_dtype == "fp32"
+        if moe.router_enable_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+        if ctx.sequence_parallel:
+            from mcore.parallel import mark_tp_partial_grad
+
+            mark_tp_partial_grad(self.weight)
+
+    def _apply(self, fn, recurse=True):
+        # Casting the model to bf16 must leave the bias in fp32: it accumulates tiny updates.
+        bias = self.expert_bias
+        out = super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != torch.float32:
+            self._buffers["expert_bias"] = bias.to(self.expert_bias.device)
+        return out
+
+    def forward(
+        self, hidden: torch.Tensor, replay_indices: torch.Tensor | None = None
+    ) -> RouterOutput:
+        x = hidden.float() if self.fp32 else hidden
+        logits = torch.nn.functional.linear(x, self.weight.to(x.dtype))
+        return topk_routing(logits, self.moe, self.expert_bias, replay_indices)
+
+
+def topk_routing(
+    logits: torch.Tensor,
+    moe: MoEConfig,
+    expert_bias: torch.Tensor | None = None,
+    replay_indices: torch.Tensor | None = None,
+) -> RouterOutput:
+    """Top-k routing of ``logits`` ``[tokens, num_experts]`` as ``moe`` configures it."""
+    k = moe.router_topk
+    if moe.router_score_function == "softmax":
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        # Softmax is monotonic: choosing on logits or on scores picks the same experts.
+        choice = scores if moe.router_pre_softmax else logits.float()
+    else:
+        scores = torch.sigmoid(logits.float())
+        choice = scores
+    if expert_bias is not None:
+        choice = choice + expert_bias
+    if moe.router_num_groups is not None:
+        choice = _mask_to_top_groups(choice, moe.router_num_groups, moe.router_group_topk)
+    if replay_indices is not None:
+        if replay_indices.shape != (logits.shape[0], k):
+            raise ValueError(
+                f"router replay: recorded indices have shape {tuple(replay_indices.shape)}, "
+                f"this forward routes {logits.shape[0]} tokens to {k} experts each"
+            )
+        indices = replay_indices.to(logits.device)
+    else:
+        indices = torch.topk(choice.detach(), k, dim=-1).indices
+    if moe.router_score_function == "softmax" and not moe.router_pre_softmax:
+        probs = torch.softmax(logits.float().gather(1, indices), dim=-1)
+    else:
+        probs = scores.gather(1, indices)
+        if moe.router_norm_topk_prob:
+            probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+    if moe.router_topk_scaling_factor is not None:
+        probs = probs * moe.router_topk_scaling_factor
+    if moe.router_score_function == "sigmoid":
+        # The load-balancing loss wants a distribution over experts per token.
+        scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    return RouterOutput(probs=probs, indices=indices, scores=scores, logits=logits)
+
+
+def _mask_to_top_groups(choice: torch.Tensor, groups: int, group_topk: int) -> torch.Tensor:
+    """``choice`` with the experts outside each token's ``group_topk`` best groups at -inf.
+
+    A group's strength is the sum of its two best scores (DeepSeek-V3's rule; its only expert's
+    score for groups of one).
+    """
+    tokens, experts = choice.shape
+    per_group = choice.view(tokens, groups, experts // groups)
+    strength = per_group.topk(min(2, experts // groups), dim=-1).values.sum(dim=-1)
+    chosen = strength.topk(group_topk, dim=-1).indices
+    keep = torch.zeros_like(strength, dtype=torch.bool).scatter_(1, chosen, True)
+    keep = keep.unsqueeze(-1).expand_as(per_group).reshape(tokens, experts)
+    return choice.masked_fill(~keep, float("-inf"))
+
+
+def build_topk_router(ctx: ModelContext, moe: MoEConfig, *, layer_number: int) -> TopKRouter:
+    """The ``router`` registry's ``topk`` entry."""
+    return TopKRouter(ctx, moe, layer_number=layer_number)

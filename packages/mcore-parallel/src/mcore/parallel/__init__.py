@@ -39,6 +39,8 @@ _EXPORTS = {
     "gather_from_tensor_parallel_region": "mcore.parallel.tensor_parallel",
     "get_forward_backward_func": "mcore.parallel.pipeline",
     "init_method_normal": "mcore.parallel.tensor_parallel",
+    "is_expert_parallel": "mcore.parallel.grads",
+    "mark_expert_parallel": "mcore.parallel.grads",
     "mark_shared_embedding": "mcore.parallel.pipeline",
     "mark_tp_partial_grad": "mcore.parallel.grads",
     "pipeline_tensor_shape": "mcore.parallel.pipeline",
@@ -83,6 +85,8 @@ __all__ = [
     "gather_from_tensor_parallel_region",
     "get_forward_backward_func",
     "init_method_normal",
+    "is_expert_parallel",
+    "mark_expert_parallel",
     "mark_shared_embedding",
     "mark_tp_partial_grad",
     "pipeline_tensor_shape",
@@ -119,6 +123,8 @@ if TYPE_CHECKING:
         ShardShapeError,
     )
     from mcore.parallel.grads import (
+        is_expert_parallel,
+        mark_expert_parallel,
         mark_tp_partial_grad,
         reduce_tp_partial_grads,
     )

@@ -41,3 +41,16 @@ def reduce_tp_partial_grads(module: torch.nn.Module, tp_group: Any) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def mark_expert_parallel(*params: torch.nn.Parameter) -> None:
+    """Mark parameters of experts, which differ across expert-parallel ranks: their gradients
+    are reduced over the expert-data-parallel group (``edp``) instead of ``dp_cp``, and each
+    expert-parallel rank counts its own in the gradient norm."""
+    for p in params:
+        p.expert_parallel = True
+
+
+def is_expert_parallel(param: torch.nn.Parameter) -> bool:
+    """Whether ``param`` was marked by :func:`mark_expert_parallel`."""
+    return getattr(param, "expert_parallel", False)

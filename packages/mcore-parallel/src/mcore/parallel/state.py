@@ -55,7 +55,8 @@ class ParallelState:
     ``dp`` is derived: ``world_size / (tp * pp * cp)``; ``etp`` defaults to ``tp`` and
     ``edp = world_size / (pp * ep * etp)``. For each dimension ``X`` in ``tp, pp, dp, cp, ep,
     etp, edp`` (and ``dp_cp``, the gradient-reduction group spanning data and context parallel
-    ranks) the state has ``X_size``, ``X_rank`` (this rank's index in its ``X`` group) and
+    ranks, and ``ep_etp``, the expert ranks of one expert-data-parallel replica) the state has
+    ``X_size``, ``X_rank`` (this rank's index in its ``X`` group) and
     ``X_group`` (a ``ProcessGroup``, or ``None`` in a single-process state).
 
     All ranks must construct the same layout at the same time: building the meshes is a
@@ -93,6 +94,9 @@ class ParallelState:
     edp_size: int
     edp_rank: int
     edp_group: ProcessGroup | None
+    ep_etp_size: int
+    ep_etp_rank: int
+    ep_etp_group: ProcessGroup | None
 
     def __init__(
         self,
@@ -156,7 +160,7 @@ class ParallelState:
     def _init_single_process(self) -> None:
         self.world_size, self.rank = 1, 0
         self.mesh = self.expert_mesh = None
-        for dim in ("tp", "pp", "dp", "cp", "dp_cp", "ep", "etp", "edp"):
+        for dim in ("tp", "pp", "dp", "cp", "dp_cp", "ep", "etp", "edp", "ep_etp"):
             self._set_dim(dim, 1, 0, None)
 
     def _init_meshes(self, device_type: str, world: int, **sizes: int) -> None:
@@ -183,6 +187,13 @@ class ParallelState:
         dp_cp_group, _ = dist.new_subgroups_by_enumeration(members, group_desc="dp_cp")
         (mine,) = [m for m in members if self.rank in m]
         self._set_dim("dp_cp", dp * cp, mine.index(self.rank), dp_cp_group)
+        # ep_etp: the ranks that hold the different experts and expert shards of one replica,
+        # over which the allgather dispatcher gathers tokens.
+        edp, ep, etp = (sizes[d] for d in ("edp", "ep", "etp"))
+        members = torch.arange(world).view(pp * edp, ep * etp).tolist()
+        ep_etp_group, _ = dist.new_subgroups_by_enumeration(members, group_desc="ep_etp")
+        (mine,) = [m for m in members if self.rank in m]
+        self._set_dim("ep_etp", ep * etp, mine.index(self.rank), ep_etp_group)
 
     def _set_dim(self, dim: str, size: int, rank: int, group: ProcessGroup | None) -> None:
         setattr(self, f"{dim}_size", size)

@@ -90,16 +90,57 @@ class MeshTrainingRuntime:
         }
 
     def forward_backward(self, **kwargs: Any) -> list[Any]:
-        """One step's forward and backward over its micro-batches (Megatron's arguments)."""
+        """One step's forward and backward over its micro-batches (Megatron's arguments).
+
+        Modules with auxiliary losses (an ``aux_loss_scale`` attribute, as MoE layers have) get
+        the main loss's backward scale: 1 / micro-batches, times the fp16 loss scale.
+        """
+        scale = 1.0 / kwargs.get("num_microbatches", 1)
+        grad_scale_func = kwargs.get("grad_scale_func")
+        if grad_scale_func is not None:
+            scale *= float(grad_scale_func(torch.ones(())))
+        for module in self._modules_with("aux_loss_scale"):
+            module.aux_loss_scale = scale
         if self.vp_size is None:
             return self._schedule(**kwargs)
         with self._wrapped.no_sync():
             return self._schedule(**kwargs)
 
     def finalize_grads(self, chunks: list) -> None:
-        """Finish the data-parallel reduction, then sum tied-embedding gradients over stages."""
+        """Finish the data-parallel reduction, sum tied-embedding gradients over stages, and
+        let modules with per-step work (``finalize_step(parallel_state)``, e.g. the MoE
+        aux-loss-free bias update) do it."""
         self._wrapped.finish_grad_sync()
         allreduce_embedding_grads(chunks, self.parallel_state)
+        for module in self._modules_with("finalize_step"):
+            module.finalize_step(self.parallel_state)
+
+    def step_metrics(self) -> dict[str, float]:
+        """Statistics modules report through ``step_metrics() -> {name: (sum, count)}``, merged
+        over every rank (each stage holds other layers) and averaged; known on every rank."""
+        local: dict[str, list[float]] = {}
+        for module in self._modules_with("step_metrics"):
+            for name, (total, count) in module.step_metrics().items():
+                entry = local.setdefault(name, [0.0, 0.0])
+                entry[0] += total
+                entry[1] += count
+        merged = [local]
+        if self.parallel_state.world_size > 1 and dist.is_initialized():
+            merged = [None] * self.parallel_state.world_size
+            dist.all_gather_object(merged, local)
+        out: dict[str, list[float]] = {}
+        for part in merged:
+            for name, (total, count) in part.items():
+                entry = out.setdefault(name, [0.0, 0.0])
+                entry[0] += total
+                entry[1] += count
+        return {name: total / count for name, (total, count) in sorted(out.items()) if count}
+
+    def _modules_with(self, attribute: str) -> list[torch.nn.Module]:
+        found = []
+        for chunk in self._chunks:
+            found += [m for m in chunk.modules() if hasattr(type(m), attribute)]
+        return found
 
     def reduce_loss(self, losses: list[float]) -> float:
         """The step's loss: the mean over micro-batches (held by the last pipeline stage),

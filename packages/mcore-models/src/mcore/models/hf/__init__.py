@@ -1,18 +1,20 @@
 """Hugging Face interop: build a ``GPTModel`` from a HF directory and write one back.
 
 ``load_hf(path, parallel_state)`` reads config.json, builds the model for this rank's parallel
-layout and loads the weights, each rank reading only the slices of the safetensors files it owns.
-``save_hf(model, path)`` gathers the TP shards and writes config.json + model.safetensors that
-``transformers`` loads.
+layout and loads the weights, each rank reading only the slices of the safetensors files it owns
+(its TP shard of dense weights; its EP rank's experts, each its ETP shard). ``save_hf(model,
+path)`` gathers the shards and writes config.json + model.safetensors that ``transformers``
+loads. Architectures (:class:`HFArchitecture`) say how names and config fields map; MoE ones
+come with mcore-moe and add a ``moe`` config section to the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -20,13 +22,18 @@ import torch.distributed as dist
 from mcore.core import McoreError, get_plugin_manager
 from mcore.models.config import TransformerConfig
 from mcore.models.gpt import GPTModel
-from mcore.models.hf.architectures import HFArchitecture, ParamMap
+from mcore.models.hf.architectures import Deinterleave, HFArchitecture, ParamMap, RowTransform
+from mcore.models.layer import gpt_layer_spec
 from mcore.parallel import ParallelState
 
 __all__ = [
+    "Deinterleave",
     "HFArchitecture",
+    "HFConfig",
     "ParamMap",
+    "RowTransform",
     "architecture_for",
+    "default_architecture",
     "hf_state_dict",
     "load_hf",
     "read_hf_config",
@@ -39,8 +46,17 @@ def architecture_for(name: str) -> HFArchitecture:
     return get_plugin_manager().registries.get("hf_architecture", name)
 
 
-def read_hf_config(path: str | Path) -> tuple[HFArchitecture, TransformerConfig]:
-    """The architecture mapping and the ``TransformerConfig`` of the HF directory ``path``."""
+class HFConfig(NamedTuple):
+    """What a HF directory's config.json says, in mcore's terms."""
+
+    architecture: HFArchitecture
+    config: TransformerConfig
+    sections: dict[str, Any]
+    """Config sections of other packages the model needs, e.g. ``{"moe": MoEConfig(...)}``."""
+
+
+def read_hf_config(path: str | Path) -> HFConfig:
+    """The architecture mapping, ``TransformerConfig`` and sections of the HF directory ``path``."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise McoreError(f"{str(path)!r} is not a Hugging Face model directory: no config.json")
@@ -49,16 +65,43 @@ def read_hf_config(path: str | Path) -> tuple[HFArchitecture, TransformerConfig]
     if not names:
         raise McoreError(f"{config_file}: 'architectures' is missing; cannot tell the model type")
     arch = architecture_for(names[0])
-    return arch, arch.to_config(hf)
+    return HFConfig(arch, arch.to_config(hf), dict(arch.sections_from_hf(hf)))
+
+
+def _fill(template: str, **values: int) -> str:
+    """``template`` with ``{name}`` placeholders replaced (others, like ``{e}``, kept)."""
+    for key, value in values.items():
+        template = template.replace("{" + key + "}", str(value))
+    return template
 
 
 def _expand(pm: ParamMap, num_layers: int) -> Iterator[tuple[str, tuple[str, ...]]]:
-    """``(mcore name, HF names)`` for every layer a per-layer mapping covers (or once)."""
-    for i in range(num_layers) if pm.per_layer() else [None]:
-        if i is None:
-            yield pm.mcore, pm.hf
-        else:
-            yield pm.mcore.format(i=i), tuple(h.format(i=i) for h in pm.hf)
+    """``(mcore name, HF names)`` for every layer a per-layer mapping covers (or once); expert
+    maps keep ``{e}`` in the HF names."""
+    if not pm.per_layer():
+        yield pm.mcore, pm.hf
+        return
+    for i in pm.layer_numbers(num_layers):
+        yield _fill(pm.mcore, i=i), tuple(_fill(h, i=i) for h in pm.hf)
+
+
+def _group(pm: ParamMap, ps: ParallelState) -> tuple[Any, int, int]:
+    """``(group, rank, size)`` of the group ``pm`` is split over."""
+    if pm.group == "etp":
+        return ps.etp_group, ps.etp_rank, ps.etp_size
+    return ps.tp_group, ps.tp_rank, ps.tp_size
+
+
+def _local_experts(pm: ParamMap, ps: ParallelState) -> range:
+    """The global numbers of this EP rank's experts."""
+    assert pm.experts is not None
+    if pm.experts % ps.ep_size:
+        raise McoreError(
+            f"{pm.mcore}: {pm.experts} experts do not divide over expert_model_parallel_size "
+            f"({ps.ep_size})"
+        )
+    n = pm.experts // ps.ep_size
+    return range(ps.ep_rank * n, (ps.ep_rank + 1) * n)
 
 
 class _SafetensorsReader:
@@ -90,7 +133,7 @@ class _SafetensorsReader:
         sl = self._slice(name)
         n = sl.get_shape()[0]
         if n % parts:
-            raise McoreError(f"{name}: dim 0 of size {n} does not split into {parts} TP shards")
+            raise McoreError(f"{name}: dim 0 of size {n} does not split into {parts} shards")
         size = n // parts
         return sl[rank * size : (rank + 1) * size]
 
@@ -98,7 +141,7 @@ class _SafetensorsReader:
         sl = self._slice(name)
         n = sl.get_shape()[1]
         if n % parts:
-            raise McoreError(f"{name}: dim 1 of size {n} does not split into {parts} TP shards")
+            raise McoreError(f"{name}: dim 1 of size {n} does not split into {parts} shards")
         size = n // parts
         return sl[:, rank * size : (rank + 1) * size]
 
@@ -106,15 +149,40 @@ class _SafetensorsReader:
         return self._slice(name)[:]
 
 
-def _local_tensor(
-    reader: _SafetensorsReader, split: str, names: tuple[str, ...], ps
+def _read_shard(
+    reader: _SafetensorsReader, pm: ParamMap, names: tuple[str, ...], rank: int, size: int
 ) -> torch.Tensor:
-    r, n = ps.tp_rank, ps.tp_size
-    if split in ("column", "vocab"):
-        return torch.cat([reader.rows(h, r, n) for h in names], dim=0)
-    if split == "row":
-        return reader.cols(names[0], r, n)
-    return reader.full(names[0])
+    """This rank's shard of the fused tensor made of HF tensors ``names``."""
+    parts = []
+    for name in names:
+        if pm.split in ("column", "vocab"):
+            part = reader.rows(name, rank, size)
+        elif pm.split == "row":
+            part = reader.cols(name, rank, size)
+        else:
+            part = reader.full(name)
+        if pm.rows is not None:
+            try:
+                part = pm.rows.to_mcore(part)
+            except ValueError as exc:
+                raise McoreError(f"{name}: {exc}") from None
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _local_tensor(
+    reader: _SafetensorsReader, pm: ParamMap, names: tuple[str, ...], ps: ParallelState
+) -> torch.Tensor:
+    """What this rank holds of one mcore tensor: its shard, or its experts' shards stacked."""
+    _, rank, size = _group(pm, ps)
+    if pm.experts is None:
+        return _read_shard(reader, pm, names, rank, size)
+    return torch.stack(
+        [
+            _read_shard(reader, pm, tuple(_fill(h, e=e) for h in names), rank, size)
+            for e in _local_experts(pm, ps)
+        ]
+    )
 
 
 def load_hf(
@@ -122,29 +190,39 @@ def load_hf(
     parallel_state: ParallelState | None = None,
     *,
     config_overrides: dict[str, Any] | None = None,
+    section_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     **model_kwargs: Any,
 ) -> GPTModel:
     """Build a ``GPTModel`` from the HF directory ``path`` and load its weights.
 
-    Each rank reads only its own TP slices of the safetensors files. ``config_overrides`` change
+    Each rank reads only its own slices of the safetensors files. ``config_overrides`` change
     fields that do not alter the weights (``attention_backend``, ``recompute_granularity``);
-    ``model_kwargs`` go to ``GPTModel`` (e.g. ``sequence_parallel=True``).
+    ``section_overrides`` do the same for the architecture's sections (``{"moe":
+    {"token_dispatcher_type": "allgather"}}``); ``model_kwargs`` go to ``GPTModel`` (e.g.
+    ``sequence_parallel=True``).
     """
     path = Path(path)
-    arch, config = read_hf_config(path)
+    arch, config, sections = read_hf_config(path)
     if config_overrides:
         config = dataclasses.replace(config, **config_overrides)
+    for name, changes in (section_overrides or {}).items():
+        if name not in sections:
+            raise McoreError(
+                f"section_overrides names [{name}], but {arch.name} has only "
+                f"{sorted(sections) or 'no sections'}"
+            )
+        sections[name] = dataclasses.replace(sections[name], **changes)
     ps = parallel_state or ParallelState()
-    model = GPTModel(config, ps, **model_kwargs)
+    model = GPTModel(config, ps, sections=sections, **model_kwargs)
     reader = _SafetensorsReader(path)
     state = model.state_dict()
     loaded: set[str] = set()
     with torch.no_grad():
-        for pm in arch.params(config):
+        for pm in arch.params(config, sections):
             for name, hf_names in _expand(pm, config.num_layers):
                 if name not in state:
                     raise McoreError(f"{arch.name} maps to {name!r}, which the model does not have")
-                tensor = _local_tensor(reader, pm.split, hf_names, ps)
+                tensor = _local_tensor(reader, pm, hf_names, ps)
                 if tensor.shape != state[name].shape:
                     raise McoreError(
                         f"{name}: checkpoint gives shape {tuple(tensor.shape)} for this rank, "
@@ -169,29 +247,62 @@ def _part_sizes(model: GPTModel, name: str, parts: int, rows: int) -> list[int]:
     return [rows // parts] * parts
 
 
-def _gather_full(
-    local: torch.Tensor, split: str, sizes: list[int], ps: ParallelState
+def _gather_shards(
+    local: torch.Tensor, split: str, sizes: list[int], group: Any, size: int, dim: int
 ) -> torch.Tensor:
-    """The global tensor from every TP rank's shard (fused parts reassembled in order)."""
-    if ps.tp_size == 1 or split == "replicated":
+    """The tensor whole over ``group`` from every rank's shard, split along ``dim`` (rows) or
+    ``dim + 1`` (row-parallel columns); fused parts are reassembled in order."""
+    if size == 1 or split == "replicated":
         return local
-    shards = [torch.empty_like(local) for _ in range(ps.tp_size)]
-    dist.all_gather(shards, local.contiguous(), group=ps.tp_group)
+    shards = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(shards, local.contiguous(), group=group)
     if split == "row":
-        return torch.cat(shards, dim=1)
+        return torch.cat(shards, dim=dim + 1)
     # Column shards hold [part0_r | part1_r | ...]: regroup part by part.
-    local_sizes = [s // ps.tp_size for s in sizes]
-    per_rank = [s.split(local_sizes, dim=0) for s in shards]
-    return torch.cat([torch.cat([pr[p] for pr in per_rank], dim=0) for p in range(len(sizes))])
+    local_sizes = [s // size for s in sizes]
+    per_rank = [s.split(local_sizes, dim=dim) for s in shards]
+    return torch.cat(
+        [torch.cat([pr[p] for pr in per_rank], dim=dim) for p in range(len(sizes))], dim=dim
+    )
+
+
+def _gather_experts(local: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """Every expert ``[experts, ...]`` from each EP rank's stack of local experts."""
+    if ps.ep_size == 1:
+        return local
+    stacks = [torch.empty_like(local) for _ in range(ps.ep_size)]
+    dist.all_gather(stacks, local.contiguous(), group=ps.ep_group)
+    return torch.cat(stacks, dim=0)
+
+
+def _emit(
+    tensors: dict[str, torch.Tensor],
+    pm: ParamMap,
+    names: tuple[str, ...],
+    full: torch.Tensor,
+    sizes: list[int],
+) -> None:
+    """Split a whole mcore tensor into its HF tensors (in HF row order) on the CPU."""
+    for hf_name, part in zip(names, full.split(sizes, dim=0), strict=True):
+        if pm.rows is not None:
+            part = pm.rows.to_hf(part)
+        tensors[hf_name] = part.contiguous().cpu()
+
+
+def model_sections(model: GPTModel) -> dict[str, Any]:
+    """The config sections ``model`` was built with (``{}`` for a dense model)."""
+    return dict(getattr(model, "sections", None) or {})
 
 
 def hf_state_dict(
     model: GPTModel, architecture: str | None = None, *, grads: bool = False
 ) -> dict[str, torch.Tensor]:
-    """The model's full (TP-gathered) tensors under Hugging Face names, on the CPU.
+    """The model's full (gathered) tensors under Hugging Face names, on the CPU.
 
-    With ``grads=True`` the parameters' gradients instead, which is how tests compare gradients
-    under any TP layout with ``transformers``. Every TP rank must call this.
+    With ``grads=True`` the parameters' gradients instead (buffers such as an MoE router's
+    expert bias are left out), which is how tests compare gradients under any layout with
+    ``transformers``. Every rank must call this: TP shards are gathered over TP, experts over
+    ETP and then EP.
     """
     arch = architecture_for(architecture or default_architecture(model))
     config, ps = model.config, model.parallel_state
@@ -200,39 +311,64 @@ def hf_state_dict(
         state = {
             n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()
         }
+        buffers = {n for n, _ in model.named_buffers()}
     else:
-        state = model.state_dict()
+        state, buffers = model.state_dict(), set()
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for pm in arch.params(config):
+        for pm in arch.params(config, model_sections(model)):
+            group, _, size = _group(pm, ps)
+            stacked = pm.experts is not None
+            dim = 1 if stacked else 0  # the rows of one expert follow the expert dim
             for name, hf_names in _expand(pm, config.num_layers):
+                if name in buffers:
+                    continue
                 local = state[name]
-                rows = local.shape[0] * (ps.tp_size if pm.split in ("column", "vocab") else 1)
-                sizes = _part_sizes(model, name, len(hf_names), rows)
-                full = _gather_full(local, pm.split, sizes, ps)
-                for hf_name, part in zip(hf_names, full.split(sizes, dim=0), strict=True):
-                    tensors[hf_name] = part.contiguous().cpu()
+                rows = local.shape[dim] * (size if pm.split in ("column", "vocab") else 1)
+                sizes = (
+                    [rows // len(hf_names)] * len(hf_names)
+                    if stacked
+                    else _part_sizes(model, name, len(hf_names), rows)
+                )
+                full = _gather_shards(local, pm.split, sizes, group, size, dim)
+                if not stacked:
+                    _emit(tensors, pm, hf_names, full, sizes)
+                    continue
+                for e, expert in enumerate(_gather_experts(full, ps)):
+                    _emit(tensors, pm, tuple(_fill(h, e=e) for h in hf_names), expert, sizes)
     return tensors
 
 
 def default_architecture(model: GPTModel) -> str:
-    """The architecture a model was loaded from, else Qwen3 for qk-norm models, else Llama."""
-    return getattr(model, "hf_architecture", None) or (
-        "Qwen3ForCausalLM" if model.config.qk_layernorm else "LlamaForCausalLM"
-    )
+    """The architecture a model was loaded from, else Qwen3 for qk-norm models, else Llama.
+
+    A multi-latent-attention or MoE model not loaded from HF has no obvious default: name its
+    architecture instead (``DeepseekV3ForCausalLM``, ``MixtralForCausalLM``, ...).
+    """
+    name = getattr(model, "hf_architecture", None)
+    if name:
+        return name
+    cfg, sections = model.config, model_sections(model)
+    dense = all(gpt_layer_spec(cfg, i, sections).mlp == "mlp" for i in range(cfg.num_layers))
+    if cfg.multi_latent_attention or cfg.hybrid_override_pattern or not dense:
+        raise McoreError(
+            "this model was not loaded from Hugging Face and is not a dense GQA model: pass "
+            "architecture= (e.g. 'DeepseekV3ForCausalLM' or 'MixtralForCausalLM')"
+        )
+    return "Qwen3ForCausalLM" if cfg.qk_layernorm else "LlamaForCausalLM"
 
 
 def save_hf(model: GPTModel, path: str | Path, architecture: str | None = None) -> None:
     """Write ``model`` as a HF directory (config.json + model.safetensors) at ``path``.
 
-    ``architecture`` defaults to :func:`default_architecture`. Every TP rank must call this (the
-    shards are gathered); only the first rank of the other parallel dims writes, each file under
-    a temporary name and then renamed, so a reader never sees a half-written file.
+    ``architecture`` defaults to :func:`default_architecture`. Every rank must call this (the
+    shards are gathered); only the first rank of the dense layout writes, each file under a
+    temporary name and then renamed, so a reader never sees a half-written file.
     """
     from safetensors.torch import save_file
 
     architecture = architecture or default_architecture(model)
-    hf_config = architecture_for(architecture).from_config(model.config)
+    hf_config = architecture_for(architecture).from_config(model.config, model_sections(model))
     tensors = hf_state_dict(model, architecture)
     ps = model.parallel_state
     if ps.tp_rank == 0 and ps.dp_rank == 0 and ps.cp_rank == 0 and ps.pp_rank == 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,6 +44,10 @@ class Bucket:
     """Offset of the bucket in its buffer."""
     end: int
     """End offset in its buffer (exclusive), padding included."""
+    group: Any = None
+    """The data-parallel group that reduces this bucket (``dp_cp``, or ``edp`` for experts)."""
+    group_size: int = 1
+    group_rank: int = 0
 
     @property
     def numel(self) -> int:

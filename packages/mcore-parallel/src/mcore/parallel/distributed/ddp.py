@@ -16,6 +16,12 @@ How gradients flow:
 
 Gradients end up as the *mean* over the ``dp * cp`` ranks: each bucket is divided by that size
 before a summing collective (or averaged by the collective with ``average_in_collective``).
+
+Expert parameters (marked by :func:`mcore.parallel.mark_expert_parallel`) differ between
+expert-parallel ranks, so they live in buffers of their own, reduced over the expert-data-parallel
+group ``edp``. Each expert rank's gradient already sums the tokens that every rank of its
+expert-parallel group sent it, so the sum over ``edp`` covers the whole batch and is divided by
+the ``dp * cp`` size like the rest.
 For gradient accumulation run every micro-batch but the last under ``no_sync()``; scale each
 micro-batch's loss by ``1 / num_microbatches`` as usual.
 
@@ -37,6 +43,7 @@ from torch import nn
 
 from mcore.parallel.distributed.buckets import Bucket, GradBuffer, build_grad_buffers
 from mcore.parallel.distributed.config import DDPConfig
+from mcore.parallel.grads import is_expert_parallel
 
 if TYPE_CHECKING:
     from mcore.parallel.state import ParallelState
@@ -89,15 +96,30 @@ class DistributedDataParallel(nn.Module):
         self._names = {id(p): n for n, p in named}
         self.params = [p for _, p in named]
         bucket_bytes = None if bucket_size_mb is None else int(bucket_size_mb * 2**20)
-        self.grad_buffers: list[GradBuffer]
-        self.buckets: list[Bucket]
-        self.grad_buffers, self.buckets = build_grad_buffers(
-            self.params,
-            bucket_bytes=bucket_bytes,
-            grad_reduce_in_fp32=grad_reduce_in_fp32,
-            shard_count=self.dp_size if use_distributed_optimizer else 1,
-            contiguous_params=use_distributed_optimizer,
-        )
+        self.grad_buffers: list[GradBuffer] = []
+        self.buckets: list[Bucket] = []
+        ps = parallel_state
+        dense = [p for p in self.params if not is_expert_parallel(p)]
+        experts = [p for p in self.params if is_expert_parallel(p)]
+        for params, group, size, rank in (
+            (dense, ps.dp_cp_group, ps.dp_cp_size, ps.dp_cp_rank),
+            (experts, ps.edp_group, ps.edp_size, ps.edp_rank),
+        ):
+            if not params:
+                continue
+            buffers, buckets = build_grad_buffers(
+                params,
+                bucket_bytes=bucket_bytes,
+                grad_reduce_in_fp32=grad_reduce_in_fp32,
+                shard_count=size if use_distributed_optimizer else 1,
+                contiguous_params=use_distributed_optimizer,
+            )
+            # Expert buckets launch after the dense ones: the same order on every rank.
+            for bucket in buckets:
+                bucket.index += len(self.buckets)
+                bucket.group, bucket.group_size, bucket.group_rank = group, size, rank
+            self.grad_buffers += buffers
+            self.buckets += buckets
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params
@@ -187,27 +209,29 @@ class DistributedDataParallel(nn.Module):
             self._next_launch += 1
 
     def _launch(self, bucket: Bucket) -> None:
-        """Start ``bucket``'s asynchronous reduction over the dp_cp group."""
-        if self.dp_size == 1:
-            return
+        """Start ``bucket``'s asynchronous reduction over its group (dp_cp, or edp)."""
         grad = bucket.grad_data
         op = dist.ReduceOp.SUM
-        if self.average_in_collective:
+        if self.average_in_collective and bucket.group_size == self.dp_size:
             op = dist.ReduceOp.AVG
-        else:
-            grad.mul_(1.0 / self.dp_size)
-        group = self.dp_group
+        elif self.dp_size > 1:
+            grad.mul_(1.0 / self.dp_size)  # the mean over dp_cp, whatever group sums it
+        if bucket.group_size == 1:
+            return
+        group = bucket.group
         if not self.use_distributed_optimizer:
             work = dist.all_reduce(grad, op=op, group=group, async_op=True)
             self._in_flight.append((work, None))
         elif self.reduce_scatter_with_fp32_accumulation:
-            self._in_flight.append(self._launch_fp32_reduce_scatter(bucket))
+            self._in_flight.append(self._launch_fp32_reduce_scatter(bucket, op))
         else:
-            shard = bucket.shard(grad, self.dp_rank, self.dp_size)
+            shard = bucket.shard(grad, bucket.group_rank, bucket.group_size)
             work = dist.reduce_scatter_tensor(shard, grad, op=op, group=group, async_op=True)
             self._in_flight.append((work, None))
 
-    def _launch_fp32_reduce_scatter(self, bucket: Bucket) -> tuple[Any, Callable[[], None]]:
+    def _launch_fp32_reduce_scatter(
+        self, bucket: Bucket, op: Any
+    ) -> tuple[Any, Callable[[], None]]:
         """Reduce-scatter whose sum is taken in fp32 whatever the gradient dtype.
 
         An all-to-all hands every rank the chunk of every other rank that falls in its own
@@ -215,14 +239,15 @@ class DistributedDataParallel(nn.Module):
         bf16 would instead round after every one of its ``dp - 1`` additions.
         """
         grad = bucket.grad_data
+        size, rank = bucket.group_size, bucket.group_rank
         received = torch.empty_like(grad)
-        work = dist.all_to_all_single(received, grad, group=self.dp_group, async_op=True)
+        work = dist.all_to_all_single(received, grad, group=bucket.group, async_op=True)
 
         def accumulate() -> None:
-            total = received.view(self.dp_size, -1).sum(dim=0, dtype=torch.float32)
-            if self.average_in_collective:
-                total.div_(self.dp_size)
-            bucket.shard(grad, self.dp_rank, self.dp_size).copy_(total)
+            total = received.view(size, -1).sum(dim=0, dtype=torch.float32)
+            if op == dist.ReduceOp.AVG:
+                total.div_(size)
+            bucket.shard(grad, rank, size).copy_(total)
 
         return work, accumulate
 
@@ -259,13 +284,21 @@ class DistributedDataParallel(nn.Module):
                 offset += g.numel()
 
     def broadcast_params(self) -> None:
-        """Copy the parameters and buffers of ``dp_cp`` rank 0 to the other ranks of its group,
-        so replicas start identical even if they were initialised differently."""
-        if self.dp_group is None or self.dp_size == 1:
-            return
-        src = dist.get_global_rank(self.dp_group, 0)
-        for tensor in [*self.module.parameters(), *self.module.buffers()]:
-            dist.broadcast(tensor.data, src=src, group=self.dp_group)
+        """Copy the parameters and buffers of ``dp_cp`` rank 0 to the other ranks of its group
+        (expert parameters: of ``edp`` rank 0 over ``edp``), so replicas start identical even
+        if they were initialised differently."""
+        ps = self.parallel_state
+        experts = [p for p in self.module.parameters() if is_expert_parallel(p)]
+        dense = [p for p in self.module.parameters() if not is_expert_parallel(p)]
+        for tensors, group, size in (
+            ([*dense, *self.module.buffers()], ps.dp_cp_group, ps.dp_cp_size),
+            (experts, ps.edp_group, ps.edp_size),
+        ):
+            if group is None or size == 1:
+                continue
+            src = dist.get_global_rank(group, 0)
+            for tensor in tensors:
+                dist.broadcast(tensor.data, src=src, group=group)
 
 
 def wrap_ddp(

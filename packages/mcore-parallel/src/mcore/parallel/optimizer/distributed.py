@@ -2,11 +2,12 @@
 ranks (Megatron-Core's ``use_distributed_optimizer``, ZeRO stage 1 with reduce-scattered
 gradients).
 
-Each DDP bucket splits into ``dp_cp`` equal contiguous shards; rank ``r`` owns shard ``r`` of
-every bucket. DDP reduce-scatters each bucket so that this rank receives exactly the reduced
-gradient of what it owns; the optimizer keeps fp32 main weights and Adam moments for those
-ranges only (``1 / dp`` of the memory), steps them, writes them into the model's flat parameter
-buffer and all-gathers every bucket so each rank again holds the whole updated model.
+Each DDP bucket splits into ``dp_cp`` equal contiguous shards (expert buckets into ``edp``
+shards); rank ``r`` owns shard ``r`` of every bucket. DDP reduce-scatters each bucket so that
+this rank receives exactly the reduced gradient of what it owns; the optimizer keeps fp32 main
+weights and Adam moments for those ranges only (``1 / dp`` of the memory), steps them, writes
+them into the model's flat parameter buffer and all-gathers every bucket so each rank again
+holds the whole updated model.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         assert ddp is not None
         shards = []
         for bucket in ddp.buckets:
-            lo, hi = bucket.shard_range(ddp.dp_rank, ddp.dp_size)
+            lo, hi = bucket.shard_range(bucket.group_rank, bucket.group_size)
             for p in bucket.params:
                 start, end = bucket.buffer.range_of(p)
                 if max(start, lo) < min(end, hi):
@@ -69,21 +70,23 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
     def _norm_groups(self) -> list[ProcessGroup | None]:
         return [self.parallel_state.dp_cp_group, *super()._norm_groups()]
 
+    def _expert_norm_groups(self) -> list[ProcessGroup | None]:
+        return [self.parallel_state.edp_group, *super()._expert_norm_groups()]
+
     def _publish_params(self) -> None:
         """Write this rank's updated shards, then all-gather every bucket's parameters."""
         super()._publish_params()
         ddp = self.ddp
         assert ddp is not None
-        if ddp.dp_size == 1:
-            return
         works = [
             dist.all_gather_into_tensor(
                 bucket.param_data,
-                bucket.shard(bucket.param_data, ddp.dp_rank, ddp.dp_size),
-                group=ddp.dp_group,
+                bucket.shard(bucket.param_data, bucket.group_rank, bucket.group_size),
+                group=bucket.group,
                 async_op=True,
             )
             for bucket in ddp.buckets
+            if bucket.group_size > 1
         ]
         for work in works:
             work.wait()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mcore.parallel.distributed.ddp import DistributedDataParallel
+from mcore.parallel.grads import is_expert_parallel
 from mcore.parallel.optimizer.grad_norm import (
     clip_grads_,
     global_grad_norm,
@@ -62,6 +63,8 @@ class _Shard:
     counted: bool
     """Counted in the grad norm on this rank (see :mod:`mcore.parallel.optimizer.grad_norm`)."""
     decay: bool
+    expert: bool = False
+    """An expert parameter (see :func:`mcore.parallel.mark_expert_parallel`)."""
     main: torch.Tensor = field(init=False)
     """fp32 weights the torch optimizer updates: a view of the parameter when it is fp32 and
     on its device, otherwise a copy (``is_copy``)."""
@@ -120,6 +123,7 @@ class MixedPrecisionOptimizer:
         self.loss_scaler = loss_scaler
         self._tp_sharded = tp_sharded_params(self.module)
         self._shards = self._make_shards()
+        self._any_experts = _any_rank_has_experts(self._shards, parallel_state)
         self._make_mains(offload_fraction)
         self._optimizers = self._make_optimizers(make_optimizer, weight_decay, offload_fraction)
 
@@ -130,7 +134,9 @@ class MixedPrecisionOptimizer:
         # Count each gradient element once over the world: a TP-replicated parameter on TP rank
         # 0 only, a tied-embedding copy (one on the first and one on the last pipeline stage,
         # with equal gradients after allreduce_embedding_grads) on the first stage only.
-        tp_duplicate = id(param) not in self._tp_sharded and ps.tp_rank > 0
+        # Expert weights are split over EP and ETP, never replicated over TP: each counts.
+        expert = is_expert_parallel(param)
+        tp_duplicate = not expert and id(param) not in self._tp_sharded and ps.tp_rank > 0
         pp_duplicate = getattr(param, "shared_embedding", False) and not ps.is_first_pp_stage
         return _Shard(
             name=name,
@@ -139,6 +145,7 @@ class MixedPrecisionOptimizer:
             end=end,
             counted=not (tp_duplicate or pp_duplicate),
             decay=not no_weight_decay(name, param),
+            expert=expert,
         )
 
     def _make_shards(self) -> list[_Shard]:
@@ -193,6 +200,21 @@ class MixedPrecisionOptimizer:
         """Groups over which the counted parts of the gradient differ (see grad_norm)."""
         return [self.parallel_state.tp_group, self.parallel_state.pp_group]
 
+    def _expert_norm_groups(self) -> list[ProcessGroup | None]:
+        """The same for expert parameters, which differ over EP, ETP and stages."""
+        ps = self.parallel_state
+        return [ps.ep_group, ps.etp_group, ps.pp_group]
+
+    def _grad_norm(self) -> float:
+        """The global norm: dense and expert parts summed over their own groups. Every rank
+        runs both reductions, also where a stage holds no experts, so collectives match."""
+        dense = [s.main.grad for s in self._shards if s.counted and not s.expert]
+        expert = [s.main.grad for s in self._shards if s.counted and s.expert]
+        total = global_grad_norm(dense, self._norm_groups()) ** 2
+        if self._any_experts:
+            total = total + global_grad_norm(expert, self._expert_norm_groups()).to(total) ** 2
+        return float(total.sqrt())
+
     # -- the step -------------------------------------------------------------------------------
 
     @property
@@ -224,8 +246,7 @@ class MixedPrecisionOptimizer:
         grads = self._load_main_grads()
         if self.loss_scaler is not None:
             scale_grads_(grads, 1.0 / self.loss_scaler.scale)
-        counted = [s.main.grad for s in self._shards if s.counted and s.main.grad is not None]
-        grad_norm = float(global_grad_norm(counted, self._norm_groups()))
+        grad_norm = self._grad_norm()
         found_inf = not math.isfinite(grad_norm)
         if self.loss_scaler is not None:
             self.loss_scaler.update(found_inf)
@@ -284,3 +305,16 @@ class MixedPrecisionOptimizer:
             opt.load_state_dict(opt_state)
         if self.loss_scaler is not None and state["loss_scaler"] is not None:
             self.loss_scaler.load_state_dict(state["loss_scaler"])
+
+
+def _any_rank_has_experts(shards: Sequence[_Shard], parallel_state: ParallelState) -> bool:
+    """Whether any rank holds expert parameters (a stage may hold none while others do)."""
+    import torch.distributed as dist
+
+    local = any(s.expert for s in shards)
+    if parallel_state.world_size == 1 or not dist.is_initialized():
+        return local
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([float(local)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

@@ -1,0 +1,155 @@
+"""The routed experts of one MoE layer, and the shared expert.
+
+:class:`GroupedMLP` holds all of this rank's experts as two stacked weights,
+``linear_fc1.weight`` ``[local_experts, 2F/etp or F/etp, hidden]`` and ``linear_fc2.weight``
+``[local_experts, hidden, F/etp]``, and runs them in one grouped matmul each
+(``torch._grouped_mm``, CPU and GPU) or, as the reference, in a loop over experts with the same
+weights. Under expert tensor parallelism (ETP) fc1 is split by output rows and fc2 by input
+columns, so each rank's fc2 output is partial; the dispatcher's combine sums it over ETP.
+
+One seed gives the same experts under any EP and ETP layout: the full stacked weights are drawn
+and each rank keeps its experts and its shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mcore.models import ModelContext
+from mcore.models.mlp import MLP
+from mcore.moe.activations import weighted_squared_relu
+from mcore.moe.config import MoEConfig
+from mcore.parallel import mark_expert_parallel, mark_tp_partial_grad
+
+
+class _GroupedMM(torch.autograd.Function):
+    """``torch._grouped_mm`` of ``[rows, k]`` by ``[groups, k, n]`` with a backward that takes
+    gradients of any layout (the built-in one needs them contiguous)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b, offs)
+        return torch._grouped_mm(a, b, offs=offs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        a, b, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_a = torch._grouped_mm(grad, b.transpose(-2, -1), offs=offs)
+        grad_b = torch._grouped_mm(a.t(), grad, offs=offs)  # per group: a_g^T @ grad_g
+        return grad_a, grad_b, None
+
+
+def _aligned(n: int, dtype: torch.dtype) -> int:
+    """``n`` rounded up so a row of ``n`` elements spans a multiple of 16 bytes, as grouped
+    GEMMs require of every stride."""
+    per = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    return -(-n // per) * per
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``[rows, in]``, expert by expert (``counts`` rows each), times each
+    expert's ``weight[e]`` ``[out, in]`` transposed: ``[rows, out]``.
+
+    Sizes whose rows are not 16-byte aligned are zero-padded for the GEMM and cut back after.
+    """
+    out_features, in_features = weight.shape[1:]
+    k, n = _aligned(in_features, x.dtype), _aligned(out_features, x.dtype)
+    if (k, n) != (in_features, out_features):
+        x = F.pad(x, (0, k - in_features))
+        weight = F.pad(weight, (0, k - in_features, 0, n - out_features))
+    offs = counts.to(device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    y = _GroupedMM.apply(x.contiguous(), weight.transpose(1, 2), offs)
+    return y[:, :out_features] if n != out_features else y
+
+
+def _looped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The reference for :func:`grouped_linear`: one matmul per expert."""
+    chunks = x.split(counts.tolist(), dim=0)
+    return torch.cat([F.linear(c, weight[e]) for e, c in enumerate(chunks)], dim=0)
+
+
+def _shard_rows(full: torch.Tensor, parts: int, rank: int, gated: bool) -> torch.Tensor:
+    """This ETP rank's output rows of a stacked fc1 weight (gate and up halves split alike)."""
+    halves = full.chunk(2, dim=1) if gated else (full,)
+    return torch.cat([h.chunk(parts, dim=1)[rank] for h in halves], dim=1)
+
+
+class GroupedMLP(torch.nn.Module):
+    """This rank's routed experts: ``fc2(act(fc1(x)))`` per expert, all at once."""
+
+    def __init__(self, ctx: ModelContext, moe: MoEConfig, *, num_local_experts: int) -> None:
+        super().__init__()
+        cfg, ps = ctx.config, ctx.parallel_state
+        ffn = moe.ffn_hidden_size or cfg.ffn_size
+        if ffn % ps.etp_size:
+            raise ValueError(
+                f"moe.ffn_hidden_size ({ffn}) does not divide over "
+                f"parallel.expert_tensor_parallel_size={ps.etp_size}"
+            )
+        if cfg.add_bias_linear:
+            raise NotImplementedError("MoE experts have no biases: set model.add_bias_linear false")
+        self.gated = cfg.gated_mlp
+        self.activation_name = cfg.activation
+        self.grouped = moe.grouped_gemm
+        self.fused = moe.permute_fusion
+        self.num_local_experts = num_local_experts
+        first = ps.ep_rank * num_local_experts
+        local = slice(first, first + num_local_experts)
+        fc1_rows = 2 * ffn if self.gated else ffn
+        full1 = torch.empty(moe.num_experts, fc1_rows, cfg.hidden_size)
+        ctx.init_method()(full1)
+        full2 = torch.empty(moe.num_experts, cfg.hidden_size, ffn)
+        ctx.output_init_method()(full2)
+        w1 = _shard_rows(full1[local], ps.etp_size, ps.etp_rank, self.gated)
+        w2 = full2[local].chunk(ps.etp_size, dim=2)[ps.etp_rank]
+        self.linear_fc1 = torch.nn.Module()
+        self.linear_fc1.weight = torch.nn.Parameter(w1.contiguous())
+        self.linear_fc2 = torch.nn.Module()
+        self.linear_fc2.weight = torch.nn.Parameter(w2.contiguous())
+        mark_expert_parallel(self.linear_fc1.weight, self.linear_fc2.weight)
+
+    @property
+    def applies_probs(self) -> bool:
+        """Squared-ReLU experts weight rows by their probability inside the activation (one
+        fused kernel); the others leave it to the dispatcher's combine."""
+        return self.activation_name == "squared_relu"
+
+    def forward(
+        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor
+    ) -> torch.Tensor:
+        """``[rows, hidden]`` expert by expert -> ``[rows, hidden]`` (partial under ETP)."""
+        linear = grouped_linear if self.grouped else _looped_linear
+        w1, w2 = self.linear_fc1.weight, self.linear_fc2.weight
+        h = linear(x, w1.to(x.dtype), tokens_per_expert)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.activation_name == "squared_relu":
+            h = weighted_squared_relu(h, probs, fused=self.fused)
+        else:
+            h = F.gelu(h)
+        return linear(h, w2.to(x.dtype), tokens_per_expert)
+
+
+class SharedExpertMLP(MLP):
+    """The shared expert every token passes through: the dense tensor-parallel MLP, optionally
+    scaled by ``sigmoid(gate_weight . x)`` (Qwen2-MoE)."""
+
+    def __init__(self, ctx: ModelContext, moe: MoEConfig) -> None:
+        super().__init__(ctx, ffn_hidden_size=moe.shared_expert_intermediate_size)
+        self.gate_weight = None
+        if moe.shared_expert_gate:
+            self.gate_weight = torch.nn.Parameter(torch.empty(1, ctx.config.hidden_size))
+            ctx.init_method()(self.gate_weight.data)
+            if ctx.sequence_parallel:
+                mark_tp_partial_grad(self.gate_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.gate_weight is not None:
+            out = out * torch.sigmoid(F.linear(x, self.gate_weight.to(x.dtype)))
+        return out
