@@ -103,8 +103,8 @@ KINDS: dict[str, Kind] = {
 KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("data_parallel", "megatron_fsdp"): "megatron-fsdp",
     ("checkpoint_format", "fsdp_dtensor"): "mcore-ckpt",
-    ("flex_backend", "deepep"): "mcore-moe[deepep]",
-    ("flex_backend", "hybridep"): "mcore-moe[deepep]",
+    ("flex_backend", "deepep"): "mcore-moe",
+    ("flex_backend", "hybridep"): "mcore-moe",
     ("attention_backend", "te"): "mcore-models[te]",
     ("linear_backend", "te"): "mcore-models[te]",
     ("mlp", "moe"): "mcore-moe",
