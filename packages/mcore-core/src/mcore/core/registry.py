@@ -111,6 +111,7 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("hf_architecture", "DeepseekV3ForCausalLM"): "mcore-moe",
     ("hf_architecture", "Qwen3MoeForCausalLM"): "mcore-moe",
     ("hf_architecture", "MixtralForCausalLM"): "mcore-moe",
+    ("hf_architecture", "Qwen2MoeForCausalLM"): "mcore-moe",
     ("layer", "E"): "mcore-moe",
     ("config_section", "parallel"): "mcore-parallel",
     ("config_section", "model"): "mcore-models",

@@ -36,6 +36,7 @@ __all__ = [
     "default_architecture",
     "hf_state_dict",
     "load_hf",
+    "model_sections",
     "read_hf_config",
     "save_hf",
 ]

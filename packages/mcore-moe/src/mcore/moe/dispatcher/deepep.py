@@ -38,7 +38,10 @@ if TYPE_CHECKING:
 
 
 def _install_hint(why: str) -> str:
-    return f"{why}: pip install deep-ep on a machine with NVIDIA GPUs (DeepEP compiles against its CUDA and NVSHMEM)"
+    return (
+        f"{why}: pip install deep-ep on a machine with NVIDIA GPUs "
+        "(DeepEP compiles against its CUDA and NVSHMEM)"
+    )
 
 
 class _LegacyComm:

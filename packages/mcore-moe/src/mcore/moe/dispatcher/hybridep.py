@@ -116,7 +116,10 @@ class HybridEPBackend(FlexBackend):
             )
         deep_ep, why = import_optional("deep_ep")
         if deep_ep is None:
-            problems.append(f"{why}: pip install deep-ep on a machine with NVIDIA GPUs (DeepEP compiles against its CUDA and NVSHMEM)")
+            problems.append(
+                f"{why}: pip install deep-ep on a machine with NVIDIA GPUs "
+                "(DeepEP compiles against its CUDA and NVSHMEM)"
+            )
         elif getattr(deep_ep, "HybridEPBuffer", None) is None:
             problems.append(
                 "this deep_ep build has no HybridEPBuffer: install DeepEP with HybridEP "
