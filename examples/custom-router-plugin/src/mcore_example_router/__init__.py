@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
-from mcore_example_router.router import RandomRouter
+from typing import Any
 
 __all__ = ["RandomRouter"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so that loading the plugin (which imports this package) stays
+    # free of torch and mcore-moe.
+    if name == "RandomRouter":
+        from mcore_example_router.router import RandomRouter
+
+        return RandomRouter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

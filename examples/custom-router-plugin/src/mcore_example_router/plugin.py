@@ -6,11 +6,12 @@ after a hook in :mod:`mcore.core.hookspecs`. ``mcore_register`` is the only one 
 
 from __future__ import annotations
 
-from mcore.core import PluginRegistrar, hookimpl
-from mcore_example_router.router import RandomRouter
+from mcore.core import Lazy, PluginRegistrar, hookimpl
 
 
 @hookimpl
 def mcore_register(registry: PluginRegistrar) -> None:
     # Select it in a run with `--moe.router-type example_random` (mcore-moe's [moe] section).
-    registry.add("router", "example_random", RandomRouter)
+    # Registered by import path: `mcore plugins` and config checks then never import torch,
+    # and the router module is imported the first time a model builds it.
+    registry.add("router", "example_random", Lazy("mcore_example_router.router:RandomRouter"))

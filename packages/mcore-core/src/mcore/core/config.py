@@ -478,8 +478,14 @@ def merge(
     return out
 
 
-def check_components(config: Config, registries: Any) -> list[str]:
-    """Resolve every field declared with :func:`component`; returns a message per unknown name."""
+def check_components(
+    config: Config, registries: Any, *, skip_empty_kinds: bool = False
+) -> list[str]:
+    """Resolve every field declared with :func:`component`; returns a message per unknown name.
+
+    ``skip_empty_kinds`` leaves out kinds nothing is registered for yet (a default that names a
+    feature no installed package provides, which the run may never use).
+    """
     problems: list[str] = []
     for name in config.section_names():
         section = config[name]
@@ -487,6 +493,8 @@ def check_components(config: Config, registries: Any) -> list[str]:
             kind = f.metadata.get("registry")
             value = getattr(section, f.name)
             if kind is None or value is None:
+                continue
+            if skip_empty_kinds and not registries[kind].components():
                 continue
             try:
                 registries[kind].component(value)

@@ -39,7 +39,9 @@ class _GroupedMM(torch.autograd.Function):
         a, b, offs = ctx.saved_tensors
         grad = grad.contiguous()
         grad_a = torch._grouped_mm(grad, b.transpose(-2, -1), offs=offs)
-        grad_b = torch._grouped_mm(a.t(), grad, offs=offs)  # per group: a_g^T @ grad_g
+        # Per group a_g^T @ grad_g, computed transposed so it lands in the weight's own layout
+        # (b is a transposed view of it) and autograd need not copy it.
+        grad_b = torch._grouped_mm(grad.t(), a, offs=offs).transpose(-2, -1)
         return grad_a, grad_b, None
 
 

@@ -50,7 +50,11 @@ class MeshTrainingRuntime:
         wrap = registries.get("data_parallel", config.train.data_parallel)
         if self.vp_size is None:
             model = build_model(
-                model_config, ps, sequence_parallel=self.sequence_parallel, sections=config
+                model_config,
+                ps,
+                sequence_parallel=self.sequence_parallel,
+                sections=config,
+                registries=registries,
             )
             _load(model, initial_state, 0)
             self._wrapped = wrap(model.to(self.device, dtype), ps, config)
@@ -64,6 +68,7 @@ class MeshTrainingRuntime:
                     vp_stage=c,
                     vp_size=self.vp_size,
                     sections=config,
+                    registries=registries,
                 ).to(self.device, dtype)
                 for c in range(self.vp_size)
             ]

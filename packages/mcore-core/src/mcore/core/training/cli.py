@@ -11,19 +11,20 @@ import argparse
 import os
 
 from mcore.core.config import (
+    ConfigError,
     add_config_arguments,
+    check_components,
     config_sections,
     load_config,
     overrides_from_args,
 )
+from mcore.core.plugins import get_plugin_manager
 from mcore.core.registry import CliCommand
 
 DEFAULT_SAVE = "mcore-run"
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    from mcore.core.plugins import get_plugin_manager
-
     parser.add_argument("file", nargs="?", metavar="FILE", help="TOML config file")
     parser.add_argument(
         "--nproc",
@@ -57,6 +58,9 @@ def _run(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     overrides.setdefault("checkpoint.save", DEFAULT_SAVE)
     config = load_config(args.file, overrides)  # validate before starting any rank
+    problems = check_components(config, get_plugin_manager().registries, skip_empty_kinds=True)
+    if problems:  # an unknown router or dispatcher fails here, not once per launched rank
+        raise ConfigError(problems)
     if "WORLD_SIZE" not in os.environ:
         nproc = args.nproc or _default_nproc()
         if nproc > 1:
