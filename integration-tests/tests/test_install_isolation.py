@@ -7,7 +7,12 @@ what got installed, what imports, and what ``mcore plugins`` reports.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
@@ -72,10 +77,30 @@ def test_megatron_fsdp_stands_alone_without_mcore(fsdp_only) -> None:
     assert "ModuleNotFoundError: No module named 'mcore'" in result.stderr
 
 
+def test_megatron_fsdp_alone_trains_and_checkpoints_a_plain_pytorch_model(
+    fsdp_only, tmp_path
+) -> None:
+    # The README's example, on two gloo ranks, in a venv holding megatron-fsdp and torch only.
+    script = ROOT / "packages/megatron-fsdp/examples/train_plain_pytorch.py"
+    checkpoint = tmp_path / "ckpt"
+    result = fsdp_only.run(
+        "python", "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
+        "--steps", "12", "--checkpoint", str(checkpoint),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, last = map(float, re.search(r"loss (\S+) -> (\S+)", result.stdout).groups())
+    assert last < first - 1.0, result.stdout
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp",
+    ]  # fmt: skip
+
+
 def test_megatron_fsdp_brings_torch_and_nothing_else(fsdp_only, ours_installed) -> None:
     installed = set(fsdp_only.distributions())
 
-    assert installed == {"megatron-fsdp"} | fsdp_only.requirement_closure("torch")
+    # numpy: torch.distributed.checkpoint needs it at run time, and torch does not declare it.
+    expected = {"megatron-fsdp", "numpy"} | fsdp_only.requirement_closure("torch")
+    assert installed == expected
     assert "pluggy" not in installed
     assert ours_installed(fsdp_only) == {"megatron-fsdp"}
 

@@ -133,6 +133,7 @@ def fully_shard(
     double_buffer: bool = True,
     prefetch: bool = True,
     gradient_divide_factor: float | None = None,
+    overlap_grad_reduce: bool = True,
 ) -> FSDPModule:
     """Shard ``module``'s parameters (those no inner ``fully_shard`` took) over ``mesh``.
 
@@ -150,6 +151,9 @@ def fully_shard(
         prefetch: issue the next unit's gather while this one computes (the order is recorded
             in the first forward).
         gradient_divide_factor: divide gradients by this instead of ``mesh.size()``.
+        overlap_grad_reduce: issue each bucket's reduction during backward as soon as its
+            gradients are complete; ``False`` issues them all when backward ends (easier to
+            profile, no overlap).
     """
     if isinstance(module, FSDPModule):
         raise ValueError(f"fully_shard was already applied to this {type(module).__name__}")
@@ -182,6 +186,7 @@ def fully_shard(
         double_buffer=double_buffer,
         prefetch=prefetch,
         gradient_divide_factor=gradient_divide_factor,
+        overlap_grad_reduce=overlap_grad_reduce,
     )
     module._fsdp_unit = unit  # type: ignore[assignment]
     module.__class__ = _fsdp_class(type(module))

@@ -158,6 +158,16 @@ def install_optimizer_hook() -> None:
         _hook_installed = True
 
 
+def _copy_attributes(sources: Sequence[nn.Parameter], targets: Sequence[nn.Parameter]) -> None:
+    # Frameworks tag parameters with plain attributes (Megatron's ``tensor_model_parallel``,
+    # ``expert_parallel``, ``shared_embedding``, ...); the sharded and gathered parameters
+    # replace the originals, so they carry the tags on.
+    for src, dst in zip(sources, targets, strict=True):
+        for name, value in vars(src).items():
+            if not name.startswith("_"):
+                setattr(dst, name, value)
+
+
 def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
     stride, step = [], 1
     for size in reversed(shape):
@@ -209,6 +219,7 @@ class Bucket:
             ]
         for p in self.sharded_params:
             setattr(p, _BUCKET_ATTR, self)
+        _copy_attributes(params, self.sharded_params)
         # Nothing to gather and nothing to cast: compute directly on the main weights.
         self.aliased = world == 1 and self.compute_dtype == self.main_dtype and not self.offloaded
         if self.aliased:
@@ -221,6 +232,7 @@ class Bucket:
             nn.Parameter(self.layout.unsharded_view(self.unsharded, i), requires_grad=rg)
             for i, rg in enumerate(self.requires_grad)
         ]
+        _copy_attributes(params, self.unsharded_params)
         if not self.aliased:
             self.unsharded.untyped_storage().resize_(0)
         self._gathered_signature: int | None = None
@@ -231,8 +243,6 @@ class Bucket:
         self.grad_acc: torch.Tensor | None = None
         self._num_trainable = sum(self.requires_grad)
         self._folded: set[int] = set()
-        # The persistent accumulator holds gradients of earlier (unsynchronised) micro-batches.
-        self._dirty = False
         self._reduced = False
         self._pending_reduce: tuple | None = None
 
@@ -328,27 +338,27 @@ class Bucket:
         self._folded.add(index)
 
     @property
-    def has_unreduced_grads(self) -> bool:
-        return bool(self._folded) or self._dirty
-
-    @property
     def all_grads_folded(self) -> bool:
         return self._num_trainable > 0 and len(self._folded) == self._num_trainable
 
     def end_backward(self) -> None:
         """Forget which gradients arrived in this backward (they stay in the accumulator)."""
-        if self._folded and self.strategy.keep_full_grads:
-            self._dirty = True
         self._folded.clear()
         self._reduced = False
 
+    @property
+    def trainable(self) -> bool:
+        return self._num_trainable > 0
+
     def start_reduce(self) -> None:
-        """Issue the reduce-scatter (or all-reduce) of the accumulated gradients."""
+        """Issue the reduce-scatter (or all-reduce) of the accumulated gradients (zeros when
+        none arrived on this rank: every rank of the mesh must take part)."""
+        if self.grad_acc is None:
+            self.grad_acc = torch.zeros(
+                self.layout.unsharded_numel, dtype=self.reduce_dtype, device=self.device
+            )
         acc = self.grad_acc
-        if acc is None:
-            return
         self._folded.clear()
-        self._dirty = False
         self._reduced = True
         if self.plan.shard_world > 1:
             out = torch.empty(self.layout.shard_numel, dtype=self.reduce_dtype, device=self.device)

@@ -142,8 +142,10 @@ class FSDPUnit:
         double_buffer: bool,
         prefetch: bool,
         gradient_divide_factor: float | None,
+        overlap_grad_reduce: bool = True,
     ) -> None:
         self.module = module
+        self.overlap_grad_reduce = overlap_grad_reduce
         self.plan = plan
         self.strategy = strategy
         self.mp_policy = mp_policy
@@ -335,7 +337,7 @@ class FSDPUnit:
             if grad is None:
                 return
             bucket.fold_grad(index, grad, 1.0 / self.gradient_divide_factor)
-            if bucket.all_grads_folded and self._reduce_now():
+            if self.overlap_grad_reduce and bucket.all_grads_folded and self._reduce_now():
                 self.ctx.add_reduction(bucket)
             if (
                 self.strategy.reshard_params
@@ -352,11 +354,16 @@ class FSDPUnit:
         return self.requires_gradient_sync or not self.strategy.keep_full_grads
 
     def reduce_leftovers(self) -> None:
-        """Reduce buckets some of whose parameters got no gradient in this backward."""
+        """Reduce every bucket not reduced yet in this backward.
+
+        That includes buckets that got no gradient at all on this rank (an expert that
+        received no tokens, a branch this rank's data did not take): the collective must run on
+        every rank of the mesh, whatever each rank's data touched, so they reduce zeros.
+        """
         if not self._reduce_now():
             return
         for bucket in self.buckets:
-            if bucket.has_unreduced_grads:
+            if bucket.trainable and not bucket.reduced_this_backward:
                 self.ctx.add_reduction(bucket)
 
     def end_backward(self) -> None:

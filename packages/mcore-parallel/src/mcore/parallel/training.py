@@ -43,9 +43,9 @@ class MeshTrainingRuntime:
         the registries. ``initial_state`` (one state dict per chunk) is loaded before the
         optimizer copies the weights."""
         ps = self.parallel_state
-        # Mixed precision: the model computes in bf16/fp16; the optimizer keeps fp32 main weights.
-        train = config.train
-        dtype = torch.bfloat16 if train.bf16 else torch.float16 if train.fp16 else None
+        # Mixed precision is the data-parallel wrapper's to apply (train.bf16 / train.fp16):
+        # DDP casts the model and the optimizer keeps fp32 main weights; a fully sharded
+        # wrapper keeps the fp32 weights as its shards and computes on low-precision copies.
         build_model = registries.get("model", model_config.name)
         wrap = registries.get("data_parallel", config.train.data_parallel)
         if self.vp_size is None:
@@ -57,7 +57,7 @@ class MeshTrainingRuntime:
                 registries=registries,
             )
             _load(model, initial_state, 0)
-            self._wrapped = wrap(model.to(self.device, dtype), ps, config)
+            self._wrapped = wrap(model.to(self.device), ps, config)
             chunks = [self._wrapped]
         else:
             chunks = [
@@ -69,7 +69,7 @@ class MeshTrainingRuntime:
                     vp_size=self.vp_size,
                     sections=config,
                     registries=registries,
-                ).to(self.device, dtype)
+                ).to(self.device)
                 for c in range(self.vp_size)
             ]
             for c, chunk in enumerate(chunks):

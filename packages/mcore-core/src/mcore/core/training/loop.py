@@ -253,7 +253,12 @@ def _save_stopgap(config: Config, chunks: list, ps: Any) -> str | None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"model_rank{ps.rank:05d}.pt"
     tmp = path.with_suffix(".pt.tmp")
-    torch.save([c.state_dict() for c in chunks], tmp)
+    # Fully sharded parameters (DTensors) are saved whole, as the unwrapped model holds them.
+    states = [
+        {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in c.state_dict().items()}
+        for c in chunks
+    ]
+    torch.save(states, tmp)
     tmp.replace(path)
     if dist.is_initialized():
         dist.barrier()

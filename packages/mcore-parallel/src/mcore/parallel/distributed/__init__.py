@@ -15,7 +15,9 @@ _EXPORTS = {
     "DDPConfig": "mcore.parallel.distributed.config",
     "DistributedDataParallel": "mcore.parallel.distributed.ddp",
     "GradBuffer": "mcore.parallel.distributed.buckets",
+    "broadcast_params": "mcore.parallel.distributed.ddp",
     "build_grad_buffers": "mcore.parallel.distributed.buckets",
+    "compute_dtype": "mcore.parallel.distributed.ddp",
     "wrap_ddp": "mcore.parallel.distributed.ddp",
 }
 
@@ -24,7 +26,9 @@ __all__ = [
     "DDPConfig",
     "DistributedDataParallel",
     "GradBuffer",
+    "broadcast_params",
     "build_grad_buffers",
+    "compute_dtype",
     "wrap_ddp",
 ]
 
@@ -34,4 +38,9 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:
     from mcore.parallel.distributed.buckets import Bucket, GradBuffer, build_grad_buffers
     from mcore.parallel.distributed.config import DDPConfig
-    from mcore.parallel.distributed.ddp import DistributedDataParallel, wrap_ddp
+    from mcore.parallel.distributed.ddp import (
+        DistributedDataParallel,
+        broadcast_params,
+        compute_dtype,
+        wrap_ddp,
+    )

@@ -284,21 +284,34 @@ class DistributedDataParallel(nn.Module):
                 offset += g.numel()
 
     def broadcast_params(self) -> None:
-        """Copy the parameters and buffers of ``dp_cp`` rank 0 to the other ranks of its group
-        (expert parameters: of ``edp`` rank 0 over ``edp``), so replicas start identical even
-        if they were initialised differently."""
-        ps = self.parallel_state
-        experts = [p for p in self.module.parameters() if is_expert_parallel(p)]
-        dense = [p for p in self.module.parameters() if not is_expert_parallel(p)]
-        for tensors, group, size in (
-            ([*dense, *self.module.buffers()], ps.dp_cp_group, ps.dp_cp_size),
-            (experts, ps.edp_group, ps.edp_size),
-        ):
-            if group is None or size == 1:
-                continue
-            src = dist.get_global_rank(group, 0)
-            for tensor in tensors:
-                dist.broadcast(tensor.data, src=src, group=group)
+        """Make the data-parallel replicas identical (see :func:`broadcast_params`)."""
+        broadcast_params(self.module, self.parallel_state)
+
+
+def compute_dtype(config: Any) -> torch.dtype | None:
+    """The dtype a run's model computes in: bf16 or fp16 per ``[train]``, else ``None``."""
+    if "train" not in config:
+        return None
+    train = config.train
+    return torch.bfloat16 if train.bf16 else torch.float16 if train.fp16 else None
+
+
+def broadcast_params(module: nn.Module, parallel_state: ParallelState) -> None:
+    """Copy the parameters and buffers of ``dp_cp`` rank 0 to the other ranks of its group
+    (expert parameters: of ``edp`` rank 0 over ``edp``), so replicas start identical even if
+    they were initialised differently. Data-parallel wrappers call it before training."""
+    ps = parallel_state
+    experts = [p for p in module.parameters() if is_expert_parallel(p)]
+    dense = [p for p in module.parameters() if not is_expert_parallel(p)]
+    for tensors, group, size in (
+        ([*dense, *module.buffers()], ps.dp_cp_group, ps.dp_cp_size),
+        (experts, ps.edp_group, ps.edp_size),
+    ):
+        if group is None or size == 1:
+            continue
+        src = dist.get_global_rank(group, 0)
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=src, group=group)
 
 
 def wrap_ddp(
@@ -306,11 +319,15 @@ def wrap_ddp(
 ) -> DistributedDataParallel:
     """The ``data_parallel`` registry's ``ddp`` entry: wrap ``model`` as the run's config says.
 
-    Reads the ``[ddp]`` section (defaults when absent) and ``optimizer.use_distributed_optimizer``,
-    then makes the data-parallel replicas identical (``broadcast_params``).
+    Casts the model to the compute dtype (``train.bf16`` / ``train.fp16``), reads the ``[ddp]``
+    section (defaults when absent) and ``optimizer.use_distributed_optimizer``, then makes the
+    data-parallel replicas identical (``broadcast_params``).
     """
     ddp = config.ddp if "ddp" in config else DDPConfig()
     optimizer = config.optimizer if "optimizer" in config else None
+    dtype = compute_dtype(config)
+    if dtype is not None:  # the optimizer keeps fp32 main weights of the cast parameters
+        model = model.to(dtype)
     wrapped = DistributedDataParallel(
         model,
         parallel_state,

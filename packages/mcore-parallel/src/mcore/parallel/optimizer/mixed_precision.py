@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mcore.parallel.distributed.ddp import DistributedDataParallel
 from mcore.parallel.grads import is_expert_parallel
@@ -76,11 +77,28 @@ class _Shard:
         return self.end - self.start
 
     def model_view(self) -> torch.Tensor:
-        return self.param.detach().view(-1)[self.start : self.end]
+        return _local(self.param).detach().view(-1)[self.start : self.end]
 
     def grad_view(self, from_main_grad: bool) -> torch.Tensor | None:
         grad = self.param.main_grad if from_main_grad else self.param.grad
-        return None if grad is None else grad.reshape(-1)[self.start : self.end]
+        return None if grad is None else _local(grad).reshape(-1)[self.start : self.end]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a ``DTensor`` (a fully sharded parameter), else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _held_by_another_rank(param: torch.Tensor) -> bool:
+    """A ``DTensor`` whose local piece another rank of its mesh holds too (a ``Replicate``
+    dim where this rank is not the first): counted by that first rank alone."""
+    if not isinstance(param, DTensor):
+        return False
+    mesh = param.device_mesh
+    return any(
+        placement.is_replicate() and mesh.get_local_rank(dim) != 0
+        for dim, placement in enumerate(param.placements)
+    )
 
 
 class MixedPrecisionOptimizer:
@@ -117,12 +135,16 @@ class MixedPrecisionOptimizer:
         if clip_grad < 0:
             raise ValueError(f"clip_grad must be >= 0 (0 disables clipping), got {clip_grad}")
         self.ddp = model if isinstance(model, DistributedDataParallel) else None
-        self.module = self.ddp.module if self.ddp is not None else model
+        self.module = self.ddp.module if self.ddp is not None else _unwrapped(model)
         self.parallel_state = parallel_state
         self.clip_grad = clip_grad
         self.loss_scaler = loss_scaler
         self._tp_sharded = tp_sharded_params(self.module)
         self._shards = self._make_shards()
+        # Fully sharded data parallel (parameters are DTensors, e.g. megatron_fsdp): each
+        # data-parallel rank holds different pieces of the gradients, as under the distributed
+        # optimizer. Every rank of a run wraps its model alike, so all agree on this.
+        self._dp_sharded = any(isinstance(s.param, DTensor) for s in self._shards)
         self._any_experts = _any_rank_has_experts(self._shards, parallel_state)
         self._make_mains(offload_fraction)
         self._optimizers = self._make_optimizers(make_optimizer, weight_decay, offload_fraction)
@@ -138,12 +160,13 @@ class MixedPrecisionOptimizer:
         expert = is_expert_parallel(param)
         tp_duplicate = not expert and id(param) not in self._tp_sharded and ps.tp_rank > 0
         pp_duplicate = getattr(param, "shared_embedding", False) and not ps.is_first_pp_stage
+        dp_duplicate = _held_by_another_rank(param)
         return _Shard(
             name=name,
             param=param,
             start=start,
             end=end,
-            counted=not (tp_duplicate or pp_duplicate),
+            counted=not (tp_duplicate or pp_duplicate or dp_duplicate),
             decay=not no_weight_decay(name, param),
             expert=expert,
         )
@@ -161,7 +184,7 @@ class MixedPrecisionOptimizer:
         for s in self._shards:
             s.offloaded = offload_fraction > 0 and used < budget
             used += s.numel if s.offloaded else 0
-            if not s.param.is_contiguous():
+            if not _local(s.param).is_contiguous():
                 raise ValueError(
                     f"parameter {s.name!r} is not contiguous: the optimizer keeps flat views of "
                     "parameters; make it contiguous before building the optimizer"
@@ -197,13 +220,18 @@ class MixedPrecisionOptimizer:
         ]
 
     def _norm_groups(self) -> list[ProcessGroup | None]:
-        """Groups over which the counted parts of the gradient differ (see grad_norm)."""
-        return [self.parallel_state.tp_group, self.parallel_state.pp_group]
+        """Groups over which the counted parts of the gradient differ (see grad_norm); fully
+        sharded parameters also differ over dp_cp (their replicas count zero there)."""
+        ps = self.parallel_state
+        dp = [ps.dp_cp_group] if self._dp_sharded else []
+        return [*dp, ps.tp_group, ps.pp_group]
 
     def _expert_norm_groups(self) -> list[ProcessGroup | None]:
-        """The same for expert parameters, which differ over EP, ETP and stages."""
+        """The same for expert parameters, which differ over EP, ETP and stages (and over
+        edp when fully sharded)."""
         ps = self.parallel_state
-        return [ps.ep_group, ps.etp_group, ps.pp_group]
+        edp = [ps.edp_group] if self._dp_sharded else []
+        return [*edp, ps.ep_group, ps.etp_group, ps.pp_group]
 
     def _grad_norm(self) -> float:
         """The global norm: dense and expert parts summed over their own groups. Every rank
@@ -305,6 +333,17 @@ class MixedPrecisionOptimizer:
             opt.load_state_dict(opt_state)
         if self.loss_scaler is not None and state["loss_scaler"] is not None:
             self.loss_scaler.load_state_dict(state["loss_scaler"])
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a data-parallel wrapper that keeps it as ``.module`` and adds no
+    parameters of its own (parameter names then match the model's), else ``model``."""
+    inner = getattr(model, "module", None)
+    if isinstance(inner, nn.Module) and sum(1 for _ in model.parameters()) == sum(
+        1 for _ in inner.parameters()
+    ):
+        return inner
+    return model
 
 
 def _any_rank_has_experts(shards: Sequence[_Shard], parallel_state: ParallelState) -> bool:

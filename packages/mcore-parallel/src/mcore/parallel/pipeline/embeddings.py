@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from mcore.parallel.state import ParallelState
 
@@ -78,7 +79,9 @@ def allreduce_embedding_grads(
             if p.grad is None:  # this stage's copy got no gradient; the peer's still counts
                 p.grad = torch.zeros_like(p)
             grad = p.grad
-        grads.append(grad)
+        # A fully sharded copy (DTensor): both stages shard the table alike, so the local
+        # pieces line up and summing them sums the gradients.
+        grads.append(grad.to_local() if isinstance(grad, DTensor) else grad)
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

@@ -1,6 +1,9 @@
-"""megatron-fsdp as an mcore plugin: the ``[fsdp]`` config section.
+"""megatron-fsdp as an mcore plugin: the ``[fsdp]`` config section and the ``megatron_fsdp``
+data-parallel wrapper (``--train.data-parallel megatron_fsdp``).
 
 Imported only through the ``mcore`` entry point, so ``megatron_fsdp`` itself never needs mcore.
+Loading the plugin imports no torch: the wrapper (:mod:`.wrapper`) is registered by import path
+and imported when a run builds its model.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mcore.core import ConfigErrors, PluginRegistrar, hookimpl
+from mcore.core import Config, ConfigErrors, Lazy, PluginRegistrar, hookimpl
 
 
 @dataclass(kw_only=True)
@@ -41,3 +44,20 @@ class FSDPConfig:
 @hookimpl
 def mcore_register(registry: PluginRegistrar) -> None:
     registry.add("config_section", "fsdp", FSDPConfig)
+    registry.add(
+        "data_parallel",
+        "megatron_fsdp",
+        Lazy("megatron_fsdp.mcore_adapter.wrapper:wrap_megatron_fsdp"),
+    )
+
+
+@hookimpl
+def mcore_validate_config(config: Config, errors: ConfigErrors) -> None:
+    if "train" not in config or config.train.data_parallel != "megatron_fsdp":
+        return
+    if "optimizer" in config and config.optimizer.use_distributed_optimizer:
+        errors.add(
+            "optimizer.use_distributed_optimizer",
+            "megatron_fsdp already shards the optimizer state over data-parallel ranks; set it "
+            "to false (choose what is sharded with fsdp.data_parallel_sharding_strategy)",
+        )
