@@ -4,6 +4,10 @@ Activations enter and leave sequence-first, ``[s, b, h]`` (``[s / tp, b, h]`` wi
 parallelism); the core attention kernel sees ``[b, heads, s, head_dim]``. Heads are split over
 tensor-parallel ranks: each rank projects, attends and outputs its own heads, and the output
 projection's reduction sums them.
+
+At inference (``paged=`` a :class:`~mcore.models.inference.PagedBatch`) the input is the
+engine's flat token row ``[T, 1, h]``; keys and values go to the paged cache and attention runs
+over each request's cached context. ``kv_cache_spec()`` tells the engine what to allocate.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mcore.models.backends import resolve_backend
 from mcore.models.context import ModelContext, mark_tp_partial_grad
+from mcore.models.inference import KVCacheSpec, PagedBatch
 from mcore.models.rope import apply_rotary, yarn_mscale
 from mcore.parallel import (
     ColumnParallelLinear,
@@ -102,7 +107,16 @@ class SelfAttention(torch.nn.Module):
         )
         self.softmax_scale = 1.0 / math.sqrt(d)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None):
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """Keys and values of this rank's key/value heads."""
+        return KVCacheSpec(heads=self.local_groups, key_dim=self.head_dim, value_dim=self.head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        paged: PagedBatch | None = None,
+    ):
         qkv = self.linear_qkv(x)
         d = self.head_dim
         q, k, v = qkv.split(
@@ -116,7 +130,10 @@ class SelfAttention(torch.nn.Module):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        out = self.core_attention(q, k, v, self.softmax_scale)
+        if paged is not None:
+            out = paged.attend(self.layer_number, q, k, v, self.softmax_scale)
+        else:
+            out = self.core_attention(q, k, v, self.softmax_scale)
         return self.linear_proj(_sequence_first(out))
 
 
@@ -203,14 +220,28 @@ class MLASelfAttention(torch.nn.Module):
             x, self.tp_group, tensor_parallel_output_grad=grad_is_partial
         )
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None):
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """One shared head per token: the compressed latent and the rope key (not full K/V)."""
+        width = self.kv_lora_rank + self.rope_dim
+        return KVCacheSpec(heads=1, key_dim=width, value_dim=self.kv_lora_rank, values_in_keys=True)
+
+    def _project_q(self, x: torch.Tensor) -> torch.Tensor:
         if self.linear_q_down_proj is None:
-            q = self.linear_q_proj(x)
-        else:
-            latent_q = self.q_layernorm(self.linear_q_down_proj(x))
-            if self.sequence_parallel:
-                latent_q = self._gather_sequence(latent_q, grad_is_partial=False)
-            q = self.linear_q_proj(latent_q)
+            return self.linear_q_proj(x)
+        latent_q = self.q_layernorm(self.linear_q_down_proj(x))
+        if self.sequence_parallel:
+            latent_q = self._gather_sequence(latent_q, grad_is_partial=False)
+        return self.linear_q_proj(latent_q)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        paged: PagedBatch | None = None,
+    ):
+        if paged is not None:
+            return self._forward_paged(x, rotary, paged)
+        q = self._project_q(x)
         latent_kv, k_rope = self.linear_kv_down_proj(x).split(
             [self.kv_lora_rank, self.rope_dim], dim=-1
         )
@@ -234,3 +265,36 @@ class MLASelfAttention(torch.nn.Module):
         k = torch.cat([k_nope, k_rope.expand(-1, self.local_heads, -1, -1)], dim=-1)
         out = self.core_attention(q, k, v, self.softmax_scale)
         return self.linear_proj(_sequence_first(out))
+
+    def _forward_paged(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, paged: PagedBatch
+    ) -> torch.Tensor:
+        """Attention in the latent space, over a cache of latents and rope keys.
+
+        The key up-projection is absorbed into the queries (``q_nope . (W_uk c) = (W_uk^T
+        q_nope) . c``) and the value up-projection applied after attention to the weighted
+        latents, so the cached context is never expanded to per-head keys and values.
+        """
+        q = _heads_first(self._project_q(x), self.local_heads)[0].transpose(0, 1)  # [T, h, *]
+        q_nope, q_rope = q.split([self.qk_head_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.linear_kv_down_proj(x).split([self.kv_lora_rank, self.rope_dim], -1)
+        latent = self.kv_layernorm(latent)[:, 0]  # [T, r]
+        k_rope = _heads_first(k_rope, 1)  # [1, 1, T, rope]
+        if rotary is not None:
+            q_rope = apply_rotary(q_rope.transpose(0, 1)[None], *rotary)[0].transpose(0, 1)
+            k_rope = apply_rotary(k_rope, *rotary)
+        up = self.linear_kv_up_proj.weight.view(
+            self.local_heads, self.qk_head_dim + self.v_head_dim, self.kv_lora_rank
+        )
+        w_uk, w_uv = up.split([self.qk_head_dim, self.v_head_dim], dim=1)
+        q_latent = torch.einsum("thd,hdr->thr", q_nope, w_uk)
+        entry = torch.cat([latent, k_rope[0, 0].to(latent.dtype)], dim=-1).unsqueeze(1)
+        weighted = paged.attend_latent(
+            self.layer_number,
+            torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1),
+            entry,
+            self.kv_lora_rank,
+            self.softmax_scale,
+        )  # [T, h, r]
+        out = torch.einsum("thr,hvr->thv", weighted, w_uv)
+        return self.linear_proj(out.reshape(out.shape[0], 1, -1))

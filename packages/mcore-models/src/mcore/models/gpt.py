@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mcore.models.config import TransformerConfig
 from mcore.models.context import ModelContext
+from mcore.models.inference import KVCacheSpec, PagedBatch
 from mcore.models.layer import LayerSpec, TransformerLayer, layer_specs
 from mcore.models.rope import RotaryEmbedding
 from mcore.parallel import (
@@ -246,6 +247,53 @@ class GPTModel(torch.nn.Module):
             logits, labels.t(), tp_group=self.parallel_state.tp_group
         )
         return loss.t().contiguous()
+
+    def kv_cache_specs(self) -> dict[int, KVCacheSpec]:
+        """What each attention layer keeps per token in a paged KV cache, by layer number
+        (layers without attention keep nothing)."""
+        specs = {}
+        for layer in self.layers.values():
+            attention = layer.self_attention
+            if attention is None:
+                continue
+            spec = getattr(attention, "kv_cache_spec", None)
+            if spec is None:
+                raise NotImplementedError(
+                    f"layer {layer.layer_number}: attention {type(attention).__name__} has no "
+                    "kv_cache_spec(), so it cannot run over a paged KV cache"
+                )
+            specs[layer.layer_number] = spec()
+        return specs
+
+    def forward_paged(self, batch: PagedBatch) -> torch.Tensor:
+        """Logits ``[len(batch.logits_rows), vocab]`` of the inference engine's flat token
+        batch: every attention layer writes the tokens' keys/values into the paged cache and
+        attends over each request's cached context (see ``mcore.models.inference``).
+
+        Only the rows in ``batch.logits_rows`` go through the final norm and output layer.
+        Runs the whole model on this rank (no pipeline stages, no sequence parallelism).
+        """
+        if not (self.pre_process and self.post_process):
+            raise NotImplementedError(
+                "forward_paged runs the whole model: pipeline-parallel stages are not supported "
+                "at inference yet"
+            )
+        if self.sequence_parallel:
+            raise NotImplementedError(
+                "forward_paged needs sequence_parallel=False (build the model without it)"
+            )
+        positions = batch.positions.unsqueeze(0)  # [1, T]
+        x = self.embedding(batch.input_ids.unsqueeze(1))  # [T, 1, h]
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(positions.t())
+        rotary = self.rotary(positions) if self.rotary is not None else None
+        for layer in self.layers.values():
+            x = layer(x, rotary, paged=batch)
+        x = self.final_layernorm(x[batch.logits_rows])  # [R, 1, h]
+        weight = self.embedding.weight if self.tied_embeddings else None
+        logits = self.output_layer(x, weight=weight)
+        logits = gather_from_tensor_parallel_region(logits, self.parallel_state.tp_group)
+        return logits[:, 0]
 
     def reduce_partial_grads(self) -> None:
         """Sum over TP the gradients of replicated parameters that each rank sees part of.

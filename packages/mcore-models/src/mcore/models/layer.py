@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mcore.models.config import TransformerConfig
 from mcore.models.context import ModelContext, mark_tp_partial_grad
+from mcore.models.inference import PagedBatch
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,17 @@ class TransformerLayer(torch.nn.Module):
             norms = [n for n in (self.input_layernorm, self.pre_mlp_layernorm) if n is not None]
             mark_tp_partial_grad(*(p for n in norms for p in n.parameters()))
 
-    def forward(self, x: torch.Tensor, rotary=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rotary=None, paged: PagedBatch | None = None
+    ) -> torch.Tensor:
+        """``paged``: at inference, the engine's batch over the paged KV cache (see
+        ``mcore.models.inference``); ``x`` is then the flat token row ``[T, 1, h]``."""
         if self.self_attention is not None:
-            h = self.self_attention(self.input_layernorm(x), rotary)
+            normed = self.input_layernorm(x)
+            if paged is None:
+                h = self.self_attention(normed, rotary)
+            else:
+                h = self.self_attention(normed, rotary, paged=paged)
             x = x + F.dropout(h, self.dropout, self.training)
         if self.mlp is not None:
             h = self.mlp(self.pre_mlp_layernorm(x))

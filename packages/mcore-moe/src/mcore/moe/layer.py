@@ -38,6 +38,8 @@ class MoELayer(torch.nn.Module):
 
     aux_loss_scale: float = 1.0
     """Backward scale of the balancing losses; the training runtime sets it per step."""
+    drop_tokens: bool = True
+    """Apply ``expert_capacity_factor`` (drop tokens over capacity); off at inference."""
 
     def __init__(self, ctx: ModelContext, *, layer_number: int | None = None) -> None:
         super().__init__()
@@ -84,7 +86,7 @@ class MoELayer(torch.nn.Module):
         if self.training and torch.is_grad_enabled():
             probs = self._balancing_losses(probs, routed, routing_map, num_sequences=shape[1])
         moe = self.moe
-        if moe.expert_capacity_factor is not None:
+        if moe.expert_capacity_factor is not None and self.drop_tokens:
             capacity = expert_capacity(
                 hidden.shape[0], moe.router_topk, self.num_experts, moe.expert_capacity_factor
             )
@@ -106,6 +108,11 @@ class MoELayer(torch.nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def set_inference_mode(self, enabled: bool) -> None:
+        """Serving routes every token to the experts it chose: capacity dropping (a training
+        regulariser) would make a token's output depend on the rest of the batch."""
+        self.drop_tokens = not enabled
 
     def _balancing_losses(self, probs, routed, routing_map, *, num_sequences: int):
         """Attach the load-balancing and z-losses to ``probs`` (their gradient joins backward)."""
