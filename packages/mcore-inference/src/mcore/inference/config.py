@@ -1,41 +1,95 @@
-"""The ``[inference]`` config section: engine capacity and the server's address."""
+"""The ``[inference]`` config section: engine capacity, KV cache, CUDA graphs and the server."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from mcore.core import ConfigErrors
 
 
 @dataclass(kw_only=True)
 class InferenceConfig:
-    """Inference engine and server."""
+    """Inference engine, KV cache and server."""
 
     max_requests: int = 64
-    """Requests in flight at once."""
-    max_tokens: int | None = None
-    """Tokens per engine step (prefill chunks and decodes together); unset means no cap."""
+    """Requests in flight at once (running; more wait in the queue)."""
+    max_tokens: int | None = 2048
+    """Tokens per engine step, prefill chunks and decodes together: longer prompts are
+    prefilled in chunks over several steps; unset means no cap (whole prompts at once)."""
     max_sequence_length: int = 4096
-    """Longest prompt plus completion."""
+    """Longest prompt plus completion (capped by the model's max_position_embeddings)."""
     block_size_tokens: int = 256
     """Tokens per paged KV-cache block."""
     buffer_size_gb: float = 4.0
-    """Memory reserved for the KV cache."""
+    """Memory reserved for the KV cache (never more than max_requests full-length
+    sequences need)."""
+    kv_cache_blocks: int | None = None
+    """Number of KV-cache blocks, overriding buffer_size_gb (tests, tight memory)."""
+    enable_prefix_caching: bool = True
+    """Share the cache blocks of identical prompt prefixes between requests."""
+    suspend_mode: Literal["offload", "recompute"] = "offload"
+    """What suspend() does with the KV cache: copy the blocks in use to host memory and back
+    on resume (bit-exact), or drop them and recompute on resume (frees host memory too)."""
     enable_cuda_graph: bool = False
-    """Capture CUDA graphs for the decode step (GPU only)."""
+    """Capture CUDA graphs for a set of batch shapes and replay them (GPU only)."""
+    cuda_graph_decode_sizes: list[int] | None = None
+    """Decode-request counts to capture; unset means 1, 2, 4, 8, ... up to max_requests."""
+    cuda_graph_prefill_tokens: list[int] | None = None
+    """Prefill-chunk token counts to capture for steps mixing one prefill request with decodes;
+    unset means 64 and 256 (capped by max_tokens); an empty list captures decode-only graphs."""
+    device: str | None = None
+    """Device of the engine (cuda, cuda:1, cpu); unset means cuda when available."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype of the model and the KV cache; auto means bfloat16 on CUDA, else float32."""
+    seed: int = 0
+    """Seed of the sampler for requests that do not give their own."""
     host: str = "127.0.0.1"
     """Address the HTTP server binds to."""
     port: int | None = None
     """Port of the HTTP server; unset picks a free one."""
     api_key: str | None = None
     """Require this bearer token on every request."""
+    served_model_name: str | None = None
+    """Model name the server reports and accepts; unset means the model directory's name."""
+    data_parallel_size: int = 1
+    """Engine processes behind the server, joined by the ZMQ coordinator; 1 runs the engine
+    inside the server process."""
+    heartbeat_timeout_s: float = 10.0
+    """The coordinator declares an engine rank dead after this long without a heartbeat."""
 
     def validate(self, errors: ConfigErrors) -> None:
-        for name in ("max_requests", "max_tokens", "max_sequence_length", "block_size_tokens"):
+        for name in (
+            "max_requests",
+            "max_tokens",
+            "max_sequence_length",
+            "block_size_tokens",
+            "data_parallel_size",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 errors.add(name, f"must be >= 1, got {value}")
+        if self.kv_cache_blocks is not None and self.kv_cache_blocks < 2:
+            errors.add(
+                "kv_cache_blocks", f"must be >= 2 (one is scratch), got {self.kv_cache_blocks}"
+            )
         if self.buffer_size_gb <= 0:
             errors.add("buffer_size_gb", f"must be > 0, got {self.buffer_size_gb}")
         if self.port is not None and not 0 < self.port < 65536:
             errors.add("port", f"must be a TCP port (1-65535), got {self.port}")
+        if self.heartbeat_timeout_s <= 0:
+            errors.add("heartbeat_timeout_s", f"must be > 0, got {self.heartbeat_timeout_s}")
+        for name in ("cuda_graph_decode_sizes", "cuda_graph_prefill_tokens"):
+            sizes = getattr(self, name)
+            if sizes and min(sizes) < 1:
+                errors.add(name, f"sizes must be >= 1, got {sizes}")
+
+    def checked(self) -> InferenceConfig:
+        """Raise ``ConfigError`` naming every invalid field; returns ``self``."""
+        from mcore.core import ConfigError
+
+        errors = ConfigErrors("inference.")
+        self.validate(errors)
+        if errors:
+            raise ConfigError(errors.messages)
+        return self

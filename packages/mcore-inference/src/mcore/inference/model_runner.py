@@ -1,0 +1,65 @@
+"""The model runner: one step's chunks in, the logits of the requests that sample out.
+
+It builds the step's batch through the context, replays a CUDA graph when one was captured for
+a shape the step fits, and otherwise runs the model's paged forward eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mcore.inference.config import InferenceConfig
+from mcore.inference.context import BatchDims, DynamicInferenceContext
+from mcore.inference.cuda_graphs import CudaGraphRunner, graph_shapes
+from mcore.inference.scheduler import ScheduledChunk
+
+
+class ModelRunner:
+    """Runs ``model.forward_paged`` over the context's KV cache."""
+
+    def __init__(
+        self, model: torch.nn.Module, context: DynamicInferenceContext, config: InferenceConfig
+    ) -> None:
+        self.model = model
+        self.context = context
+        self.graphs: CudaGraphRunner | None = None
+        if config.enable_cuda_graph and context.device.type == "cuda":
+            shapes = graph_shapes(
+                config.max_requests,
+                config.max_tokens,
+                config.cuda_graph_decode_sizes,
+                config.cuda_graph_prefill_tokens,
+            )
+            self.graphs = CudaGraphRunner(model, context, shapes)
+            self.graphs.capture()
+        self.graph_steps = 0
+        self.eager_steps = 0
+
+    @torch.inference_mode()
+    def execute(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, list]:
+        """``(logits [S, vocab], chunks)``: one row per chunk that samples, in that order."""
+        dims = None
+        if self.graphs is not None:
+            decode = sum(1 for c in chunks if c.num_tokens == 1)
+            actual = BatchDims(sum(c.num_tokens for c in chunks), len(chunks) - decode, decode)
+            dims = self.graphs.pick(actual)
+        batch = self.context.build_batch(chunks, dims)
+        if dims is not None:
+            logits = self.graphs.replay(dims, batch.paged)
+            self.graph_steps += 1
+        else:
+            logits = self.model.forward_paged(batch.paged)
+            self.eager_steps += 1
+        if batch.sample_rows is not None:
+            logits = logits.index_select(0, batch.sample_rows)
+        return logits, batch.sample_chunks
+
+    def release_graphs(self) -> None:
+        if self.graphs is not None:
+            self.graphs.release()
+
+    def recapture_graphs(self) -> None:
+        if self.graphs is not None:
+            self.graphs.capture()

@@ -1,0 +1,130 @@
+"""The scheduler: which requests run in the next step, and how many tokens each computes.
+
+Continuous batching in one token budget per step (``inference.max_tokens``): running requests
+come first, in the order they were admitted, each with its next chunk (one token when
+decoding, up to the rest of the budget when prefilling, so a long prompt is prefilled in chunks
+over several steps); then waiting requests are admitted, oldest first, while the budget, the
+request limit and the KV cache allow. A waiting request first takes the cached blocks of its
+prompt's prefix.
+
+When a running request needs a block and none is free, the most recently admitted running
+request is preempted: its blocks are released and it goes back to the front of the queue with
+everything it generated, to be recomputed later. No request is ever dropped; a step that had to
+preempt admits nobody new.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from mcore.inference.errors import RequestId
+from mcore.inference.kv_cache import KVCacheManager
+from mcore.inference.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """``request`` computes its tokens ``[start, start + num_tokens)`` this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether the chunk reaches the request's last token, so a new one is sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    """Waiting and running requests over one :class:`KVCacheManager`."""
+
+    def __init__(self, kv: KVCacheManager, *, max_requests: int, max_tokens: int | None) -> None:
+        self.kv = kv
+        self.max_requests = max_requests
+        self.max_tokens = max_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_tokens if self.max_tokens is not None else float("inf")
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = int(min(request.num_tokens - request.num_computed_tokens, budget))
+            while not self.kv.allocate(request, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
+                budget -= n
+                i += 1
+        if out.preempted:
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.max_requests:
+            request = self.waiting[0]
+            cached = self.kv.match_prefix(request)
+            request.num_computed_tokens = cached
+            n = int(min(request.num_tokens - cached, budget))
+            if not self.kv.allocate(request, n):
+                self.kv.free(request)  # give back the prefix blocks it took
+                request.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            metrics = request.metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = time.monotonic()
+                metrics.num_cached_prompt_tokens = cached
+            self.running.append(request)
+            out.chunks.append(ScheduledChunk(request, cached, n))
+            budget -= n
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.preempt()
+        self.waiting.appendleft(request)
+
+    def preempt_all(self) -> None:
+        """Release every running request's blocks; all wait, in their admission order, ahead
+        of the requests that were already waiting."""
+        while self.running:
+            self._preempt(self.running.pop())
+
+    def finish(self, request: Request) -> None:
+        """Forget a finished (or aborted) request and release its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+
+    def find(self, request_id: RequestId) -> Request | None:
+        for request in (*self.running, *self.waiting):
+            if request.request_id == request_id:
+                return request
+        return None
