@@ -146,19 +146,19 @@ def _engine_config(**overrides):
     return InferenceConfig(**{**base, **overrides})
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def hf_greedy():
     """``hf_greedy(hf_model, prompt_ids, n)``: transformers' greedy continuation."""
     return _hf_greedy
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def random_prompts():
     """``random_prompts(lengths, vocab, seed=1)``: random token-id prompts."""
     return _random_prompts
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def engine_config():
     """``engine_config(**overrides)``: an ``InferenceConfig`` sized for CPU tests."""
     return _engine_config

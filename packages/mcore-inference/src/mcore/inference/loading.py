@@ -6,20 +6,23 @@ The kind is detected from the directory:
   ``mcore.models.hf.load_hf`` (any architecture in the ``hf_architecture`` registry, MoE ones
   with mcore-moe installed), the tokenizer from ``tokenizer.json`` (:class:`HFTextTokenizer`),
   or None when the directory has none.
-- **mcore checkpoint**: what ``mcore train`` writes to ``checkpoint.save``. The run's config
-  (``config.toml`` in the directory, or the file given as ``config_file``) says how to build
-  the model (``[model]``, plus sections such as ``[moe]``) and the tokenizer (``[data]``).
-  The weights are read by the checkpoint format named in ``checkpoint.ckpt_format``, looked up
-  in the ``checkpoint_format`` registry, so this package never imports mcore-ckpt: the entry is
-  called with no arguments and the object it returns must have
-  ``load_model(path, model) -> None`` (see :data:`CHECKPOINT_FORMAT_CONTRACT`). Directories of
-  the training loop's interim per-rank files (``model_rank00000.pt``, written before mcore-ckpt's
-  formats) are read directly when the run had one model replica per rank (no TP/PP).
+- **mcore checkpoint**: what ``mcore train`` saves: a save directory whose ``latest`` names
+  the newest ``iter_*`` folder, or one such folder itself (it holds ``common.json``). Its
+  ``common.json`` carries the run config (``config``), the model's own config (``model``,
+  with the padded vocabulary) and the ``format``. The model is built from those through the
+  ``model`` registry and the tokenizer from the run's ``[data]`` section; the weights are read
+  by the format's entry in the ``checkpoint_format`` registry, so this package never imports
+  mcore-ckpt (see :data:`CHECKPOINT_FORMAT_CONTRACT`). Save directories of the training
+  loop's interim per-rank files (``model_rank00000.pt`` with a ``config.toml``) are read
+  directly when every rank held a whole model replica (no TP/PP/EP).
+
+``config_file`` (``--run-config``) gives the run config when the checkpoint lacks one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -30,14 +33,18 @@ from mcore.core import McoreError, get_plugin_manager
 from mcore.inference.tokenizer import CoreTextTokenizer, HFTextTokenizer, TextTokenizer
 
 ModelKind = Literal["hf", "mcore"]
+COMMON = "common.json"
+LATEST = "latest"
+INTERIM = "model_rank00000.pt"
 
 CHECKPOINT_FORMAT_CONTRACT = """\
-A `checkpoint_format` registry entry, called with no arguments, returns an object with
-    load_model(path: str | pathlib.Path, model: torch.nn.Module) -> None
-that finds the newest checkpoint under `path` (following a `latest` pointer when there is one)
-and loads the model weights into `model` -- built by the caller from the run's config for its
-own parallel layout -- resharding as needed; it raises naming any missing or unexpected
-tensor. Only model weights are read (no optimizer state)."""
+The `checkpoint_format` registry entry named by common.json's `format` (the entry itself, or
+what calling it with no arguments returns, when it is a class or factory) has either
+    load_model(folder: pathlib.Path, model: torch.nn.Module) -> None
+(preferred: model weights only, into a model the caller built for its own layout, resharding
+as needed, raising on missing or unexpected tensors), or the training loop's
+    load(folder, [model], None, group=None, common=<common.json as a dict>) -> None
+where `folder` is the iter_* folder holding common.json."""
 
 
 def detect_model_kind(path: str | Path) -> ModelKind:
@@ -47,13 +54,12 @@ def detect_model_kind(path: str | Path) -> ModelKind:
         raise McoreError(f"--model {str(path)!r}: no such directory")
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "hf"
-    markers = ("config.toml", "latest", "model_rank00000.pt")
-    if any((path / m).exists() for m in markers) or any(path.glob("iter_*")):
+    if any((path / marker).is_file() for marker in (COMMON, LATEST, INTERIM, "config.toml")):
         return "mcore"
     raise McoreError(
         f"--model {str(path)!r} is neither a Hugging Face model directory (config.json and "
         "*.safetensors) nor an mcore checkpoint (what `mcore train --checkpoint.save DIR` "
-        "writes: config.toml with model_rank*.pt files or a `latest` pointer)"
+        f"writes: a `{LATEST}` pointer to iter_* folders holding {COMMON})"
     )
 
 
@@ -62,57 +68,104 @@ def load_model(
 ) -> tuple[torch.nn.Module, TextTokenizer | None]:
     """The model (on the CPU, fp32, evaluation mode) and tokenizer of the directory ``path``.
 
-    ``config_file`` names the run config of an mcore checkpoint that has no ``config.toml``.
     The tokenizer is None when a Hugging Face directory has no ``tokenizer.json``.
     """
     path = Path(path)
-    kind = detect_model_kind(path)
-    if kind == "hf":
+    if detect_model_kind(path) == "hf":
         from mcore.models.hf import load_hf
 
         model = load_hf(path)
-        tokenizer = HFTextTokenizer(path) if (path / "tokenizer.json").is_file() else None
-        return model.eval(), tokenizer
+        return model.eval(), load_tokenizer(path)
     return _load_mcore(path, config_file)
 
 
 def load_tokenizer(
     path: str | Path, *, config_file: str | Path | None = None
 ) -> TextTokenizer | None:
-    """Only the tokenizer of a model directory (a front end that runs no model)."""
+    """Only the tokenizer of a model directory (for a front end that runs no model)."""
     path = Path(path)
     if detect_model_kind(path) == "hf":
         return HFTextTokenizer(path) if (path / "tokenizer.json").is_file() else None
     from mcore.core.data.tokenizer import build_tokenizer
 
-    return CoreTextTokenizer(build_tokenizer(_run_config(path, config_file)))
+    _, common = _checkpoint(path)
+    return CoreTextTokenizer(build_tokenizer(_run_config(path, common, config_file)))
 
 
-def _run_config(path: Path, config_file: str | Path | None) -> Any:
+# -- mcore checkpoints -----------------------------------------------------------------------
+
+
+def _checkpoint(path: Path) -> tuple[Path, dict[str, Any] | None]:
+    """The folder to load from and its ``common.json`` (None for the interim layout)."""
+    if (path / COMMON).is_file():
+        return path, _read_common(path)
+    if (path / LATEST).is_file():
+        name = (path / LATEST).read_text().strip()
+        folder = path / name
+        if not name or not (folder / COMMON).is_file():
+            raise McoreError(
+                f"{str(path / LATEST)!r} names {name[:60]!r}, which is not a complete "
+                f"checkpoint in {str(path)!r} (no {COMMON})"
+            )
+        return folder, _read_common(folder)
+    if (path / INTERIM).is_file():
+        return path, None
+    raise McoreError(
+        f"{str(path)!r} holds no mcore checkpoint to load: no {LATEST} pointer, no {COMMON} "
+        f"and no {INTERIM}"
+    )
+
+
+def _read_common(folder: Path) -> dict[str, Any]:
+    try:
+        common = json.loads((folder / COMMON).read_text())
+    except (OSError, ValueError) as exc:
+        raise McoreError(f"{str(folder / COMMON)!r} cannot be read: {exc}") from exc
+    if not isinstance(common, dict):
+        raise McoreError(f"{str(folder / COMMON)!r} is not an mcore checkpoint record")
+    return common
+
+
+def _run_config(path: Path, common: dict[str, Any] | None, config_file: str | Path | None) -> Any:
+    """The run's config: ``config_file``, else the checkpoint's own record of it."""
     from mcore.core import load_config
+    from mcore.core.config import build_config, config_sections
 
-    file = Path(config_file) if config_file is not None else path / "config.toml"
-    if not file.is_file():
-        raise McoreError(
-            f"mcore checkpoint {str(path)!r} has no config.toml, which says how to build the "
-            "model; pass the run's config file (mcore generate/serve --config FILE)"
-        )
-    return load_config(file)
+    if config_file is not None:
+        return load_config(config_file)
+    if common is not None and isinstance(common.get("config"), dict):
+        sections = config_sections()
+        # Sections of plugins not installed here are left out; a model that needs one fails
+        # to build with the registry's "install ..." message.
+        values = {k: v for k, v in common["config"].items() if k in sections}
+        if isinstance(common.get("model"), dict) and common["model"]:
+            values["model"] = common["model"]  # the model as built (padded vocabulary)
+        values = {k: {f: x for f, x in v.items() if x is not None} for k, v in values.items()}
+        return build_config(values, sections)
+    if (path / "config.toml").is_file():
+        return load_config(path / "config.toml")
+    raise McoreError(
+        f"mcore checkpoint {str(path)!r} records no run config (no 'config' in {COMMON}, no "
+        "config.toml), which says how to build the model; pass the run's config file "
+        "(mcore generate/serve --run-config FILE)"
+    )
 
 
-def _load_mcore(path: Path, config_file: str | Path | None) -> tuple[torch.nn.Module, Any]:
+def _load_mcore(
+    path: Path, config_file: str | Path | None
+) -> tuple[torch.nn.Module, TextTokenizer]:
     from mcore.core.data.tokenizer import build_tokenizer
     from mcore.parallel import ParallelState
 
-    config = _run_config(path, config_file)
+    folder, common = _checkpoint(path)
+    config = _run_config(path, common, config_file)
     tokenizer = build_tokenizer(config)
-    interim = path / "model_rank00000.pt"
-    state = _read_interim(path, config) if interim.is_file() else None
+    state = _read_interim(path, config) if common is None else None
     model_config = config.model
     if model_config.vocab_size is None:
         if state is not None and "embedding.weight" in state:
             vocab = state["embedding.weight"].shape[0]
-        else:  # as mcore train pads it: a multiple of 128 (and of TP)
+        else:  # as mcore train pads it: a multiple of 128
             vocab = math.ceil(tokenizer.vocab_size / 128) * 128
         model_config = dataclasses.replace(model_config, vocab_size=vocab)
     registries = get_plugin_manager().registries
@@ -123,17 +176,17 @@ def _load_mcore(path: Path, config_file: str | Path | None) -> tuple[torch.nn.Mo
         missing = [k for k in missing if not k.endswith("inv_freq")]
         if missing or unexpected:
             raise McoreError(
-                f"{str(interim)!r} does not match the model its config.toml builds: missing "
+                f"{str(path / INTERIM)!r} does not match the model its config builds: missing "
                 f"{missing[:5]}, unexpected {unexpected[:5]}"
             )
     else:
-        _load_with_format(path, config, model, registries)
+        _load_with_format(folder, common, model, registries)
     return model.eval(), CoreTextTokenizer(tokenizer)
 
 
 def _read_interim(path: Path, config: Any) -> dict[str, torch.Tensor]:
-    """The interim per-rank files of the training loop: rank 0's holds the whole model when
-    every rank was a data-parallel replica."""
+    """The training loop's interim per-rank files: rank 0's holds the whole model when every
+    rank was a data-parallel replica."""
     parallel = getattr(config, "parallel", None)
     layout = {
         name: getattr(parallel, name, 1)
@@ -151,7 +204,7 @@ def _read_interim(path: Path, config: Any) -> dict[str, torch.Tensor]:
             "inference needs mcore-ckpt's resharding formats (pip install mcore-ckpt and save "
             "with --checkpoint.ckpt-format torch_dist)"
         )
-    states = torch.load(path / "model_rank00000.pt", map_location="cpu", weights_only=True)
+    states = torch.load(path / INTERIM, map_location="cpu", weights_only=True)
     if isinstance(states, list):  # one state dict per model chunk
         if len(states) != 1:
             raise McoreError(f"{str(path)!r} holds {len(states)} model chunks; expected one")
@@ -159,20 +212,27 @@ def _read_interim(path: Path, config: Any) -> dict[str, torch.Tensor]:
     return states
 
 
-def _load_with_format(path: Path, config: Any, model: torch.nn.Module, registries: Any) -> None:
-    name = config.checkpoint.ckpt_format
+def _load_with_format(
+    folder: Path, common: dict[str, Any], model: torch.nn.Module, registries: Any
+) -> None:
+    name = common.get("format")
     formats = registries["checkpoint_format"]
-    if name not in formats:
+    if not isinstance(name, str) or name not in formats:
         raise McoreError(
-            f"mcore checkpoint {str(path)!r} is in format {name!r} (checkpoint.ckpt_format), "
-            f"and no installed plugin provides it (known: {formats.names() or 'none'}). "
+            f"mcore checkpoint {str(folder)!r} is in format {name!r} ({COMMON}), and no "
+            f"installed plugin provides it (known: {', '.join(formats.names()) or 'none'}). "
             "Install mcore-ckpt (pip install mcore-ckpt), which registers the checkpoint formats."
         )
-    fmt = formats.get(name)()
-    loader = getattr(fmt, "load_model", None)
-    if not callable(loader):
+    fmt = formats.get(name)
+    loads = hasattr(fmt, "load_model") or hasattr(fmt, "load")
+    if isinstance(fmt, type) or (callable(fmt) and not loads):
+        fmt = fmt()  # a class or factory
+    if callable(getattr(fmt, "load_model", None)):
+        fmt.load_model(folder, model)
+    elif callable(getattr(fmt, "load", None)):
+        fmt.load(folder, [model], None, group=None, common=common)
+    else:
         raise McoreError(
-            f"checkpoint format {name!r} ({type(fmt).__name__}) has no load_model(path, model); "
-            f"mcore-inference expects:\n{CHECKPOINT_FORMAT_CONTRACT}"
+            f"checkpoint format {name!r} ({type(fmt).__name__}) cannot load a model for "
+            f"inference; mcore-inference expects:\n{CHECKPOINT_FORMAT_CONTRACT}"
         )
-    loader(path, model)

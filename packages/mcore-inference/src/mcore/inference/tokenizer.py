@@ -184,6 +184,14 @@ class HFTextTokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def token_text(self, token_id: int) -> str:
+        """How one token reads in logprobs: its text, or its vocabulary entry when alone it is
+        no whole character (a byte of a multi-byte one), so every id has its own key."""
+        text = self._tok.decode([int(token_id)], skip_special_tokens=False)
+        if not text or "\ufffd" in text:
+            return self._tok.id_to_token(int(token_id)) or f"<{token_id}>"
+        return text
+
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
     ) -> str:
@@ -221,6 +229,10 @@ class CoreTextTokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids))
+
+    def token_text(self, token_id: int) -> str:
+        text = self._tok.decode([int(token_id)])
+        return text if text and "\ufffd" not in text else f"<{token_id}>"
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True

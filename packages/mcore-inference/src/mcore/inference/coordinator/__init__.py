@@ -1,0 +1,1 @@
+"""The data-parallel coordinator: a ZMQ ROUTER between clients and engine ranks (msgpack)."""
