@@ -89,12 +89,39 @@ def test_one_event_loop_routes_controls_and_stops_cleanly(
         raw.close(linger=0)
         assert (await client.submit(prompts[0], GREEDY)).token_ids == expected[0]
 
+        # The HTTP server runs over the coordinator as it does over an in-process engine.
+        await _http_over(client, tokenizer, prompts[0], expected[0])
+
         assert await client.stop() == 2  # both ranks acknowledged, then exit
         await asyncio.wait_for(asyncio.gather(served, *ranks), timeout=30)
         assert coordinator.stopped_by_signal
         await client.close()
 
     asyncio.run(main())
+
+
+async def _http_over(client, tokenizer, prompt: list[int], expected: list[int]) -> None:
+    import aiohttp
+
+    from mcore.inference.server.app import OpenAIServer, run_http_server
+
+    server = OpenAIServer(client, tokenizer, model_name="tiny")
+    stop, ready = asyncio.Event(), asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_http_server(server, ready=ready.set_result, stop=stop))
+    url = await ready
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/completions", json=body) as response:
+            answer = await response.json()
+        assert response.status == 200, answer
+        assert answer["choices"][0]["text"] == tokenizer.decode(expected)
+        async with http.post(url + "/v1/completions", json={**body, "stream": True}) as response:
+            events = [line async for line in response.content if line.startswith(b"data: ")]
+        assert events[-1] == b"data: [DONE]\n"
+        async with http.get(url + "/metrics") as response:
+            assert "mcore_engines_alive 2" in await response.text()
+    stop.set()
+    await task
 
 
 def _spawn_rank(folder, address: str, rank: int, log) -> subprocess.Popen:

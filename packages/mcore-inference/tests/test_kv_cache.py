@@ -1,0 +1,76 @@
+"""The KV-cache manager's bookkeeping: blocks, references, the prefix cache and eviction."""
+
+from __future__ import annotations
+
+from mcore.inference.kv_cache import SCRATCH_BLOCK, KVCacheManager
+from mcore.inference.request import Request
+from mcore.inference.sampling import SamplingParams
+
+BLOCK = 4
+
+
+def _request(rid, tokens: list[int]) -> Request:
+    return Request(rid, tokens, SamplingParams(), max_new_tokens=8)
+
+
+def _compute(kv: KVCacheManager, request: Request, n: int) -> None:
+    """What a step does: room for ``n`` tokens, compute them, name the full blocks."""
+    assert kv.allocate(request, n)
+    request.num_computed_tokens += n
+    kv.commit(request)
+
+
+def test_blocks_follow_computed_tokens_and_come_back_when_freed() -> None:
+    kv = KVCacheManager(6, BLOCK)
+    request = _request("a", list(range(10)))
+    _compute(kv, request, 10)
+    assert len(kv.block_ids("a")) == 3 and SCRATCH_BLOCK not in kv.block_ids("a")
+    assert kv.usage() == 3 / 5
+    other = _request("b", list(range(100, 112)))
+    assert not kv.allocate(other, 12)  # 3 blocks wanted, 2 left: nothing is taken
+    assert kv.block_ids("b") == [] and kv.usage() == 3 / 5
+    kv.free(request)
+    assert kv.usage() == 0 and kv.allocate(other, 12)
+
+
+def test_a_shared_prefix_is_matched_block_by_block_leaving_the_last_token() -> None:
+    kv = KVCacheManager(16, BLOCK)
+    first = _request("a", list(range(13)))
+    _compute(kv, first, 13)  # 3 full blocks named
+    same_start = _request("b", [*range(9), 99, 98, 97, 96])
+    assert kv.match_prefix(same_start) == 8  # blocks 0-3 and 4-7; block 8-11 differs
+    assert kv.block_ids("b") == kv.block_ids("a")[:2]
+    exact = _request("c", list(range(12)))  # all 3 blocks cached, but the last token recomputes
+    assert kv.match_prefix(exact) == 8
+    assert kv.prefix_hits == 16
+
+
+def test_released_named_blocks_stay_cached_until_their_memory_is_needed() -> None:
+    kv = KVCacheManager(5, BLOCK)  # 4 usable blocks
+    first = _request("a", list(range(9)))
+    _compute(kv, first, 9)
+    kv.free(first)
+    assert kv.usage() == 0
+    again = _request("b", list(range(9)))
+    assert kv.match_prefix(again) == 8  # still cached after the free
+    kv.free(again)
+    # A request that needs every block evicts the cached ones; the cache then forgets them.
+    big = _request("c", list(range(500, 516)))
+    assert kv.allocate(big, 16)
+    kv.free(big)
+    assert kv.match_prefix(_request("d", list(range(9)))) == 0
+
+
+def test_new_weights_forget_every_cached_block() -> None:
+    kv = KVCacheManager(16, BLOCK)
+    first = _request("a", list(range(9)))
+    _compute(kv, first, 9)
+    kv.reset_prefix_cache()
+    _compute(kv, first, 0)  # blocks computed under the old weights are not named again
+    assert kv.match_prefix(_request("b", list(range(9)))) == 0
+
+
+def test_prefix_caching_can_be_turned_off() -> None:
+    kv = KVCacheManager(16, BLOCK, enable_prefix_caching=False)
+    _compute(kv, _request("a", list(range(9))), 9)
+    assert kv.match_prefix(_request("b", list(range(9)))) == 0
