@@ -58,8 +58,7 @@ def test_one_event_loop_routes_controls_and_stops_cleanly(
     async def main() -> None:
         coordinator = InferenceCoordinator()  # port chosen automatically
         served = asyncio.create_task(coordinator.serve())
-        while coordinator.port is None:
-            await asyncio.sleep(0.01)
+        await coordinator.wait_started()
         ranks = []
         for rank in range(2):
             engine = DynamicInferenceEngine(
@@ -98,6 +97,42 @@ def test_one_event_loop_routes_controls_and_stops_cleanly(
         await client.close()
 
     asyncio.run(main())
+
+
+def test_a_rank_that_shuts_down_says_goodbye_and_its_requests_fail(llama_dir, engine_config):
+    model, tokenizer = load_model(llama_dir)
+    engine = DynamicInferenceEngine(model, engine_config(**RANK_CONFIG), tokenizer=tokenizer)
+
+    async def main() -> None:
+        coordinator = InferenceCoordinator(port=_free_port())  # a port of our choosing
+        served = asyncio.create_task(coordinator.serve())
+        await coordinator.wait_started()
+        stop = asyncio.Event()
+        rank = asyncio.create_task(EngineRank(engine, coordinator.address).serve(stop=stop))
+        client = await InferenceClient(coordinator.address).start(wait_for_engines=1)
+        long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+        stream = await client.add_request([5, 6, 7], long)
+        first = await stream.__anext__()
+        assert not first.finished
+        stop.set()  # e.g. SIGTERM in an engine process
+        final = await stream.final()
+        assert final.finish_reason == "error" and "shut down" in final.error
+        await asyncio.wait_for(rank, timeout=30)
+        out = await client.submit([5, 6], GREEDY)  # nobody left to serve it
+        assert out.finish_reason == "error" and "no engine rank" in out.error
+        await client.close()
+        await coordinator.aclose()
+        await asyncio.wait_for(served, timeout=30)
+
+    asyncio.run(main())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 async def _http_over(client, tokenizer, prompt: list[int], expected: list[int]) -> None:

@@ -221,24 +221,14 @@ async def _coordinated(model_path: str, run_config: str | None, config: Inferenc
         rank_config = dataclasses.asdict(config)
         if gpus:
             rank_config["device"] = f"cuda:{rank % gpus}"
-        command = [
-            sys.executable,
-            "-m",
-            "mcore.inference.coordinator.engine_rank",
-            "--model",
-            model_path,
-            "--coordinator",
-            address,
-            "--rank",
-            str(rank),
-            "--config-json",
-            json.dumps(rank_config),
-            "--threads",
-            str(threads),
-        ]
+        command = [sys.executable, "-m", "mcore.inference.coordinator.engine_rank"]
+        command += ["--model", model_path, "--coordinator", address, "--rank", str(rank)]
+        command += ["--config-json", json.dumps(rank_config), "--threads", str(threads)]
+        command += ["--parent-pid", str(os.getpid())]
         if run_config:
             command += ["--run-config", run_config]
-        processes.append(subprocess.Popen(command))
+        # Their own session: Ctrl-C reaches the server, which stops the ranks with STOP.
+        processes.append(subprocess.Popen(command, start_new_session=True))
     client = InferenceClient(address)
     await client.start(wait_for_engines=config.data_parallel_size, timeout_s=600)
     tokenizer = load_tokenizer(model_path, config_file=run_config)

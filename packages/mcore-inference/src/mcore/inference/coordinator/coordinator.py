@@ -122,6 +122,17 @@ class InferenceCoordinator:
             self._ready.set()
             raise
 
+    async def wait_started(self, timeout_s: float = 30.0) -> str:
+        """Wait (without blocking the loop) until the ROUTER is bound; returns the address."""
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.is_set():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the coordinator did not start")
+            await asyncio.sleep(0.01)
+        if self._error is not None:
+            raise self._error
+        return self.address
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop a coordinator started with :meth:`start` (from any thread)."""
         if self._loop is not None and self._closing is not None and not self._loop.is_closed():
@@ -193,6 +204,7 @@ class InferenceCoordinator:
         handler = {
             "register": self._on_register,
             "heartbeat": self._on_heartbeat,
+            "goodbye": self._on_goodbye,
             "output": self._on_output,
             "ack": self._on_ack,
             "hello": self._on_hello,
@@ -236,6 +248,11 @@ class InferenceCoordinator:
 
     async def _on_heartbeat(self, identity: bytes, message: dict[str, Any]) -> None:
         pass  # last_seen is updated for every message
+
+    async def _on_goodbye(self, identity: bytes, message: dict[str, Any]) -> None:
+        engine = self._engines.get(identity)
+        if engine is not None and engine.alive:
+            await self._engine_died(engine, "it shut down")
 
     def _live(self) -> list[_Engine]:
         return [self._engines[i] for i in self._order if self._engines[i].alive]

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -55,11 +56,28 @@ class EngineRank:
         self._served: AsyncInferenceEngine | None = None
         self._tasks: dict[Any, asyncio.Task] = {}
 
-    def run(self) -> None:
-        """Serve in a new event loop (a process's main function)."""
-        asyncio.run(self.serve())
+    def run(self, *, parent_pid: int | None = None) -> None:
+        """Serve in a new event loop (a process's main function). SIGINT and SIGTERM end it
+        cleanly; with ``parent_pid`` it also ends when that process is gone (a server that
+        started this rank died), so no rank outlives its server."""
 
-    async def serve(self) -> None:
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            watch = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
+            try:
+                await self.serve(stop=stop)
+            finally:
+                if watch is not None:
+                    watch.cancel()
+
+        asyncio.run(main())
+
+    async def serve(self, *, stop: asyncio.Event | None = None) -> None:
+        """Register and serve until a STOP signal (or ``stop`` is set: then the rank says
+        ``goodbye``, and the coordinator fails what it had in flight)."""
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -72,7 +90,15 @@ class EngineRank:
         try:
             await self._register(sock)
             heartbeat = asyncio.create_task(self._heartbeat_loop())
-            await self._receive_loop(sock)
+            receive = asyncio.create_task(self._receive_loop(sock))
+            stopped = asyncio.create_task((stop or asyncio.Event()).wait())
+            await asyncio.wait({receive, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if receive.done():
+                receive.result()  # a STOP signal, or an error to raise
+            else:
+                receive.cancel()
+                self._post("goodbye", rank=self.rank)
+            stopped.cancel()
         finally:
             for task in (heartbeat, *self._tasks.values()):
                 if task is not None:
@@ -195,6 +221,15 @@ class EngineRank:
             self._tasks.pop(rid, None)
 
 
+async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        if os.getppid() != parent_pid:
+            log.warning("the process that started this rank (pid %d) is gone; exiting", parent_pid)
+            stop.set()
+            return
+        await asyncio.sleep(1.0)
+
+
 def _delta(out: RequestOutput, sent: int, text: str) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "token_ids": out.token_ids[sent:],
@@ -230,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-json", default="{}", help="[inference] fields as JSON")
     parser.add_argument("--run-config", default=None, help="run config of an mcore checkpoint")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="exit when this process is gone"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[engine {args.rank}] %(message)s")
     import torch
@@ -239,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     config = InferenceConfig(**json.loads(args.config_json))
     model, tokenizer = load_model(args.model, config_file=args.run_config)
     engine = DynamicInferenceEngine(model, config, tokenizer=tokenizer)
-    EngineRank(engine, args.coordinator, rank=args.rank).run()
+    EngineRank(engine, args.coordinator, rank=args.rank).run(parent_pid=args.parent_pid)
     return 0
 
 

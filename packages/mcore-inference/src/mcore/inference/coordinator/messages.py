@@ -5,7 +5,8 @@ one msgpack map of plain types (ints, floats, strings, lists, maps), so a messag
 misbehaving peer can at worst be malformed, never execute code.
 
 engine -> coordinator
-    ``register {rank, pid}``, ``heartbeat``, ``output {rid, ...delta}``, ``ack {cid}``
+    ``register {rank, pid}``, ``heartbeat``, ``output {rid, ...delta}``, ``ack {cid}``,
+    ``goodbye`` (leaving without a STOP)
 coordinator -> engine
     ``registered {engine}``, ``submit {rid, prompt_token_ids, sampling_params}``,
     ``abort {rid}``, ``control {cid, signal}``
