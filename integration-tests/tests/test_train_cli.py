@@ -33,8 +33,11 @@ def test_mcore_train_launches_two_ranks_and_writes_a_checkpoint(tmp_path: Path) 
         if line.startswith("step ")
     ]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    assert sorted(p.name for p in save.glob("*.pt")) == ["model_rank00000.pt", "model_rank00001.pt"]
-    assert f"checkpoint: {save}" in result.stdout
+    assert (save / "latest").read_text().strip() == "iter_0000006"
+    assert sorted(p.name for p in (save / "iter_0000006").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "common.json",
+    ]  # fmt: skip
+    assert f"checkpoint: {save / 'iter_0000006'}" in result.stdout
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(records[0])

@@ -152,3 +152,15 @@ def test_hook_mcore_training_runtime() -> None:
     manager.register(Layout("mine"), name="mine")
     # firstresult: the first plugin with an answer wins, the rest are not asked.
     assert manager.hook.mcore_training_runtime(config=None) == "runtime from mine"
+
+
+def test_hook_mcore_checkpointer() -> None:
+    class Checkpoints:
+        @hookimpl
+        def mcore_checkpointer(self, config, runtime):
+            return ("checkpointer", config, runtime)
+
+    manager = PluginManager()
+    assert manager.hook.mcore_checkpointer(config="C", runtime="R") is None
+    manager.register(Checkpoints(), name="checkpoints")
+    assert manager.hook.mcore_checkpointer(config="C", runtime="R") == ("checkpointer", "C", "R")

@@ -39,9 +39,21 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> None:
-    """Load a checkpoint written by :func:`save_checkpoint` at any world size, in place."""
+    """Load a checkpoint written by :func:`save_checkpoint` at any world size, in place.
+
+    A checkpoint that stores optimizer state but no ``param_groups`` (frameworks that keep
+    hyperparameters in their own config, such as mcore's ``fsdp_dtensor`` format) loads the
+    state tensors and keeps this optimizer's hyperparameters.
+    """
     state = sharded_state_dict(model, optimizer)
+    groups = None
+    if optimizer is not None:
+        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        if not any(k.startswith("optimizer.param_groups") for k in stored):
+            groups = state["optimizer"].pop("param_groups")
     dcp.load(state, checkpoint_id=path)
+    if groups is not None:
+        state["optimizer"]["param_groups"] = groups
     if optimizer is None:
         model.load_state_dict(state["model"])
     else:

@@ -1,8 +1,10 @@
-"""mcore-ckpt's plugin: checks the checkpoint section (formats register here as they land)."""
+"""mcore-ckpt's plugin: the checkpoint formats, ``mcore train``'s checkpointer, ``mcore ckpt``."""
 
 from __future__ import annotations
 
-from mcore.core import Config, ConfigErrors, hookimpl
+from typing import Any
+
+from mcore.core import CliCommand, Config, ConfigErrors, Lazy, PluginRegistrar, hookimpl
 
 # Formats Megatron-LM once offered that mcore does not carry, with what to use instead.
 RETIRED_FORMATS = {
@@ -11,11 +13,53 @@ RETIRED_FORMATS = {
 }
 
 
+def _ckpt_configure(parser: Any) -> None:
+    from mcore.ckpt.cli import configure
+
+    configure(parser)
+
+
+def _ckpt_run(args: Any) -> int:
+    from mcore.ckpt.cli import run
+
+    return run(args)
+
+
+@hookimpl
+def mcore_register(registry: PluginRegistrar) -> None:
+    # Lazy: the formats import torch, which loading plugins must not.
+    registry.add("checkpoint_format", "torch_dist", Lazy("mcore.ckpt.formats:TORCH_DIST"))
+    registry.add("checkpoint_format", "fsdp_dtensor", Lazy("mcore.ckpt.formats:FSDP_DTENSOR"))
+    registry.add("checkpoint_format", "hf", Lazy("mcore.ckpt.formats:HF"))
+    registry.add(
+        "cli_command",
+        "ckpt",
+        CliCommand(
+            help="inspect, convert, import and export checkpoints",
+            configure=_ckpt_configure,
+            run=_ckpt_run,
+        ),
+    )
+
+
 @hookimpl
 def mcore_validate_config(config: Config, errors: ConfigErrors) -> None:
-    fmt = config.checkpoint.ckpt_format
+    ckpt = config.checkpoint
+    fmt = ckpt.ckpt_format
     if fmt in RETIRED_FORMATS:
         errors.add(
             "checkpoint.ckpt_format",
             f"{fmt!r} is not supported; use {RETIRED_FORMATS[fmt]!r} (sharded, resharding on load)",
         )
+    if fmt == "hf" and ckpt.async_save:
+        errors.add(
+            "checkpoint.async_save",
+            "the 'hf' format writes synchronously; use ckpt_format torch_dist for async saves",
+        )
+
+
+@hookimpl
+def mcore_checkpointer(config: Config, runtime: Any) -> Any:
+    from mcore.ckpt.checkpointer import Checkpointer
+
+    return Checkpointer(config, runtime)

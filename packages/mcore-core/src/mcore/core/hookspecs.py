@@ -56,6 +56,26 @@ def mcore_training_runtime(config: Config) -> Any:
     """
 
 
+@hookspec(firstresult=True)
+def mcore_checkpointer(config: Config, runtime: Any) -> Any:
+    """Provide what ``mcore train`` saves and resumes checkpoints with, or ``None``.
+
+    The first non-``None`` result wins; mcore-ckpt provides one for the formats of the
+    ``checkpoint_format`` registry. ``runtime`` is the run's training runtime (its
+    ``parallel_state`` names the layout). The object has:
+
+    - ``load(chunks, optimizer, scheduler) -> dict | None``: resume in place from
+      ``checkpoint.load`` (or the save directory's latest checkpoint) and return the loop's
+      state (``{"iteration": n, "consumed_samples": m}``), or ``None`` when there is nothing to
+      resume from;
+    - ``save(iteration, chunks, optimizer, scheduler, loop_state) -> str | None``: write a
+      checkpoint of the whole training state; returns its published path, or ``None`` while an
+      asynchronous save is still being written;
+    - ``poll() -> list[str]``: asynchronous saves published since the last call;
+    - ``finalize() -> list[str]``: wait for saves in flight; what they published.
+    """
+
+
 @hookspec
 def mcore_on_train_start(trainer: Any) -> None:
     """Called once, after the model, optimizer and data are built and before the first step."""

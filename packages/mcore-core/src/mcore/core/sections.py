@@ -42,6 +42,8 @@ class TrainConfig:
     """Train in float16 mixed precision with dynamic loss scaling."""
     data_parallel: str = component("data_parallel", "ddp")
     """Data-parallel wrapper by registry name (ddp, megatron_fsdp, ...)."""
+    exit_interval: int | None = None
+    """Stop (saving a checkpoint) once the step number is a multiple of this."""
     eval_interval: int | None = None
     """Run evaluation every this many steps; unset disables evaluation."""
     eval_iters: int = 10
@@ -51,7 +53,7 @@ class TrainConfig:
         _positive(
             errors, self, "train_iters", "micro_batch_size", "global_batch_size", "seq_length"
         )
-        _positive(errors, self, "eval_interval", "eval_iters")
+        _positive(errors, self, "eval_interval", "eval_iters", "exit_interval")
         if self.bf16 and self.fp16:
             errors.add("fp16", "bf16 and fp16 are mutually exclusive; choose one")
         gbs, mbs = self.global_batch_size, self.micro_batch_size

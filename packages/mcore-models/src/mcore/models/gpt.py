@@ -174,6 +174,8 @@ class GPTModel(torch.nn.Module):
                 )
             if copies_table:
                 mark_shared_embedding(self.output_layer.weight)
+                # The same tensor as the first stage's table: checkpoints store it once.
+                self.output_layer.weight.checkpoint_key = "embedding.weight"
         if self.tied_embeddings and self.pre_process and not self.post_process:
             mark_shared_embedding(self.embedding.weight)
         self.recompute_layers = config.recompute_granularity == "full"

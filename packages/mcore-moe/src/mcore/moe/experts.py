@@ -23,6 +23,7 @@ from mcore.models.mlp import MLP
 from mcore.moe.activations import weighted_squared_relu
 from mcore.moe.config import MoEConfig
 from mcore.parallel import mark_expert_parallel, mark_tp_partial_grad
+from mcore.parallel.sharding import Layout
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -99,6 +100,8 @@ class GroupedMLP(torch.nn.Module):
         self.grouped = moe.grouped_gemm
         self.fused = moe.permute_fusion
         self.num_local_experts = num_local_experts
+        self._ep = (ps.ep_rank, ps.ep_size)
+        self._etp = (ps.etp_rank, ps.etp_size)
         first = ps.ep_rank * num_local_experts
         local = slice(first, first + num_local_experts)
         fc1_rows = 2 * ffn if self.gated else ffn
@@ -113,6 +116,19 @@ class GroupedMLP(torch.nn.Module):
         self.linear_fc2 = torch.nn.Module()
         self.linear_fc2.weight = torch.nn.Parameter(w2.contiguous())
         mark_expert_parallel(self.linear_fc1.weight, self.linear_fc2.weight)
+
+    def shard_layout(self, name: str) -> Layout | None:
+        """Where this rank's stacked expert weights sit in the full ``[experts, ...]`` stacks
+        (checkpoints): its experts along dim 0 (EP), its ETP block of each along fc1's rows
+        (gate and up halves split alike) or fc2's columns."""
+        if name == "linear_fc1.weight":
+            shape = tuple(self.linear_fc1.weight.shape)
+            halves = [shape[1] // 2] * 2 if self.gated else None
+            return Layout.split(shape, {0: (*self._ep, None), 1: (*self._etp, halves)})
+        if name == "linear_fc2.weight":
+            shape = tuple(self.linear_fc2.weight.shape)
+            return Layout.split(shape, {0: (*self._ep, None), 2: (*self._etp, None)})
+        return None
 
     @property
     def applies_probs(self) -> bool:

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mcore.core import McoreError
 from mcore.parallel.context_parallel import split_for_context_parallel
 from mcore.parallel.optimizer.scheduler import build_lr_scheduler
 from mcore.parallel.pipeline import allreduce_embedding_grads, get_forward_backward_func
@@ -35,13 +34,10 @@ class MeshTrainingRuntime:
         config: Any,
         model_config: Any,
         registries: Any,
-        *,
-        initial_state: list[dict[str, Any]] | None = None,
     ) -> tuple[list, Any, Any]:
         """Model chunks (one per virtual pipeline stage) for the schedule to run, their
         optimizer and LR schedule; model, data-parallel wrapper and optimizer come by name from
-        the registries. ``initial_state`` (one state dict per chunk) is loaded before the
-        optimizer copies the weights."""
+        the registries. A checkpoint, if any, is loaded into them afterwards, in place."""
         ps = self.parallel_state
         # Mixed precision is the data-parallel wrapper's to apply (train.bf16 / train.fp16):
         # DDP casts the model and the optimizer keeps fp32 main weights; a fully sharded
@@ -56,7 +52,6 @@ class MeshTrainingRuntime:
                 sections=config,
                 registries=registries,
             )
-            _load(model, initial_state, 0)
             self._wrapped = wrap(model.to(self.device), ps, config)
             chunks = [self._wrapped]
         else:
@@ -72,8 +67,6 @@ class MeshTrainingRuntime:
                 ).to(self.device)
                 for c in range(self.vp_size)
             ]
-            for c, chunk in enumerate(chunks):
-                _load(chunk, initial_state, c)
             # One data-parallel wrapper over all of this rank's chunks, so one optimizer steps
             # them; the schedule runs the chunks themselves, all micro-batches under no_sync,
             # and finalize_grads reduces every bucket at once (no overlap with backward yet).
@@ -164,23 +157,6 @@ class MeshTrainingRuntime:
                 t.zero_()
             dist.all_reduce(t, group=ps.pp_group)
         return float(t.item())
-
-
-def _load(chunk: torch.nn.Module, states: list[dict[str, Any]] | None, index: int) -> None:
-    if states is None:
-        return
-    if len(states) <= index:
-        raise McoreError(
-            f"the checkpoint holds {len(states)} model chunk(s) for this rank, the run builds "
-            f"more; load it with the parallel layout it was saved with"
-        )
-    try:
-        chunk.load_state_dict(states[index])
-    except RuntimeError as exc:
-        raise McoreError(
-            f"checkpoint.load: the saved model does not fit this run's model ({exc}); "
-            "use the same model config and parallel layout"
-        ) from exc
 
 
 def _device(config: Any) -> torch.device:

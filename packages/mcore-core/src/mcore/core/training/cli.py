@@ -56,8 +56,12 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
-    overrides.setdefault("checkpoint.save", DEFAULT_SAVE)
     config = load_config(args.file, overrides)  # validate before starting any rank
+    if config.checkpoint.save is None and get_plugin_manager().registries.names(
+        "checkpoint_format"
+    ):  # save by default where a checkpoint plugin (mcore-ckpt) is installed
+        overrides["checkpoint.save"] = DEFAULT_SAVE
+        config = load_config(args.file, overrides)
     problems = check_components(config, get_plugin_manager().registries, skip_empty_kinds=True)
     if problems:  # an unknown router or dispatcher fails here, not once per launched rank
         raise ConfigError(problems)

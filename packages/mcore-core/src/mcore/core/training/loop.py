@@ -103,10 +103,10 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
     if model_config.vocab_size is None:
         vocab = _padded_vocab(tokenizer.vocab_size, ps.tp_size)
         model_config = dataclasses.replace(model_config, vocab_size=vocab)
-    initial_state = _load_stopgap(config, ps)
-    chunks, optimizer, scheduler = runtime.build(
-        config, model_config, registries, initial_state=initial_state
-    )
+    chunks, optimizer, scheduler = runtime.build(config, model_config, registries)
+    checkpointer = _checkpointer(config, runtime, manager)
+    resumed = checkpointer.load(chunks, optimizer, scheduler) if checkpointer else None
+    start = int(resumed["iteration"]) if resumed else 0
     mbs = train_cfg.micro_batch_size
     gbs = train_cfg.global_batch_size or mbs * ps.dp_size
     if gbs % (mbs * ps.dp_size):
@@ -129,7 +129,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
     metrics_file = logger_cfg.metrics_file or (
         str(Path(save_dir) / "metrics.jsonl") if save_dir else None
     )
-    if metrics_file and ps.rank == 0 and config.checkpoint.load is None:
+    if metrics_file and ps.rank == 0 and resumed is None:
         Path(metrics_file).unlink(missing_ok=True)  # a new run starts a new curve
     timers = Timers(cuda_sync=device.type == "cuda")
     straggler = StragglerDetector(
@@ -146,9 +146,16 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
         progress_bar=logger_cfg.progress_bar,
         rank=ps.rank,
     )
+    if start >= train_cfg.train_iters and ps.rank == 0:
+        print(
+            f"resumed at step {start} of train.train_iters={train_cfg.train_iters}: nothing left "
+            "to train (raise train.train_iters, or save to a new checkpoint.save directory)",
+            flush=True,
+        )
+    save_interval, exit_interval = config.checkpoint.save_interval, train_cfg.exit_interval
     hook.mcore_on_train_start(trainer=result)
     try:
-        for step in range(1, train_cfg.train_iters + 1):
+        for step in range(start + 1, train_cfg.train_iters + 1):
             timers("step").start()
             optimizer.zero_grad()
             # One iterator per model chunk: with virtual pipeline stages each chunk reads every
@@ -202,13 +209,43 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
                 if report is not None and ps.rank == 0:
                     print(report.format(), flush=True)
             hook.mcore_on_step_end(trainer=result, step=step, metrics=step_metrics)
-        result.checkpoint = _save_stopgap(config, chunks, ps)
-        if result.checkpoint:
-            hook.mcore_on_checkpoint_saved(trainer=result, path=result.checkpoint)
+            stop = bool(exit_interval) and step % exit_interval == 0
+            if checkpointer is not None:
+                last = step == train_cfg.train_iters or stop
+                if config.checkpoint.save and (
+                    last or (save_interval and step % save_interval == 0)
+                ):
+                    loop_state = {"iteration": step, "consumed_samples": step * gbs}
+                    path = checkpointer.save(step, chunks, optimizer, scheduler, loop_state)
+                    _published(hook, result, [path] if path else [])
+                _published(hook, result, checkpointer.poll())
+            if stop:
+                break
+        if checkpointer is not None:
+            _published(hook, result, checkpointer.finalize())
     finally:
         logger.close()
         hook.mcore_on_train_end(trainer=result)
     return result
+
+
+def _checkpointer(config: Config, runtime: Any, manager: PluginManager) -> Any:
+    """The installed checkpoint I/O (mcore-ckpt's), or None when the run saves and loads none."""
+    checkpointer = manager.hook.mcore_checkpointer(config=config, runtime=runtime)
+    wanted = [f for f in ("save", "load") if getattr(config.checkpoint, f)]
+    if checkpointer is None and wanted:
+        raise McoreError(
+            f"checkpoint.{wanted[0]} is set, but no installed plugin reads or writes "
+            "checkpoints: pip install mcore-ckpt (or leave checkpoint.save and checkpoint.load "
+            "unset)"
+        )
+    return checkpointer
+
+
+def _published(hook: Any, result: TrainResult, paths: list[str]) -> None:
+    for path in paths:
+        result.checkpoint = path
+        hook.mcore_on_checkpoint_saved(trainer=result, path=path)
 
 
 def _flops_per_token(model_config: Any, seq: int) -> float:
@@ -222,44 +259,3 @@ def _flops_per_token(model_config: Any, seq: int) -> float:
         seq_length=seq,
         gated_mlp=model_config.activation == "swiglu",
     )
-
-
-def _load_stopgap(config: Config, ps: Any) -> list[dict] | None:
-    """Model weights saved by :func:`_save_stopgap` for this rank (same layout), or None.
-
-    Weights only: optimizer state, LR step and data position resume with mcore-ckpt's formats.
-    """
-    load = config.checkpoint.load
-    if load is None:
-        return None
-    path = Path(load) / f"model_rank{ps.rank:05d}.pt"
-    if not path.is_file():
-        raise McoreError(
-            f"checkpoint.load: {str(path)!r} does not exist; point it at a directory that "
-            "mcore train saved with the same parallel layout"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise McoreError(f"checkpoint.load: cannot read {str(path)!r}: {exc}") from exc
-
-
-def _save_stopgap(config: Config, chunks: list, ps: Any) -> str | None:
-    """A plain ``torch.save`` of each rank's model shard, until mcore-ckpt's formats land."""
-    save = config.checkpoint.save
-    if save is None:
-        return None
-    folder = Path(save)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"model_rank{ps.rank:05d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    # Fully sharded parameters (DTensors) are saved whole, as the unwrapped model holds them.
-    states = [
-        {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in c.state_dict().items()}
-        for c in chunks
-    ]
-    torch.save(states, tmp)
-    tmp.replace(path)
-    if dist.is_initialized():
-        dist.barrier()
-    return str(folder)

@@ -21,7 +21,7 @@ on the CPU with its optimizer state, in a second torch optimizer stepped there.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,13 @@ from mcore.parallel.optimizer.grad_norm import (
     tp_sharded_params,
 )
 from mcore.parallel.optimizer.loss_scaler import DynamicLossScaler
+from mcore.parallel.sharding import (
+    Layout,
+    ShardedTensor,
+    flat_range_regions,
+    held_region,
+    pieces,
+)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -174,7 +181,7 @@ class MixedPrecisionOptimizer:
     def _make_shards(self) -> list[_Shard]:
         """One shard per trainable parameter."""
         return [
-            self._shard(name, p, 0, p.numel())
+            self._shard(name, p, 0, _local(p).numel())
             for name, p in self.module.named_parameters()
             if p.requires_grad
         ]
@@ -333,6 +340,88 @@ class MixedPrecisionOptimizer:
             opt.load_state_dict(opt_state)
         if self.loss_scaler is not None and state["loss_scaler"] is not None:
             self.loss_scaler.load_state_dict(state["loss_scaler"])
+
+    # -- sharded checkpoints (layout-free; see mcore.parallel.sharding) --------------------------
+
+    def sharded_state_dict(
+        self, layouts: Mapping[int, tuple[str, Layout]], *, for_load: bool = False
+    ) -> dict[str, ShardedTensor | torch.Tensor]:
+        """This rank's part of the global training state that the optimizer holds.
+
+        - ``model.<key>``: the weights this rank updates, read from the fp32 main weights (for
+          a parameter that is its own main weight, that is the parameter). Saving takes them
+          from here, so the checkpoint keeps fp32 weights whatever the model computes in.
+          For loading (``for_load``) only main weights that are copies are listed: the model
+          loads its own parameters, and the copies must not be rounded through them.
+        - ``optimizer.state.<key>.<name>``: the torch optimizer's per-parameter state
+          (AdamW's ``exp_avg``, ``exp_avg_sq``) shaped like the parameter; scalars such as
+          ``step`` as 0-d tensors.
+
+        ``layouts`` maps ``id(param)`` to its checkpoint key and :class:`Layout`
+        (:func:`mcore.parallel.sharding.named_layouts`). For loading, missing state is first
+        created (as the first step would), so there is somewhere to load it into.
+        """
+        if for_load:
+            self._materialize_state()
+        out: dict[str, ShardedTensor | torch.Tensor] = {}
+        for s in self._shards:
+            key, layout = layouts[id(s.param)]
+            local, base = held_region(s.param)
+            shape = tuple(local.shape)
+
+            def add(name: str, flat: torch.Tensor, s=s, layout=layout, shape=shape, base=base):
+                regions = flat_range_regions(flat.reshape(-1), shape, s.start, base)
+                entry = out.setdefault(name, ShardedTensor(name, layout.global_shape, flat.dtype))
+                entry.pieces += pieces(layout, regions)
+
+            if s.is_copy or not for_load:
+                add(f"model.{key}", s.main)
+            for name, value in self._state_of(s.main).items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                state_key = f"optimizer.state.{key}.{name}"
+                if value.dim() == 0:
+                    out[state_key] = value
+                elif value.numel() == s.numel:
+                    add(state_key, value)
+        return out
+
+    def finish_load(self) -> None:
+        """After loading main weights and state in place: write the mains into the model (and,
+        under the distributed optimizer, all-gather them)."""
+        with torch.no_grad():
+            self._publish_params()
+
+    def _state_of(self, main: torch.Tensor) -> dict[str, Any]:
+        for opt in self._optimizers:
+            if main in opt.state:
+                return opt.state[main]
+        return {}
+
+    @torch.no_grad()
+    def _materialize_state(self) -> None:
+        """Create the torch optimizers' state for every main weight lacking it, by one step
+        with zero gradients and a zero learning rate (changes no weight)."""
+        for opt in self._optimizers:
+            missing = [p for g in opt.param_groups for p in g["params"] if p not in opt.state]
+            if not missing:
+                continue
+            lrs = [g["lr"] for g in opt.param_groups]
+            others = [p for g in opt.param_groups for p in g["params"] if p in opt.state]
+            held = [(p, p.grad) for p in others]
+            for p in others:
+                p.grad = None
+            for g in opt.param_groups:
+                g["lr"] = 0.0
+            for p in missing:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            for g, lr in zip(opt.param_groups, lrs, strict=True):
+                g["lr"] = lr
+            for p in missing:
+                p.grad = None
+            for p, grad in held:
+                p.grad = grad
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcore.parallel.errors import ParallelLayoutError, ShardShapeError
+from mcore.parallel.sharding import Layout
 from mcore.parallel.tensor_parallel.mappings import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
@@ -148,6 +149,15 @@ class ColumnParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def shard_layout(self, name: str) -> Layout | None:
+        """Where this rank's weight or bias rows sit in the full tensor (checkpoints): each
+        partition's ``rank``-th block (see :mod:`mcore.parallel.sharding`)."""
+        tensor = getattr(self, name, None) if name in ("weight", "bias") else None
+        if tensor is None:
+            return None
+        split = (self.tp_rank, self.tp_size, self.local_partitions)
+        return Layout.split(tuple(tensor.shape), {0: split})
+
     def _shard_rows(self, full: torch.Tensor) -> torch.Tensor:
         # Each partition is split over TP on its own, then this rank's pieces are stacked.
         blocks = full.split(self.partitions, dim=0)
@@ -265,6 +275,12 @@ class RowParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def shard_layout(self, name: str) -> Layout | None:
+        """Where this rank's weight columns sit in the full weight (the bias is replicated)."""
+        if name != "weight":
+            return None
+        return Layout.split(tuple(self.weight.shape), {1: (self.tp_rank, self.tp_size, None)})
+
     def shard_weight(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's columns of a full ``[out_features, in_features]`` weight (a view)."""
         _check_full_shape("RowParallelLinear", "weight", full, self.full_weight_shape)
@@ -343,6 +359,12 @@ class VocabParallelEmbedding(nn.Module):
             device=device,
         )
         self.weight = nn.Parameter(weight)
+
+    def shard_layout(self, name: str) -> Layout | None:
+        """Where this rank's vocabulary rows sit in the full embedding table."""
+        if name != "weight":
+            return None
+        return Layout.split(tuple(self.weight.shape), {0: (self.tp_rank, self.tp_size, None)})
 
     def shard_weight(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full ``[num_embeddings, embedding_dim]`` table (a view)."""
