@@ -340,9 +340,9 @@ class InferenceCoordinator:
     async def _on_output(self, identity: bytes, message: dict[str, Any]) -> None:
         gid = message.get("rid")
         route = self._routes.get(gid)
-        engine = self._engines[identity]
-        if route is None or route.engine != identity:
-            return  # aborted, or from a rank that was declared dead
+        engine = self._engines.get(identity)
+        if engine is None or route is None or route.engine != identity:
+            return  # not from a rank, aborted, or from a rank that was declared dead
         finished = bool(message.get("finished"))
         if finished:
             del self._routes[gid]
@@ -401,9 +401,10 @@ class InferenceCoordinator:
         control = self._controls.get(cid)
         if control is None:
             return
-        if identity in control.waiting:
-            control.waiting.discard(identity)
-            control.acked += 1
+        if identity not in control.waiting:
+            return  # not a rank this signal went to
+        control.waiting.discard(identity)
+        control.acked += 1
         if control.signal is Signal.STOP:
             engine = self._engines[identity]
             engine.alive = False  # it exits after acknowledging
