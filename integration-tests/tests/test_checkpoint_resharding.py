@@ -88,6 +88,8 @@ def test_megatron_fsdp_hybrid_loads_as_ddp_with_the_distributed_optimizer(tmp_pa
     loads = {
         "ddp_distopt_tp2": {"optimizer.use-distributed-optimizer": "true", "parallel.tp": "2"},
         "fsdp_dp4": FSDP,
+        # The tied output embedding: one tensor saved, a copy on the last stage loaded.
+        "pp2_tp2": {"parallel.pp": "2", "parallel.tp": "2"},
     }
     ranks = run_ranks(_reshard, 4, str(tmp_path), {}, save, loads, timeout_s=900)
     _check(ranks[0])
