@@ -8,7 +8,8 @@ steps that fit none run eagerly. The graphs read the KV-cache tensors at their c
 addresses, so they are dropped when the cache is freed (suspend) and captured again on resume.
 
 Models whose forward synchronises with the host (MoE token dispatch sizes its buffers from the
-routing) cannot be captured: capture fails, one warning is logged and the engine stays eager.
+routing) cannot be captured: a first forward under CUDA's sync debugging finds that before any
+capture, one warning is logged and the engine stays eager.
 
 This path needs an NVIDIA GPU and has not been run by this project's CI (no GPU there); the
 ``gpu``-marked tests exercise it where one is present.
@@ -103,6 +104,7 @@ class CudaGraphRunner:
             return
         pool = torch.cuda.graph_pool_handle()
         try:
+            self._check_no_host_sync(max(self.shapes))
             for dims in sorted(self.shapes, reverse=True):
                 inputs = self.context.dummy_batch(dims)
                 side = torch.cuda.Stream()
@@ -122,6 +124,17 @@ class CudaGraphRunner:
                 "CUDA graph capture failed (%s); the engine runs eagerly", self.disabled_reason
             )
         torch.cuda.synchronize()
+
+    def _check_no_host_sync(self, dims: BatchDims) -> None:
+        """Run the forward once with CUDA's sync debugging set to fail: a forward that
+        synchronises with the host (reads a device value on the CPU) cannot be captured, and
+        is found here rather than by a capture that breaks halfway."""
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            self.model.forward_paged(self.context.dummy_batch(dims))
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
 
     def release(self) -> None:
         self._graphs.clear()
