@@ -113,8 +113,14 @@ def _ten_and_ten(rank: int, world: int, tmp: str, resume: bool) -> list[float]:
     cache = f"{tmp}/cache"
     twenty = {"train.train-iters": "20", "model.num-layers": "2"}
     if not resume:
-        train(config(cache, **twenty, **{"checkpoint.save": f"{tmp}/run",
-                                         "train.exit-interval": "10"}))  # fmt: skip
+        # Saved in the background (async), while the run goes on to its exit.
+        saving = {
+            "checkpoint.save": f"{tmp}/run",
+            "checkpoint.save-interval": "5",
+            "checkpoint.async-save": "true",
+            "train.exit-interval": "10",
+        }
+        train(config(cache, **twenty, **saving))
         return train(config(cache, **twenty)).losses
     where = {"checkpoint.load": f"{tmp}/run", "checkpoint.save": f"{tmp}/run-{world}"}
     return train(config(cache, **twenty, **where)).losses

@@ -115,7 +115,14 @@ class Checkpointer:
         common = read_common(path)
         fmt = get_format(common["format"])
         self._check_model(path, common, chunks)
-        fmt.load(path, chunks, optimizer, group=self.group, common=common)
+        fmt.load(
+            path,
+            chunks,
+            optimizer,
+            group=self.group,
+            common=common,
+            verify_checksums=getattr(self.settings, "verify_checksums", True),
+        )
         if scheduler is not None and common.get("scheduler"):
             scheduler.load_state_dict(common["scheduler"])
         scaler = getattr(optimizer, "loss_scaler", None)

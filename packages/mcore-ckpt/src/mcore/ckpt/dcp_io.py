@@ -242,9 +242,40 @@ def read_metadata(path: Path) -> Metadata:
     return metadata
 
 
-def check_files(path: Path, metadata: Metadata, manifest: Mapping[str, Mapping[str, int]] | None):
+def check_files(
+    path: Path,
+    metadata: Metadata,
+    manifest: Mapping[str, Mapping[str, int]] | None,
+    *,
+    group: dist.ProcessGroup | None = None,
+    checksums: bool = True,
+) -> None:
     """Raise if a data file the metadata refers to is missing, shorter than what it must hold,
-    or (with the ``manifest`` written at save) of another size or checksum."""
+    or (with the ``manifest`` written at save) of another size or, with ``checksums``, CRC-32.
+
+    With a ``group`` the ranks share the checksum work (each reads ``1 / world`` of the files)
+    and every rank raises the first problem any of them found.
+    """
+    problem = None
+    try:
+        _check_files(path, metadata, manifest, group, checksums)
+    except CheckpointingException as exc:
+        problem = str(exc)
+    if group is not None:
+        found: list[str | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(found, problem, group=group)
+        problem = next((p for p in found if p is not None), None)
+    if problem is not None:
+        raise CheckpointingException(problem)
+
+
+def _check_files(
+    path: Path,
+    metadata: Metadata,
+    manifest: Mapping[str, Mapping[str, int]] | None,
+    group: dist.ProcessGroup | None,
+    checksums: bool,
+) -> None:
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         end = info.offset + info.length
@@ -262,12 +293,21 @@ def check_files(path: Path, metadata: Metadata, manifest: Mapping[str, Mapping[s
                 f"the checkpoint shard {str(file)!r} is truncated: {size} bytes, but it must hold "
                 f"at least {end}"
             )
-    for name, expected in (manifest or {}).items():
+    rank = dist.get_rank(group) if group is not None else 0
+    world = dist.get_world_size(group) if group is not None else 1
+    for i, (name, expected) in enumerate(sorted((manifest or {}).items())):
         file = path / name
         if not file.is_file():
             raise CheckpointingException(
                 f"the checkpoint {str(path)!r} is missing its shard file {name!r}"
             )
+        if file.stat().st_size != expected["size"]:
+            raise CheckpointingException(
+                f"the checkpoint shard {str(file)!r} has {file.stat().st_size} bytes, "
+                f"{expected['size']} were written: it is truncated or was overwritten"
+            )
+        if not checksums or i % world != rank:
+            continue
         got = _file_info(file)
         if got["size"] != expected["size"]:
             raise CheckpointingException(

@@ -73,19 +73,29 @@ class DCPFormat:
         *,
         group: dist.ProcessGroup | None,
         common: dict[str, Any],
+        verify_checksums: bool = True,
     ) -> None:
         metadata = dcp_io.read_metadata(folder)
-        dcp_io.check_files(folder, metadata, common.get("files"))
+        dcp_io.check_files(
+            folder, metadata, common.get("files"), group=group, checksums=verify_checksums
+        )
         stored = metadata.state_dict_metadata
-        dcp_io.read(folder, state.model_tensors(chunks, for_save=False), group=group,
-                    metadata=metadata)  # fmt: skip
+        model = state.model_tensors(chunks, for_save=False)
+        optim: dict[str, Any] = {}
         if optimizer is not None and hasattr(optimizer, "sharded_state_dict"):
             wanted = optimizer.sharded_state_dict(named_layouts(chunks), for_load=True)
             has_state = any(k.startswith("optimizer.") for k in stored)
             # A weights-only checkpoint (imported, or exported without optimizer) keeps the
             # fresh optimizer state; the main weights still come from the stored fp32 weights.
-            request = {k: v for k, v in wanted.items() if has_state or k.startswith("model.")}
-            dcp_io.read(folder, request, group=group, metadata=metadata)
+            optim = {k: v for k, v in wanted.items() if has_state or k.startswith("model.")}
+        if any(k in model for k in optim):
+            # fp32 main weights that are copies read the same keys as the (rounded) model
+            # parameters: a second pass. Otherwise one pass reads everything.
+            dcp_io.read(folder, model, group=group, metadata=metadata)
+            dcp_io.read(folder, optim, group=group, metadata=metadata)
+        else:
+            dcp_io.read(folder, {**model, **optim}, group=group, metadata=metadata)
+        if optimizer is not None and hasattr(optimizer, "finish_load"):
             optimizer.finish_load()
         rng = {k: v for k, v in state.rng_tensors().items() if k in stored}
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -155,6 +165,7 @@ class HFFormat:
         *,
         group: dist.ProcessGroup | None,
         common: dict[str, Any],
+        verify_checksums: bool = True,
     ) -> None:
         raise CheckpointingException(
             f"{str(folder)!r} is a Hugging Face export (weights only): import it with "

@@ -190,6 +190,9 @@ class CheckpointConfig:
     """Write checkpoints in a background worker while training continues."""
     keep_last: int | None = None
     """Keep only this many most recent checkpoints; unset keeps all."""
+    verify_checksums: bool = True
+    """Check each shard file's CRC-32 before loading (reads the files once more, spread over
+    the ranks); sizes are always checked."""
 
     def validate(self, errors: ConfigErrors) -> None:
         _positive(errors, self, "save_interval", "keep_last")
