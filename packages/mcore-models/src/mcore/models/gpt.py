@@ -284,6 +284,7 @@ class GPTModel(torch.nn.Module):
             raise NotImplementedError(
                 "forward_paged needs sequence_parallel=False (build the model without it)"
             )
+        batch.begin_forward()
         positions = batch.positions.unsqueeze(0)  # [1, T]
         x = self.embedding(batch.input_ids.unsqueeze(1))  # [T, 1, h]
         if self.position_embeddings is not None:

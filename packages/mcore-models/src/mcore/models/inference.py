@@ -96,6 +96,31 @@ class PagedBatch:
     """``[R]`` rows whose logits the forward returns, in this order."""
     caches: Mapping[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     """This rank's cache tensors by layer number (see :class:`KVCacheSpec`)."""
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def begin_forward(self) -> None:
+        """Forget the attention masks of a previous forward. Every layer of one forward shares
+        them; a CUDA graph must compute them inside the forward it captures."""
+        self._masks.clear()
+
+    def attention_mask(self, kind: str, keys: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask (0 or -inf) of the ``decode`` or ``prefill`` queries over their
+        gathered ``keys``, its query rows repeated for the ``group`` heads folded into them:
+        ``[n, 1, group * queries, keys]``."""
+        key = (kind, keys, group, dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            positions = torch.arange(keys, device=self.positions.device)
+            if kind == "decode":
+                visible = (positions < self.decode_context_lens[:, None]).unsqueeze(1)
+            else:
+                visible = positions <= self.prefill_query_positions[..., None]
+            n, queries = visible.shape[0], visible.shape[1]
+            visible = visible.unsqueeze(1).expand(n, group, queries, keys)
+            mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+            mask = mask.masked_fill(~visible, float("-inf")).reshape(n, 1, group * queries, keys)
+            self._masks[key] = mask
+        return mask
 
     @property
     def num_tokens(self) -> int:
@@ -160,10 +185,15 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PagedBatch,
+    kind: str,
+    scale: float,
 ) -> torch.Tensor:
-    """``q [n, hq, Q, d]`` over ``k [n, hkv, L, d]``, ``v [n, hkv, L, dv]`` with ``mask
-    [n, Q, L]`` (True: attend) -> ``[n, hq, Q, dv]``.
+    """``q [n, hq, Q, d]`` over ``k [n, hkv, L, d]``, ``v [n, hkv, L, dv]`` -> ``[n, hq, Q,
+    dv]``, masked as the batch's ``kind`` (decode or prefill) queries see their context.
 
     The query heads that share a key/value head are folded into the query dimension, so the
     keys and values are never repeated per head.
@@ -172,7 +202,7 @@ def _grouped_sdpa(
     hkv = k.shape[1]
     group = hq // hkv
     q = q.reshape(n, hkv, group * nq, d)
-    mask = mask.unsqueeze(1).expand(n, group, nq, mask.shape[-1]).reshape(n, 1, group * nq, -1)
+    mask = batch.attention_mask(kind, k.shape[2], group, q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.reshape(n, hq, nq, out.shape[-1])
 
@@ -208,18 +238,15 @@ def paged_attention(
     nd = batch.num_decode
     if nd:
         keys, values = keys_values(batch.decode_block_tables)
-        visible = torch.arange(keys.shape[2], device=q.device) < batch.decode_context_lens[:, None]
-        decoded = _grouped_sdpa(
-            q[:nd].unsqueeze(2), keys, values, visible.unsqueeze(1), softmax_scale
-        )
+        decoded = _grouped_sdpa(q[:nd].unsqueeze(2), keys, values, batch, "decode", softmax_scale)
         out[:nd] = decoded.squeeze(2)
     if batch.num_prefill:
         keys, values = keys_values(batch.prefill_block_tables)
         rows = batch.prefill_query_rows  # [P, Q]
         padded_q = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[rows]  # [P, Q, hq, d]
-        key_positions = torch.arange(keys.shape[2], device=q.device)
-        visible = key_positions <= batch.prefill_query_positions[..., None]  # [P, Q, L]
-        chunks = _grouped_sdpa(padded_q.transpose(1, 2), keys, values, visible, softmax_scale)
+        chunks = _grouped_sdpa(
+            padded_q.transpose(1, 2), keys, values, batch, "prefill", softmax_scale
+        )
         out.index_copy_(0, rows.reshape(-1), chunks.transpose(1, 2).reshape(-1, heads, dv))
     return out[:num_tokens]
 
