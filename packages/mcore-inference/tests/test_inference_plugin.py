@@ -29,3 +29,25 @@ def test_inference_fields_are_checked(manager) -> None:
         "inference.block_size_tokens: must be >= 1, got 0",
         "inference.port: must be a TCP port (1-65535), got 70000",
     ]
+
+
+def test_engine_and_server_knobs_are_checked(manager) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            overrides={
+                "inference.kv-cache-blocks": "1",
+                "inference.heartbeat-timeout-s": "0",
+                "inference.cuda-graph-decode-sizes": "1,0",
+                "inference.suspend-mode": "drop",
+            },
+            manager=manager,
+        )
+    text = "\n".join(info.value.errors)
+    assert "inference.kv_cache_blocks: must be >= 2" in text
+    assert "inference.heartbeat_timeout_s: must be > 0" in text
+    assert "inference.cuda_graph_decode_sizes: sizes must be >= 1" in text
+    assert "inference.suspend_mode" in text
+
+
+def test_generate_and_serve_are_commands(manager) -> None:
+    assert {"generate", "serve"} <= set(manager.registries["cli_command"].names())
