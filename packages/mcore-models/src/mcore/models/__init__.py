@@ -12,6 +12,7 @@ _EXPORTS = {
     "GPTModel": "mcore.models.gpt",
     "LayerSpec": "mcore.models.layer",
     "ModelContext": "mcore.models.context",
+    "PackedSeqParams": "mcore.models.packing",
     "TransformerConfig": "mcore.models.config",
     "TransformerLayer": "mcore.models.layer",
     "gpt_layer_spec": "mcore.models.layer",
@@ -21,6 +22,7 @@ __all__ = [
     "GPTModel",
     "LayerSpec",
     "ModelContext",
+    "PackedSeqParams",
     "TransformerConfig",
     "TransformerLayer",
     "gpt_layer_spec",
@@ -44,3 +46,4 @@ if TYPE_CHECKING:
         TransformerLayer,
         gpt_layer_spec,
     )
+    from mcore.models.packing import PackedSeqParams

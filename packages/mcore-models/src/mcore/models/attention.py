@@ -55,10 +55,17 @@ class _CoreAttention(torch.nn.Module):
         self.cp_group = ctx.parallel_state.cp_group
         self.recompute = cfg.recompute_granularity == "selective"
 
-    def forward(self, q, k, v, softmax_scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, softmax_scale: float, attn_mask=None) -> torch.Tensor:
         def run(q, k, v):
+            extra = {} if attn_mask is None else {"attn_mask": attn_mask}
             return self.kernel(
-                q, k, v, softmax_scale=softmax_scale, cp_group=self.cp_group, training=self.training
+                q,
+                k,
+                v,
+                softmax_scale=softmax_scale,
+                cp_group=self.cp_group,
+                training=self.training,
+                **extra,
             )
 
         if self.recompute and torch.is_grad_enabled():
@@ -116,6 +123,7 @@ class SelfAttention(torch.nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         paged: PagedBatch | None = None,
+        attn_mask: torch.Tensor | None = None,
     ):
         qkv = self.linear_qkv(x)
         d = self.head_dim
@@ -133,7 +141,7 @@ class SelfAttention(torch.nn.Module):
         if paged is not None:
             out = paged.attend(self.layer_number, q, k, v, self.softmax_scale)
         else:
-            out = self.core_attention(q, k, v, self.softmax_scale)
+            out = self.core_attention(q, k, v, self.softmax_scale, attn_mask)
         return self.linear_proj(_sequence_first(out))
 
 
@@ -238,6 +246,7 @@ class MLASelfAttention(torch.nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         paged: PagedBatch | None = None,
+        attn_mask: torch.Tensor | None = None,
     ):
         if paged is not None:
             return self._forward_paged(x, rotary, paged)
@@ -263,7 +272,7 @@ class MLASelfAttention(torch.nn.Module):
             q_rope, k_rope = apply_rotary(q_rope, *rotary), apply_rotary(k_rope, *rotary)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, self.local_heads, -1, -1)], dim=-1)
-        out = self.core_attention(q, k, v, self.softmax_scale)
+        out = self.core_attention(q, k, v, self.softmax_scale, attn_mask)
         return self.linear_proj(_sequence_first(out))
 
     def _forward_paged(

@@ -1,8 +1,9 @@
 """Core attention kernels, registered under ``attention_backend``.
 
 A backend maps ``q [b, hq, s, d]``, ``k, v [b, hkv, s, d]`` to ``[b, hq, s, dv]`` with causal
-masking. With context parallelism the sequence dim holds this rank's load-balanced shard and the
-backend is handed the CP group.
+masking, or, for packed sequences, with the boolean ``attn_mask [b, 1, s, s]`` of
+:mod:`mcore.models.packing`. With context parallelism the sequence dim holds this rank's
+load-balanced shard and the backend is handed the CP group.
 """
 
 from __future__ import annotations
@@ -39,8 +40,14 @@ class SDPAAttention:
         softmax_scale: float,
         cp_group: Any = None,
         training: bool = False,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if _group_size(cp_group) > 1:
+            if attn_mask is not None:
+                raise NotImplementedError(
+                    "packed sequences under context parallelism are not supported: pack with "
+                    "parallel.context_parallel_size = 1"
+                )
             return context_parallel_attention(
                 q, k, v, cp_group=cp_group, causal=True, softmax_scale=softmax_scale
             )
@@ -48,7 +55,8 @@ class SDPAAttention:
             q,
             k,
             v,
-            is_causal=True,
+            attn_mask=attn_mask,  # packed sequences: causal within each one (see packing.py)
+            is_causal=attn_mask is None,
             scale=softmax_scale,
             dropout_p=self.dropout if training else 0.0,
             enable_gqa=q.shape[1] != k.shape[1],
@@ -66,9 +74,14 @@ class TEAttention:
         self.dropout = dropout
         self._modules: dict[tuple, Any] = {}
 
-    def __call__(self, q, k, v, *, softmax_scale, cp_group=None, training=False):
+    def __call__(self, q, k, v, *, softmax_scale, cp_group=None, training=False, attn_mask=None):
         import transformer_engine.pytorch as te
 
+        if attn_mask is not None:
+            raise NotImplementedError(
+                "packed sequences with attention_backend 'te' are not supported yet; use "
+                "model.attention_backend = 'sdpa' for packed batches"
+            )
         key = (q.shape[1], k.shape[1], q.shape[-1], v.shape[-1], softmax_scale)
         if key not in self._modules:
             self._modules[key] = te.DotProductAttention(

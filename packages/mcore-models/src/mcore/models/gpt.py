@@ -30,6 +30,7 @@ from mcore.models.config import TransformerConfig
 from mcore.models.context import ModelContext
 from mcore.models.inference import KVCacheSpec, PagedBatch
 from mcore.models.layer import LayerSpec, TransformerLayer, layer_specs
+from mcore.models.packing import PackedSeqParams
 from mcore.models.rope import RotaryEmbedding
 from mcore.parallel import (
     ColumnParallelLinear,
@@ -205,9 +206,14 @@ class GPTModel(torch.nn.Module):
         input_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
         """Logits ``[b, s, vocab]``, or with ``labels`` the per-token loss ``[b, s]``; a stage
-        without the output layer returns its hidden states ``[s, b, h]`` instead."""
+        without the output layer returns its hidden states ``[s, b, h]`` instead.
+
+        ``packed_seq_params``: the rows hold several sequences each (see
+        :mod:`mcore.models.packing`): attention stays within each; pass its ``position_ids()``.
+        """
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("GPTModel.forward needs input_ids on the embedding stage")
@@ -232,9 +238,14 @@ class GPTModel(torch.nn.Module):
                 s = s_local * (self.parallel_state.tp_size if self.sequence_parallel else 1)
                 position_ids = self.default_positions(b, s, x.device)
         rotary = self.rotary(position_ids) if self.rotary is not None else None
+        mask = None
+        if packed_seq_params is not None:
+            mask = packed_seq_params.attention_mask(x.device)
         for layer in self.layers.values():
             if self.recompute_layers and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rotary, use_reentrant=False)
+                x = checkpoint(layer, x, rotary, None, mask, use_reentrant=False)
+            elif mask is not None:
+                x = layer(x, rotary, attn_mask=mask)
             else:
                 x = layer(x, rotary)
         if not self.post_process:

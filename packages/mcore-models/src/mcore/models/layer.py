@@ -105,16 +105,23 @@ class TransformerLayer(torch.nn.Module):
             mark_tp_partial_grad(*(p for n in norms for p in n.parameters()))
 
     def forward(
-        self, x: torch.Tensor, rotary=None, paged: PagedBatch | None = None
+        self,
+        x: torch.Tensor,
+        rotary=None,
+        paged: PagedBatch | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``paged``: at inference, the engine's batch over the paged KV cache (see
-        ``mcore.models.inference``); ``x`` is then the flat token row ``[T, 1, h]``."""
+        ``mcore.models.inference``); ``x`` is then the flat token row ``[T, 1, h]``.
+        ``attn_mask``: packed sequences' block-diagonal causal mask (``mcore.models.packing``)."""
         if self.self_attention is not None:
             normed = self.input_layernorm(x)
-            if paged is None:
-                h = self.self_attention(normed, rotary)
-            else:
+            if paged is not None:
                 h = self.self_attention(normed, rotary, paged=paged)
+            elif attn_mask is not None:
+                h = self.self_attention(normed, rotary, attn_mask=attn_mask)
+            else:
+                h = self.self_attention(normed, rotary)
             x = x + F.dropout(h, self.dropout, self.training)
         if self.mlp is not None:
             h = self.mlp(self.pre_mlp_layernorm(x))
