@@ -210,19 +210,24 @@ def _build_model(common: dict[str, Any]) -> Any:
     return GPTModel(config, sections=build_config(saved, sections))
 
 
+def _hf(command: str) -> Any:
+    """``mcore.models.hf``, or an error saying the command needs mcore-models."""
+    try:
+        import mcore.models.hf as hf
+    except ImportError:
+        raise CheckpointingException(
+            f"{command} needs mcore-models: pip install mcore-models"
+        ) from None
+    return hf
+
+
 def import_hf(hf_dir: Path, out: Path) -> Path:
     """``hf_dir`` (config.json + safetensors) as an mcore checkpoint: weights, step 0."""
     import dataclasses
 
     from mcore.ckpt.state import model_tensors
 
-    try:
-        from mcore.models.hf import load_hf
-    except ImportError:
-        raise CheckpointingException(
-            "import-hf needs mcore-models: pip install mcore-models"
-        ) from None
-    model = load_hf(hf_dir)
+    model = _hf("import-hf").load_hf(hf_dir)
     tensors = model_tensors([model], for_save=True)
     sections = {name: dataclasses.asdict(obj) for name, obj in model.sections.items()}
     common = {
@@ -246,12 +251,7 @@ def export_hf(ckpt: Path, out: Path, architecture: str | None = None) -> Path:
 
     folder = directory.resolve(ckpt)
     common = read_common(folder)
-    try:
-        from mcore.models.hf import save_hf
-    except ImportError:
-        raise CheckpointingException(
-            "export-hf needs mcore-models: pip install mcore-models"
-        ) from None
+    save_hf = _hf("export-hf").save_hf
     model = _build_model(common)
     wanted = model_tensors([model], for_save=False)
     metadata = dcp_io.read_metadata(folder)
