@@ -1,5 +1,8 @@
 """``load_model`` for both kinds of ``--model PATH``, and ``mcore generate`` / ``mcore serve``
-run as a user runs them (subprocesses, real HTTP)."""
+run as a user runs them (subprocesses, real HTTP). mcore checkpoints are written here in
+mcore-ckpt's layout (``latest`` -> ``iter_*/common.json``) with stand-in formats registered at
+run time, so these tests hold the registry contract without depending on mcore-ckpt; the
+integration tests load a real ``mcore train`` checkpoint."""
 
 from __future__ import annotations
 
@@ -131,27 +134,6 @@ def test_a_missing_checkpoint_format_says_what_to_install(tmp_path) -> None:
         load_model(tmp_path / "bad")
 
 
-def _interim_checkpoint(root: Path) -> GPTModel:
-    """What the training loop saves until mcore-ckpt's formats land, plus its config."""
-    config, trained = _trained_run()
-    root.mkdir(parents=True)
-    torch.save([trained.state_dict()], root / "model_rank00000.pt")
-    (root / "config.toml").write_text(config.to_toml())
-    return trained
-
-
-def test_interim_per_rank_files_load_when_each_rank_held_the_whole_model(tmp_path) -> None:
-    trained = _interim_checkpoint(tmp_path / "run")
-    model, _ = load_model(tmp_path / "run")
-    assert model.config.vocab_size == 384
-    for name, value in trained.state_dict().items():
-        assert torch.equal(model.state_dict()[name], value)
-    config = load_config(overrides={**SMALL_MODEL, "parallel.tp": "2"})
-    (tmp_path / "run" / "config.toml").write_text(config.to_toml())
-    with pytest.raises(McoreError, match="mcore-ckpt"):
-        load_model(tmp_path / "run")
-
-
 def _mcore(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "mcore"), *args], capture_output=True, text=True, timeout=timeout
@@ -186,10 +168,11 @@ def test_mcore_generate_prints_the_completion(llama_dir, tmp_path, llama_engine_
     assert result.stdout == want.text + "\n"
 
 
-def test_mcore_generate_in_process_json_and_errors(tmp_path, capsys) -> None:
+def test_mcore_generate_in_process_json_and_errors(formats, tmp_path, capsys) -> None:
     from mcore.core.cli import main
 
-    _interim_checkpoint(tmp_path / "run")
+    config, trained = _trained_run()
+    _save_checkpoint(tmp_path / "run", "test_weights", config, trained)
     argv = [
         "generate",
         "--model",

@@ -10,11 +10,10 @@ The kind is detected from the directory:
   the newest ``iter_*`` folder, or one such folder itself (it holds ``common.json``). Its
   ``common.json`` carries the run config (``config``), the model's own config (``model``,
   with the padded vocabulary) and the ``format``. The model is built from those through the
-  ``model`` registry and the tokenizer from the run's ``[data]`` section; the weights are read
+  ``model`` registry; the tokenizer is the one shipped in the folder (``tokenizer.json``, as
+  ``mcore ckpt import-hf`` copies it), else the run's ``[data]`` tokenizer; the weights are read
   by the format's entry in the ``checkpoint_format`` registry, so this package never imports
-  mcore-ckpt (see :data:`CHECKPOINT_FORMAT_CONTRACT`). Save directories of the training
-  loop's interim per-rank files (``model_rank00000.pt`` with a ``config.toml``) are read
-  directly when every rank held a whole model replica (no TP/PP/EP).
+  mcore-ckpt (see :data:`CHECKPOINT_FORMAT_CONTRACT`).
 
 ``config_file`` (``--run-config``) gives the run config when the checkpoint lacks one.
 """
@@ -35,7 +34,6 @@ from mcore.inference.tokenizer import CoreTextTokenizer, HFTextTokenizer, TextTo
 ModelKind = Literal["hf", "mcore"]
 COMMON = "common.json"
 LATEST = "latest"
-INTERIM = "model_rank00000.pt"
 
 CHECKPOINT_FORMAT_CONTRACT = """\
 The `checkpoint_format` registry entry named by common.json's `format` (the entry itself, or
@@ -54,7 +52,7 @@ def detect_model_kind(path: str | Path) -> ModelKind:
         raise McoreError(f"--model {str(path)!r}: no such directory")
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "hf"
-    if any((path / marker).is_file() for marker in (COMMON, LATEST, INTERIM, "config.toml")):
+    if any((path / marker).is_file() for marker in (COMMON, LATEST)):
         return "mcore"
     raise McoreError(
         f"--model {str(path)!r} is neither a Hugging Face model directory (config.json and "
@@ -86,34 +84,25 @@ def load_tokenizer(
     path = Path(path)
     if detect_model_kind(path) == "hf":
         return HFTextTokenizer(path) if (path / "tokenizer.json").is_file() else None
-    from mcore.core.data.tokenizer import build_tokenizer
-
-    _, common = _checkpoint(path)
-    return CoreTextTokenizer(build_tokenizer(_run_config(path, common, config_file)))
+    folder, common = _checkpoint(path)
+    return _checkpoint_tokenizer(folder, _run_config(path, common, config_file))
 
 
 # -- mcore checkpoints -----------------------------------------------------------------------
 
 
-def _checkpoint(path: Path) -> tuple[Path, dict[str, Any] | None]:
-    """The folder to load from and its ``common.json`` (None for the interim layout)."""
+def _checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The ``iter_*`` folder to load from and its ``common.json``."""
     if (path / COMMON).is_file():
         return path, _read_common(path)
-    if (path / LATEST).is_file():
-        name = (path / LATEST).read_text().strip()
-        folder = path / name
-        if not name or not (folder / COMMON).is_file():
-            raise McoreError(
-                f"{str(path / LATEST)!r} names {name[:60]!r}, which is not a complete "
-                f"checkpoint in {str(path)!r} (no {COMMON})"
-            )
-        return folder, _read_common(folder)
-    if (path / INTERIM).is_file():
-        return path, None
-    raise McoreError(
-        f"{str(path)!r} holds no mcore checkpoint to load: no {LATEST} pointer, no {COMMON} "
-        f"and no {INTERIM}"
-    )
+    name = (path / LATEST).read_text().strip() if (path / LATEST).is_file() else ""
+    folder = path / name
+    if not name or not (folder / COMMON).is_file():
+        raise McoreError(
+            f"{str(path / LATEST)!r} names {name[:60]!r}, which is not a complete checkpoint "
+            f"in {str(path)!r} (no {COMMON})"
+        )
+    return folder, _read_common(folder)
 
 
 def _read_common(folder: Path) -> dict[str, Any]:
@@ -126,90 +115,56 @@ def _read_common(folder: Path) -> dict[str, Any]:
     return common
 
 
-def _run_config(path: Path, common: dict[str, Any] | None, config_file: str | Path | None) -> Any:
+def _run_config(path: Path, common: dict[str, Any], config_file: str | Path | None) -> Any:
     """The run's config: ``config_file``, else the checkpoint's own record of it."""
     from mcore.core import load_config
     from mcore.core.config import build_config, config_sections
 
     if config_file is not None:
         return load_config(config_file)
-    if common is not None and isinstance(common.get("config"), dict):
-        sections = config_sections()
-        # Sections of plugins not installed here are left out; a model that needs one fails
-        # to build with the registry's "install ..." message.
-        values = {k: v for k, v in common["config"].items() if k in sections}
-        if isinstance(common.get("model"), dict) and common["model"]:
-            values["model"] = common["model"]  # the model as built (padded vocabulary)
-        values = {k: {f: x for f, x in v.items() if x is not None} for k, v in values.items()}
-        return build_config(values, sections)
-    if (path / "config.toml").is_file():
-        return load_config(path / "config.toml")
-    raise McoreError(
-        f"mcore checkpoint {str(path)!r} records no run config (no 'config' in {COMMON}, no "
-        "config.toml), which says how to build the model; pass the run's config file "
-        "(mcore generate/serve --run-config FILE)"
-    )
+    if not isinstance(common.get("config"), dict):
+        raise McoreError(
+            f"mcore checkpoint {str(path)!r} records no run config ('config' in {COMMON}), "
+            "which says how to build the model; pass the run's config file "
+            "(mcore generate/serve --run-config FILE)"
+        )
+    sections = config_sections()
+    # Sections of plugins not installed here are left out; a model that needs one fails to
+    # build with the registry's "install ..." message.
+    values = {k: v for k, v in common["config"].items() if k in sections}
+    if isinstance(common.get("model"), dict) and common["model"]:
+        values["model"] = common["model"]  # the model as built (padded vocabulary)
+    values = {k: {f: x for f, x in v.items() if x is not None} for k, v in values.items()}
+    return build_config(values, sections)
 
 
 def _load_mcore(
     path: Path, config_file: str | Path | None
 ) -> tuple[torch.nn.Module, TextTokenizer]:
-    from mcore.core.data.tokenizer import build_tokenizer
     from mcore.parallel import ParallelState
 
     folder, common = _checkpoint(path)
     config = _run_config(path, common, config_file)
-    tokenizer = build_tokenizer(config)
-    state = _read_interim(path, config) if common is None else None
+    tokenizer = _checkpoint_tokenizer(folder, config)
     model_config = config.model
-    if model_config.vocab_size is None:
-        if state is not None and "embedding.weight" in state:
-            vocab = state["embedding.weight"].shape[0]
-        else:  # as mcore train pads it: a multiple of 128
-            vocab = math.ceil(tokenizer.vocab_size / 128) * 128
+    if model_config.vocab_size is None:  # as mcore train pads it: a multiple of 128
+        vocab = math.ceil(tokenizer.vocab_size / 128) * 128
         model_config = dataclasses.replace(model_config, vocab_size=vocab)
     registries = get_plugin_manager().registries
     build = registries.get("model", model_config.name)
     model = build(model_config, ParallelState(), sections=config)
-    if state is not None:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("inv_freq")]
-        if missing or unexpected:
-            raise McoreError(
-                f"{str(path / INTERIM)!r} does not match the model its config builds: missing "
-                f"{missing[:5]}, unexpected {unexpected[:5]}"
-            )
-    else:
-        _load_with_format(folder, common, model, registries)
-    return model.eval(), CoreTextTokenizer(tokenizer)
+    _load_with_format(folder, common, model, registries)
+    return model.eval(), tokenizer
 
 
-def _read_interim(path: Path, config: Any) -> dict[str, torch.Tensor]:
-    """The training loop's interim per-rank files: rank 0's holds the whole model when every
-    rank was a data-parallel replica."""
-    parallel = getattr(config, "parallel", None)
-    layout = {
-        name: getattr(parallel, name, 1)
-        for name in (
-            "tensor_model_parallel_size",
-            "pipeline_model_parallel_size",
-            "expert_model_parallel_size",
-            "expert_tensor_parallel_size",
-        )
-    }
-    split = {k: v for k, v in layout.items() if v and v > 1}
-    if split:
-        raise McoreError(
-            f"{str(path)!r} holds per-rank shards of a run with {split}; loading those for "
-            "inference needs mcore-ckpt's resharding formats (pip install mcore-ckpt and save "
-            "with --checkpoint.ckpt-format torch_dist)"
-        )
-    states = torch.load(path / INTERIM, map_location="cpu", weights_only=True)
-    if isinstance(states, list):  # one state dict per model chunk
-        if len(states) != 1:
-            raise McoreError(f"{str(path)!r} holds {len(states)} model chunks; expected one")
-        states = states[0]
-    return states
+def _checkpoint_tokenizer(folder: Path, config: Any) -> TextTokenizer:
+    """Tokenizer files shipped in the checkpoint folder (``mcore ckpt import-hf`` copies
+    them), else the run's ``[data]`` tokenizer."""
+    if (folder / "tokenizer.json").is_file():
+        return HFTextTokenizer(folder)
+    from mcore.core.data.tokenizer import build_tokenizer
+
+    return CoreTextTokenizer(build_tokenizer(config))
 
 
 def _load_with_format(
