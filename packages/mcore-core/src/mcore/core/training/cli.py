@@ -37,21 +37,29 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, config_sections(manager), owners)
 
 
-def _default_nproc() -> int:
+def default_nproc() -> int:
+    """Local ranks to start when none are asked for: one per GPU, else 2 CPU ranks."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
-def _launch(nproc: int, argv: list[str]) -> int:
-    """Run ``mcore train argv`` on ``nproc`` local ranks with torch's elastic launcher."""
+def launch_local_ranks(command: str, nproc: int, argv: list[str]) -> int:
+    """Run ``mcore COMMAND argv`` on ``nproc`` local ranks with torch's elastic launcher
+    (what ``mcore train --nproc N`` does; other commands that train, such as ``mcore rl``,
+    launch the same way). ``argv`` must not hold ``--nproc`` (see :func:`without_nproc`)."""
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "-m", "mcore.core.cli", "train", *argv]
+        ["--standalone", f"--nproc-per-node={nproc}", "-m", "mcore.core.cli", command, *argv]
     )
     run(args)
     return 0
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` / ``--nproc=N``."""
+    return [a for i, a in enumerate(argv) if not _is_nproc(argv, i)]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -66,11 +74,9 @@ def _run(args: argparse.Namespace) -> int:
     if problems:  # an unknown router or dispatcher fails here, not once per launched rank
         raise ConfigError(problems)
     if "WORLD_SIZE" not in os.environ:
-        nproc = args.nproc or _default_nproc()
-        if nproc > 1:
-            argv = args.command_argv  # what the user typed after `mcore train`
-            argv = [a for i, a in enumerate(argv) if not _is_nproc(argv, i)]
-            return _launch(nproc, argv)
+        nproc = args.nproc or default_nproc()
+        if nproc > 1:  # argv: what the user typed after `mcore train`
+            return launch_local_ranks("train", nproc, without_nproc(args.command_argv))
     from mcore.core.training.loop import train
 
     result = train(config)
