@@ -1,0 +1,359 @@
+"""The GRPO loop of ``mcore rl``, readable top to bottom.
+
+Every rank runs it. Each rank trains its part of the policy in the training layout (whatever
+``[parallel]`` says: DP, TP, PP, EP, FSDP) and owns an inference engine over a whole
+single-process copy of the model (the inference layout), which generates the rank's share of
+the step's groups. A step:
+
+1. **Rollout**: resume the engine, let the agents play this rank's groups (the rank's share
+   of ``rl.prompts_per_step`` problems, ``rl.group_size`` episodes each), suspend the engine
+   (its KV cache is freed for training).
+2. **Advantages**: every rank receives every group; rewards become advantages within each
+   group; groups whose rewards do not vary are counted (and dropped with
+   ``rl.filter_groups_with_same_reward``).
+3. **Train**: the episodes are split into ``rl.num_minibatches`` mini-batches of whole
+   groups, packed into rows per data-parallel rank, and trained on with the GRPO loss through
+   the runtime's schedule, ``rl.grpo_iterations`` passes (the log-probs of the policy before
+   the updates and of the frozen reference are computed first when needed).
+4. **Refit**: the new weights go from the training layout into every engine (every
+   ``rl.max_generation_lag + 1`` steps); then metrics, hooks and checkpoints as in
+   ``mcore train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mcore.core import Config, McoreError
+from mcore.core.data import build_tokenizer
+from mcore.core.plugins import PluginManager, get_plugin_manager
+from mcore.core.training.loop import init_distributed
+from mcore.core.training.metrics import MetricsLogger
+from megatron_rl.grpo import GRPOLossConfig, group_advantages, zero_variance_groups
+from megatron_rl.handles import EngineHandle
+from megatron_rl.inference import build_engine, reference_chunks
+from megatron_rl.packing import TrainSequence
+from megatron_rl.refit import refit_engine
+from megatron_rl.rollout import Group, RolloutRunner
+from megatron_rl.trainer import GRPOTrainer, make_minibatch, with_loss_weights
+
+
+@dataclass
+class RLResult:
+    """What a run produced: one metrics dict per step, and where the checkpoint went."""
+
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    checkpoint: str | None = None
+    engine: Any = field(default=None, repr=False)
+    """This rank's inference engine, refit with the final weights (for inspection)."""
+    chunks: list = field(default_factory=list, repr=False)
+    """This rank's trained model chunks."""
+
+    @property
+    def rewards(self) -> list[float]:
+        """Mean reward of every step."""
+        return [m["rl/reward_mean"] for m in self.metrics]
+
+
+def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResult:
+    """Run GRPO as ``config`` says (see the module docstring). Call on every rank."""
+    manager = manager or get_plugin_manager()
+    hook, registries = manager.hook, manager.registries
+    rl, train_cfg = config.rl, config.train
+    init_distributed(config)
+    runtime = hook.mcore_training_runtime(config=config)
+    if runtime is None:
+        raise McoreError("mcore rl needs a parallel runtime: pip install mcore-parallel")
+    ps = runtime.parallel_state
+    if ps.cp_size > 1:
+        raise McoreError(
+            "parallel.cp > 1: packed RL rows are not split over context-parallel ranks yet; "
+            "use tensor or pipeline parallelism for long sequences"
+        )
+    torch.manual_seed(train_cfg.seed)
+
+    # --- the policy (training layout), its reference, the engine (inference layout) -----
+    tokenizer = build_tokenizer(config)
+    model_config = config.model
+    if model_config.vocab_size is None:  # padded as mcore train pads it
+        multiple = math.lcm(128, ps.tp_size)
+        vocab = math.ceil(tokenizer.vocab_size / multiple) * multiple
+        model_config = dataclasses.replace(model_config, vocab_size=vocab)
+    chunks, optimizer, scheduler = runtime.build(config, model_config, registries)
+    checkpointer = manager.hook.mcore_checkpointer(config=config, runtime=runtime)
+    resumed = checkpointer.load(chunks, optimizer, scheduler) if checkpointer else None
+    start = int(resumed["iteration"]) if resumed else 0
+    reference = None
+    if rl.kl_beta > 0:  # the frozen initial policy, same layout, forward only
+        reference = reference_chunks(config, model_config, registries, runtime, chunks)
+    bin_size = rl.packing_bin_size or train_cfg.seq_length
+    groups_here = _share(rl.prompts_per_step, ps.world_size, ps.rank)
+    engine = build_engine(
+        config,
+        model_config,
+        tokenizer,
+        registries,
+        device=next(chunks[0].parameters()).device,
+        max_requests=rl.inference_max_requests or max(1, groups_here * rl.group_size),
+        max_sequence_length=bin_size,
+    )
+    refit_engine(engine, chunks)
+    engine.suspend()
+
+    # --- environment, agent, rollouts, trainer -------------------------------------------
+    env = registries.get("rl_env", rl.env)(config)
+    agent = registries.get("rl_agent", rl.agent)(config)
+    handle = EngineHandle(engine)
+    consumed = int(resumed.get("consumed_samples", 0)) if resumed else 0
+    runner = RolloutRunner(
+        agent,
+        env,
+        handle,
+        group_size=rl.group_size,
+        generation_args=dict(
+            max_tokens=rl.max_new_tokens,
+            temperature=rl.temperature,
+            top_p=rl.top_p,
+            top_k=rl.top_k,
+        ),
+        rank=ps.rank,
+        world_size=ps.world_size,
+        seed=train_cfg.seed,
+        start_group=math.ceil(consumed / ps.world_size),
+    )
+    runner.policy_version = start
+    budget = None
+    if rl.partial_rollouts:
+        budget = rl.rollout_tokens_per_step or max(
+            1, rl.prompts_per_step * rl.group_size * rl.max_new_tokens // (2 * ps.world_size)
+        )
+    trainer = GRPOTrainer(
+        runtime,
+        chunks,
+        optimizer,
+        loss_config=GRPOLossConfig.from_rl(rl),
+        temperature=rl.temperature,
+        vocab_size=tokenizer.vocab_size,
+        packing=rl.use_sequence_packing,
+        fp16=train_cfg.fp16,
+    )
+    updates_per_step = rl.grpo_iterations * rl.num_minibatches
+    multiple_of = ps.tp_size if getattr(runtime, "sequence_parallel", False) else 1
+    device = next(chunks[0].parameters()).device
+
+    result = RLResult(engine=engine, chunks=chunks)
+    save_dir = config.checkpoint.save
+    metrics_file = config.logger.metrics_file or (
+        str(Path(save_dir) / "metrics.jsonl") if save_dir else None
+    )
+    if metrics_file and ps.rank == 0 and resumed is None:
+        Path(metrics_file).unlink(missing_ok=True)  # a new run starts a new curve
+    logger = MetricsLogger(
+        metrics_file=metrics_file,
+        tensorboard_dir=config.logger.tensorboard_dir,
+        log_interval=config.logger.log_interval,
+        total_steps=train_cfg.train_iters,
+        progress_bar=config.logger.progress_bar,
+        rank=ps.rank,
+        start_step=start,
+    )
+    hook.mcore_on_train_start(trainer=result)
+    try:
+        for step in range(start + 1, train_cfg.train_iters + 1):
+            # 1. rollout this rank's groups on the engine, then lend its memory to training
+            engine.resume()
+            began, tokens_before = time.perf_counter(), handle.generated_tokens
+            mine = runner.collect(groups_here, token_budget=budget)
+            engine.suspend()
+            rollout = (handle.generated_tokens - tokens_before, time.perf_counter() - began)
+
+            # 2. every rank gets every group; advantages are relative within each group
+            groups, generated, rollout_seconds = _gather(mine, rollout, ps.world_size)
+            consumed += len(groups) if not rl.partial_rollouts else groups_here * ps.world_size
+            rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
+            advantages = group_advantages(
+                rewards,
+                normalize_by_std=rl.normalize_advantages_by_std,
+                epsilon=rl.advantage_epsilon,
+            )
+            flat = zero_variance_groups(rewards)
+            kept = [
+                i for i in range(len(groups)) if not (rl.filter_groups_with_same_reward and flat[i])
+            ]
+
+            # 3. GRPO updates on packed mini-batches of whole groups
+            began = time.perf_counter()
+            batches = []
+            for part in _split(kept, rl.num_minibatches):
+                sequences = [
+                    TrainSequence(t.token_ids, t.generated, t.logprobs, float(advantages[g, j]), [])
+                    for g in part
+                    for j, t in enumerate(groups[g].trajectories)
+                ]
+                sequences = with_loss_weights(
+                    sequences, rl.loss_aggregation, max_completion_tokens=rl.max_new_tokens
+                )
+                batches.append(
+                    make_minibatch(
+                        sequences,
+                        dp_rank=ps.dp_rank,
+                        dp_size=ps.dp_size,
+                        rows_per_micro_batch=train_cfg.micro_batch_size,
+                        bin_size=bin_size,
+                        packing=rl.use_sequence_packing,
+                        multiple_of=multiple_of,
+                        device=device,
+                    )
+                )
+            if updates_per_step > 1 or rl.max_generation_lag > 0 or rl.partial_rollouts:
+                for batch in batches:  # pi_old: the policy before this step's updates
+                    trainer.compute_logprobs(chunks, batch, "old_logprobs")
+            if reference is not None:
+                for batch in batches:
+                    trainer.compute_logprobs(reference, batch, "ref_logprobs")
+            sums, norms = {}, []
+            for _ in range(rl.grpo_iterations):
+                for batch in batches:
+                    step_sums, grad_norm, _skipped = trainer.train_step(batch)
+                    for k, v in step_sums.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    norms.append(grad_norm)
+            if batches:
+                scheduler.step()
+            train_seconds = time.perf_counter() - began
+
+            # 4. refit the engines with the new weights (or let them lag behind)
+            refit_seconds = 0.0
+            if step % (rl.max_generation_lag + 1) == 0 or step == train_cfg.train_iters:
+                began = time.perf_counter()
+                refit_engine(engine, chunks)
+                runner.policy_version = step
+                refit_seconds = time.perf_counter() - began
+
+            # 5. metrics, hooks, checkpoints
+            trained_tokens = sum(b.tokens for b in batches) * rl.grpo_iterations
+            row_tokens = sum(b.row_tokens for b in batches)
+            metrics = _step_metrics(
+                groups,
+                rewards,
+                flat,
+                sums,
+                norms,
+                step=step,
+                updates=len(norms),
+                lr=float(optimizer.param_groups[0]["lr"]),
+                has_kl=reference is not None,
+            )
+            metrics.update({
+                "tokens_per_s": trained_tokens / max(train_seconds, 1e-9),
+                "rl/train_tokens_per_s": trained_tokens / max(train_seconds, 1e-9),
+                "rl/rollout_tokens_per_s": generated / max(rollout_seconds, 1e-9),
+                "rl/rollout_s": rollout_seconds,
+                "rl/train_s": train_seconds,
+                "rl/refit_s": refit_seconds,
+                "rl/packing_efficiency": sum(b.tokens for b in batches) / max(row_tokens, 1),
+            })  # fmt: skip
+            result.metrics.append(metrics)
+            logger.log(step, metrics)
+            hook.mcore_on_step_end(trainer=result, step=step, metrics=metrics)
+            if checkpointer is not None and save_dir:
+                interval = config.checkpoint.save_interval
+                if step == train_cfg.train_iters or (interval and step % interval == 0):
+                    state = {"iteration": step, "consumed_samples": consumed}
+                    path = checkpointer.save(step, chunks, optimizer, scheduler, state)
+                    _published(hook, result, [path] if path else [])
+                _published(hook, result, checkpointer.poll())
+        if checkpointer is not None:
+            _published(hook, result, checkpointer.finalize())
+    finally:
+        runner.close()
+        logger.close()
+        hook.mcore_on_train_end(trainer=result)
+    return result
+
+
+def _share(total: int, world: int, rank: int) -> int:
+    """Rank ``rank``'s share of ``total`` items over ``world`` ranks (the first get one more)."""
+    return total // world + (rank < total % world)
+
+
+def _split(items: list[int], parts: int) -> list[list[int]]:
+    """``items`` in ``parts`` consecutive runs as equal as can be (empty runs left out)."""
+    out, start = [], 0
+    for p in range(parts):
+        n = _share(len(items), parts, p)
+        if n:
+            out.append(items[start : start + n])
+        start += n
+    return out
+
+
+def _gather(
+    mine: list[Group], rollout: tuple[int, float], world: int
+) -> tuple[list[Group], int, float]:
+    """Every rank's groups (in problem order), generated tokens (sum) and rollout time (max)."""
+    parts: list[Any] = [(mine, rollout)]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (mine, rollout))
+    groups = sorted((g for part, _ in parts for g in part), key=lambda g: g.index)
+    return groups, sum(r[0] for _, r in parts), max(r[1] for _, r in parts)
+
+
+def _step_metrics(
+    groups: list[Group],
+    rewards: torch.Tensor,
+    flat: torch.Tensor,
+    sums: dict[str, float],
+    norms: list[float],
+    *,
+    step: int,
+    updates: int,
+    lr: float,
+    has_kl: bool,
+) -> dict[str, float]:
+    """The step's record: GRPO statistics as per-token means over the trained tokens."""
+    trajectories = [t for g in groups for t in g.trajectories]
+    metrics: dict[str, float] = {}
+    tokens = sums.get("tokens", 0.0)
+    if updates:
+        metrics["loss"] = sums["loss"] / updates
+        metrics["grad_norm"] = sum(norms) / len(norms)
+    metrics["lr"] = lr
+    metrics["rl/reward_mean"] = float(rewards.mean())
+    metrics["rl/reward_std"] = float(rewards.flatten().std()) if rewards.numel() > 1 else 0.0
+    if tokens:
+        metrics["rl/entropy"] = sums["entropy"] / tokens
+        metrics["rl/clip_fraction"] = sums["clipped"] / tokens
+        metrics["rl/ratio_mean"] = sums["ratio"] / tokens
+        metrics["rl/importance_weight"] = sums["is_weight"] / tokens
+        metrics["rl/importance_truncated"] = sums["truncated"] / tokens
+        if has_kl:
+            metrics["rl/kl"] = sums["kl"] / tokens
+    metrics["rl/groups"] = float(len(groups))
+    metrics["rl/zero_variance_groups"] = float(flat.sum())
+    metrics["rl/response_length"] = sum(t.num_generated for t in trajectories) / max(
+        len(trajectories), 1
+    )
+    metrics["rl/generation_lag"] = sum(step - 1 - g.policy_version for g in groups) / max(
+        len(groups), 1
+    )
+    info_keys = sorted({k for t in trajectories for k in t.info})
+    for key in info_keys:
+        values = [t.info[key] for t in trajectories if key in t.info]
+        metrics[f"rl/env/{key}"] = sum(values) / len(values)
+    return metrics
+
+
+def _published(hook: Any, result: RLResult, paths: list[str]) -> None:
+    for path in paths:
+        result.checkpoint = path
+        hook.mcore_on_checkpoint_saved(trainer=result, path=path)
