@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcore.ckpt import dcp_io, read_common
+from mcore.ckpt import get_format, read_common
 from mcore.ckpt.cli import _build_model
-from mcore.ckpt.state import model_tensors
 from mcore.core import load_config
 from mcore.core.testing import run_ranks
 from mcore.core.training.loop import train
@@ -57,17 +56,19 @@ def _train(rank: int, world: int, cache: str, overrides: dict) -> list[float]:
 def train_losses(cache: str, **overrides: str) -> list[float]:
     """``mcore train`` on one rank of its own process: this (forking) test process then never
     runs torch's thread pool itself, which forked ranks could not use afterwards."""
-    return run_ranks(_train, 1, cache, overrides)[0]
+    return run_ranks(_train, 1, cache, overrides, timeout_s=600)[0]
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> tuple[Path, str, list[float]]:
-    """A one-rank run stopped (and saved) at step 3, and the uninterrupted curve."""
+    """A one-rank run of 6 steps that saved at step 3 (and 6), its step-3 checkpoint, and its
+    curve: resuming at step 3 must give its last 3 losses."""
     tmp = tmp_path_factory.mktemp("ckpt")
     cache = str(tmp / "cache")
-    reference = train_losses(cache)
-    train_losses(cache, **{"checkpoint.save": str(tmp / "run"), "train.exit-interval": "3"})
-    return tmp / "run", cache, reference
+    reference = train_losses(
+        cache, **{"checkpoint.save": str(tmp / "run"), "checkpoint.save-interval": "3"}
+    )
+    return tmp / "run" / "iter_0000003", cache, reference
 
 
 def test_inspect_shows_format_layout_and_every_tensor(saved) -> None:
@@ -130,12 +131,10 @@ def _plain_megatron_fsdp_logits(rank: int, world: int, folder: str) -> torch.Ten
 def test_megatron_fsdp_reads_an_fsdp_dtensor_checkpoint_of_mcore_train(saved, tmp_path) -> None:
     run, _, _ = saved
     mcore("ckpt", "convert", str(run), str(tmp_path / "fsdp"), "--format", "fsdp_dtensor")
-    folder = str(tmp_path / "fsdp" / "iter_0000003")
-    (logits,) = run_ranks(_plain_megatron_fsdp_logits, 1, folder)
-    common = read_common(Path(folder))
-    model = _build_model(common)
-    dcp_io.read(Path(folder), model_tensors([model], for_save=False), group=None,
-                metadata=dcp_io.read_metadata(Path(folder)))  # fmt: skip
+    folder = str(tmp_path / "fsdp" / "iter_0000003")  # convert keeps the step
+    (logits,) = run_ranks(_plain_megatron_fsdp_logits, 1, folder, timeout_s=600)
+    model = _build_model(read_common(Path(folder)))
+    get_format("fsdp_dtensor").load_model(Path(folder), model)
     with torch.no_grad():
         expected = model(torch.arange(16).view(2, 8))
     torch.testing.assert_close(logits, expected)

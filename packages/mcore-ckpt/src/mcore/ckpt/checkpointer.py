@@ -192,7 +192,16 @@ class Checkpointer:
             common,
             group=self.group,
             keep_last=self.settings.keep_last,
+            extra_files=self._extra_files(),
         )
+
+    def _extra_files(self) -> dict[str, Path]:
+        """The run's tokenizer file, so that the checkpoint is usable on its own (inference)."""
+        data = self.config.data if "data" in self.config else None
+        path = getattr(data, "tokenizer_path", None)
+        if path and Path(path).is_file() and Path(path).name == "tokenizer.json":
+            return {"tokenizer.json": Path(path)}
+        return {}
 
     def _common(self, iteration, chunks, optimizer, scheduler, loop_state) -> dict[str, Any]:
         ps = self.parallel_state
@@ -266,13 +275,15 @@ def write_checkpoint(
     *,
     group: dist.ProcessGroup | None,
     keep_last: int | None = None,
+    extra_files: dict[str, Path] | None = None,
 ) -> str:
     """Write and atomically publish the checkpoint of ``iteration`` under ``root``.
 
     Every rank calls it; ``write_files(folder)`` writes this rank's files into the temporary
     folder and returns them with their sizes and checksums. Only when every rank succeeded does
-    rank 0 add ``common.json``, publish the folder and move ``latest``; otherwise the temporary
-    folder is removed and the error raised on every rank. Returns the published path.
+    rank 0 add ``common.json`` (and copies of ``extra_files``, e.g. the run's tokenizer), publish
+    the folder and move ``latest``; otherwise the temporary folder is removed and the error
+    raised on every rank. Returns the published path.
     """
     rank = dist.get_rank(group) if group is not None else 0
     tmp = directory.tmp_dir(root, iteration)
@@ -301,6 +312,8 @@ def write_checkpoint(
         common = {**common, "files": {n: i for _, f in everyone for n, i in f.items()}}
         with open(tmp / directory.COMMON, "w") as f:
             json.dump(common, f, indent=1, sort_keys=True)
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
         directory.publish(root, tmp, iteration)
         directory.prune(root, keep_last)
     _barrier(group)

@@ -13,10 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mcore.ckpt import dcp_io, directory
-from mcore.ckpt.checkpointer import VERSION, read_common, write_checkpoint
+from mcore.ckpt import directory
 from mcore.ckpt.errors import CheckpointingException
-from mcore.ckpt.formats import get_format
+
+# Only the argument parser is built at import (``mcore --help`` lists every command): what
+# needs torch is imported by the actions that use it.
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -60,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(path: Path, *, verify: bool = False) -> dict[str, Any]:
     """What ``inspect --json`` prints."""
+    from mcore.ckpt import dcp_io
+    from mcore.ckpt.checkpointer import read_common
+    from mcore.ckpt.formats import get_format
+
     folder = directory.resolve(path)
     common = read_common(folder)
     fmt = get_format(common["format"])
@@ -126,6 +131,9 @@ def _read_all(folder: Path) -> dict[str, Any]:
     """Every stored tensor of a DCP checkpoint, whole, in memory."""
     import torch
 
+    from mcore.ckpt import dcp_io
+    from mcore.ckpt.checkpointer import read_common
+
     metadata = dcp_io.read_metadata(folder)
     common = read_common(folder)
     dcp_io.check_files(folder, metadata, common.get("files"))
@@ -142,6 +150,8 @@ def _write_checkpoint(out: Path, tensors: dict[str, Any], common: dict[str, Any]
     """Publish ``tensors`` (whole tensors, or pieces) as ``out/iter_N`` with ``latest``."""
     import torch
 
+    from mcore.ckpt import dcp_io
+    from mcore.ckpt.checkpointer import VERSION, write_checkpoint
     from mcore.parallel.sharding import ShardedTensor
 
     sharded: dict[str, Any] = {}
@@ -173,6 +183,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
 
 def convert(src: Path, dst: Path, fmt_name: str) -> Path:
     """Rewrite ``src`` in format ``fmt_name`` under the save directory ``dst``."""
+    from mcore.ckpt.checkpointer import read_common
+    from mcore.ckpt.formats import get_format
+
     target = get_format(fmt_name)
     folder = directory.resolve(src)
     common = read_common(folder)
@@ -223,6 +236,7 @@ def _hf(command: str) -> Any:
 
 def import_hf(hf_dir: Path, out: Path) -> Path:
     """``hf_dir`` (config.json + safetensors) as an mcore checkpoint: weights, step 0."""
+
     import dataclasses
 
     from mcore.ckpt.state import model_tensors
@@ -247,16 +261,14 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
 
 def export_hf(ckpt: Path, out: Path, architecture: str | None = None) -> Path:
     """The weights of checkpoint ``ckpt`` as a Hugging Face folder ``out``."""
-    from mcore.ckpt.state import model_tensors
+    from mcore.ckpt.checkpointer import read_common
+    from mcore.ckpt.formats import get_format
 
     folder = directory.resolve(ckpt)
     common = read_common(folder)
     save_hf = _hf("export-hf").save_hf
     model = _build_model(common)
-    wanted = model_tensors([model], for_save=False)
-    metadata = dcp_io.read_metadata(folder)
-    dcp_io.check_files(folder, metadata, common.get("files"))
-    dcp_io.read(folder, wanted, group=None, metadata=metadata)
+    get_format(common["format"]).load_model(folder, model)
     save_hf(model, out, architecture=architecture)
     _copy_tokenizer(folder, out)
     print(f"exported {folder} -> {out}")

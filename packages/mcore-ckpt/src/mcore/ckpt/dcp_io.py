@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import pickle
 import threading
 import warnings
@@ -368,12 +367,3 @@ def read(
             )
     except (Exception, CheckpointException) as exc:
         raise _explained(exc, f"reading the checkpoint {str(path)!r} failed") from exc
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or new file inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -21,12 +21,20 @@ import re
 import shutil
 from pathlib import Path
 
-from mcore.ckpt.dcp_io import fsync_dir
 from mcore.ckpt.errors import CheckpointingException
 
 LATEST = "latest"
 COMMON = "common.json"
 _ITER = re.compile(r"^iter_(\d{7,})$")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or new file inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def iteration_name(iteration: int) -> str:

@@ -8,6 +8,7 @@ A format turns this rank's training state into files in a folder and back:
   ``prepared``;
 - ``load(folder, chunks, optimizer, group=, common=)`` loads in place, resharding to this
   run's layout;
+- ``load_model(folder, model)`` loads only the weights, on one process (inference, export);
 - ``describe(folder) -> [{"key", "shape", "dtype", "bytes"}]`` lists the stored tensors.
 
 ``torch_dist``
@@ -25,6 +26,7 @@ A format turns this rank's training state into files in a folder and back:
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mcore.ckpt import dcp_io, state
+from mcore.ckpt.directory import COMMON
 from mcore.ckpt.errors import CheckpointingException
 from mcore.ckpt.plugin import RETIRED_FORMATS
 from mcore.parallel.sharding import named_layouts, unwrap
@@ -104,6 +107,17 @@ class DCPFormat:
             dcp_io.read(folder, rng, group=group, metadata=metadata)
             state.restore_rng(rng)
 
+    def load_model(self, folder: Path, model: nn.Module) -> None:
+        """Only the weights, into ``model`` of any layout, on this process alone (inference,
+        export): no optimizer state, no generators, no collectives."""
+        manifest = None
+        if (folder / COMMON).is_file():
+            manifest = json.loads((folder / COMMON).read_text()).get("files")
+        metadata = dcp_io.read_metadata(folder)
+        dcp_io.check_files(folder, metadata, manifest)
+        dcp_io.read(folder, state.model_tensors([model], for_save=False), group=None,
+                    metadata=metadata)  # fmt: skip
+
     def describe(self, folder: Path) -> list[dict[str, Any]]:
         metadata = dcp_io.read_metadata(folder)
         out = []
@@ -170,6 +184,12 @@ class HFFormat:
         raise CheckpointingException(
             f"{str(folder)!r} is a Hugging Face export (weights only): import it with "
             "mcore ckpt import-hf, then train from the imported checkpoint"
+        )
+
+    def load_model(self, folder: Path, model: nn.Module) -> None:
+        raise CheckpointingException(
+            f"{str(folder)!r} is a Hugging Face export: load the folder itself as a Hugging "
+            "Face model (mcore.models.hf.load_hf, or mcore generate --model FOLDER)"
         )
 
     def describe(self, folder: Path) -> list[dict[str, Any]]:

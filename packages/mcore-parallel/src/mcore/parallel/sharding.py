@@ -25,14 +25,21 @@ piece is a *view* of the rank's own storage, so saving reads it and loading writ
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 Shape = tuple[int, ...]
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``DTensor``, without importing ``torch.distributed.tensor``
+    (seconds of start-up): when nothing imported it, no tensor can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,7 @@ def pieces(
 def held_region(tensor: torch.Tensor) -> tuple[torch.Tensor, Shape]:
     """The part of a (module-local) tensor this rank holds: a ``DTensor``'s local chunk at its
     offset, or the whole tensor."""
-    if isinstance(tensor, DTensor):
+    if is_dtensor(tensor):
         (chunk,) = tensor.__create_chunk_list__()
         local = tensor.detach().to_local()  # untracked: loading writes into it in place
         return local.view(tuple(chunk.sizes)), tuple(chunk.offsets)
@@ -250,7 +257,7 @@ def model_sharded_tensors(chunks: Sequence[nn.Module]) -> dict[str, ShardedTenso
                 continue
             layout = layout_of(model, name, tensor)
             key = checkpoint_key(name, tensor)
-            region = held_region(tensor.detach() if not isinstance(tensor, DTensor) else tensor)
+            region = held_region(tensor if is_dtensor(tensor) else tensor.detach())
             entry = out.setdefault(key, ShardedTensor(key, layout.global_shape, tensor.dtype))
             if entry.global_shape != layout.global_shape:
                 raise ValueError(

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from mcore.parallel.distributed.ddp import DistributedDataParallel
 from mcore.parallel.grads import is_expert_parallel
@@ -43,6 +42,7 @@ from mcore.parallel.sharding import (
     ShardedTensor,
     flat_range_regions,
     held_region,
+    is_dtensor,
     pieces,
 )
 
@@ -93,13 +93,13 @@ class _Shard:
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's piece of a ``DTensor`` (a fully sharded parameter), else the tensor."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def _held_by_another_rank(param: torch.Tensor) -> bool:
     """A ``DTensor`` whose local piece another rank of its mesh holds too (a ``Replicate``
     dim where this rank is not the first): counted by that first rank alone."""
-    if not isinstance(param, DTensor):
+    if not is_dtensor(param):
         return False
     mesh = param.device_mesh
     return any(
@@ -151,7 +151,7 @@ class MixedPrecisionOptimizer:
         # Fully sharded data parallel (parameters are DTensors, e.g. megatron_fsdp): each
         # data-parallel rank holds different pieces of the gradients, as under the distributed
         # optimizer. Every rank of a run wraps its model alike, so all agree on this.
-        self._dp_sharded = any(isinstance(s.param, DTensor) for s in self._shards)
+        self._dp_sharded = any(is_dtensor(s.param) for s in self._shards)
         self._any_experts = _any_rank_has_experts(self._shards, parallel_state)
         self._make_mains(offload_fraction)
         self._optimizers = self._make_optimizers(make_optimizer, weight_decay, offload_fraction)

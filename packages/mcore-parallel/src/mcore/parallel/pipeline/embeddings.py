@@ -15,8 +15,8 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
+from mcore.parallel.sharding import is_dtensor
 from mcore.parallel.state import ParallelState
 
 # One group per layout; building it is a collective, so it is built once and kept.
@@ -81,7 +81,7 @@ def allreduce_embedding_grads(
             grad = p.grad
         # A fully sharded copy (DTensor): both stages shard the table alike, so the local
         # pieces line up and summing them sums the gradients.
-        grads.append(grad.to_local() if isinstance(grad, DTensor) else grad)
+        grads.append(grad.to_local() if is_dtensor(grad) else grad)
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
