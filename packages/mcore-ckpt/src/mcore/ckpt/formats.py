@@ -151,10 +151,11 @@ class HFFormat:
     weights_only: bool = True
 
     def prepare(self, chunks: list[nn.Module], optimizer: Any) -> list[nn.Module]:
-        if len(chunks) != 1:
+        ps = getattr(unwrap(chunks[0]), "parallel_state", None) if chunks else None
+        if len(chunks) != 1 or (ps is not None and ps.pp_size > 1):
             raise CheckpointingException(
-                "checkpoint.ckpt_format = 'hf' saves one model; virtual pipeline stages are not "
-                "supported, save torch_dist and convert with mcore ckpt export-hf"
+                "checkpoint.ckpt_format = 'hf' writes one whole model and supports no pipeline "
+                "stages; save torch_dist and convert it with mcore ckpt export-hf"
             )
         return chunks
 
