@@ -90,8 +90,8 @@ class SingleTurnAgent:
 class MultiTurnAgent:
     """Generate, let the environment answer, generate again, up to ``max_turns`` turns.
 
-    The episode ends when the environment says ``done``, at ``max_turns``, or when a turn is
-    cut off by its token limit (its answer is incomplete). The reward is the last turn's;
+    The episode ends when the environment says ``done`` or at ``max_turns`` (a turn cut off
+    by its token limit is the environment's to judge). The reward is the last turn's;
     ``info`` is the last turn's too, plus ``turns``. Each turn after the first continues the
     whole conversation so far (the KV cache's prefix sharing makes that cheap).
     """
@@ -121,7 +121,7 @@ class MultiTurnAgent:
             logprobs += list(gen.logprobs)
             feedback = env.score(problem, gen.text, turn)
             last = turn == self.max_turns - 1
-            if feedback.done or last or gen.finish_reason == "length":
+            if feedback.done or last:
                 break
             observation = encode_text(handle.tokenizer, feedback.observation or "")
             tokens += observation

@@ -111,11 +111,13 @@ class RLConfig:
     """Refit the engine only every (lag + 1) steps: rollouts may come from weights up to this
     many steps old (off-policy; the importance-sampling correction accounts for it)."""
     partial_rollouts: bool = False
-    """Cap generation per step (rollout_tokens_per_step) and keep unfinished requests in the
-    engine for later steps instead of waiting for the slowest (--rl-partial-rollouts)."""
+    """Keep twice this rank's groups in flight and train each step on the first to finish;
+    the others continue in the engine into later steps, under newer weights (each token keeps
+    the log-prob it was sampled with, which the importance-sampling correction uses), so no
+    step waits for the longest generation (--rl-partial-rollouts)."""
     rollout_tokens_per_step: int | None = None
-    """With partial_rollouts: tokens each rank generates per step at most (once it has a
-    finished group); unset means prompts_per_step x group_size x max_new_tokens / world / 2."""
+    """With partial_rollouts: stop generating once a rank produced this many tokens in a step
+    and has a finished group (the step then trains on fewer groups); unset: no cap."""
     inference_max_requests: int | None = None
     """Requests the engine runs at once; unset means this rank's share of a step's rollouts
     (inference.max_requests when that is larger)."""
@@ -150,7 +152,7 @@ class RLConfig:
             )
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:
             errors.add("dual_clip_c", f"must be > 1 (or unset), got {self.dual_clip_c}")
-        if self.importance_sampling_correction and self.temperature != 1.0:
+        if self.importance_sampling_correction and 0 < self.temperature != 1.0:
             errors.add(
                 "importance_sampling_correction",
                 f"needs rl.temperature = 1 (got {self.temperature}): the engine reports "

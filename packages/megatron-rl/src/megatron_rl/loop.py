@@ -102,7 +102,8 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         tokenizer,
         registries,
         device=next(chunks[0].parameters()).device,
-        max_requests=rl.inference_max_requests or max(1, groups_here * rl.group_size),
+        max_requests=rl.inference_max_requests
+        or max(1, groups_here * rl.group_size * (2 if rl.partial_rollouts else 1)),
         max_sequence_length=bin_size,
     )
     refit_engine(engine, chunks)
@@ -130,11 +131,9 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         start_group=math.ceil(consumed / ps.world_size),
     )
     runner.policy_version = start
-    budget = None
-    if rl.partial_rollouts:
-        budget = rl.rollout_tokens_per_step or max(
-            1, rl.prompts_per_step * rl.group_size * rl.max_new_tokens // (2 * ps.world_size)
-        )
+    # Partial rollouts: twice this rank's groups in flight; a step takes the first to finish.
+    in_flight = 2 * groups_here if rl.partial_rollouts else groups_here
+    budget = rl.rollout_tokens_per_step if rl.partial_rollouts else None
     trainer = GRPOTrainer(
         runtime,
         chunks,
@@ -171,13 +170,13 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
             # 1. rollout this rank's groups on the engine, then lend its memory to training
             engine.resume()
             began, tokens_before = time.perf_counter(), handle.generated_tokens
-            mine = runner.collect(groups_here, token_budget=budget)
+            mine = runner.collect(groups_here, in_flight=in_flight, token_budget=budget)
             engine.suspend()
             rollout = (handle.generated_tokens - tokens_before, time.perf_counter() - began)
 
             # 2. every rank gets every group; advantages are relative within each group
             groups, generated, rollout_seconds = _gather(mine, rollout, ps.world_size)
-            consumed += len(groups) if not rl.partial_rollouts else groups_here * ps.world_size
+            consumed = runner.next_group * ps.world_size  # problems started, over all ranks
             rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
             advantages = group_advantages(
                 rewards,
@@ -252,6 +251,7 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
                 lr=float(optimizer.param_groups[0]["lr"]),
                 has_kl=reference is not None,
             )
+            metrics["rl/groups_trained"] = float(len(kept))
             metrics.update({
                 "tokens_per_s": trained_tokens / max(train_seconds, 1e-9),
                 "rl/train_tokens_per_s": trained_tokens / max(train_seconds, 1e-9),

@@ -1,12 +1,12 @@
 """Rollouts: groups of episodes of one problem, run concurrently on a persistent event loop.
 
-Each rank keeps a :class:`RolloutRunner`. ``collect(count)`` tops the rank's groups in flight
-up to ``count`` (problem numbers ``k * world_size + rank``, so ranks never repeat each
-other's problems and a resumed run draws the same ones) and runs the event loop until they are
-done. With a ``token_budget`` (partial rollouts) it returns once that many tokens were
-generated and at least one group finished: the others stay in flight, their coroutines parked
-on the loop and their requests inside the engine, and continue on the next ``collect``,
-possibly under newer weights (each token keeps the log-probability it was sampled with).
+Each rank keeps a :class:`RolloutRunner`. ``collect(count)`` starts groups (problem numbers
+``k * world_size + rank``, so ranks never repeat each other's problems and a resumed run draws
+the same ones) and runs the event loop until ``count`` of them are done. For partial rollouts
+it keeps more in flight than it returns (``in_flight``) and may stop early on a
+``token_budget``: the groups not returned stay in flight, their coroutines parked on the loop
+and their requests inside the engine, and continue on the next ``collect``, possibly under
+newer weights (each token keeps the log-probability it was sampled with).
 """
 
 from __future__ import annotations
@@ -94,31 +94,41 @@ class RolloutRunner:
         ]
         return Group(index, problem, list(await asyncio.gather(*episodes)), version)
 
-    def collect(self, count: int, *, token_budget: int | None = None) -> list[Group]:
-        """Finished groups, in problem order: all ``count`` in flight, or with a
-        ``token_budget`` those done once the budget is spent (at least one)."""
-        while len(self._in_flight) < count:
+    def collect(
+        self, count: int, *, in_flight: int | None = None, token_budget: int | None = None
+    ) -> list[Group]:
+        """Up to ``count`` finished groups, in problem order.
+
+        Groups in flight are topped up to ``in_flight`` (default ``count``) and the loop runs
+        until ``count`` are done, or, with a ``token_budget``, until that many tokens were
+        generated and at least one is done. Groups not returned stay in flight (finished or
+        not) for the next call.
+        """
+        while len(self._in_flight) < max(count, in_flight or count):
             self._start()
-        self._loop.run_until_complete(self._wait(token_budget))
-        done = sorted(i for i, task in self._in_flight.items() if task.done())
+        self._loop.run_until_complete(self._wait(count, token_budget))
+        done = sorted(i for i, task in self._in_flight.items() if task.done())[:count]
         return [self._in_flight.pop(i).result() for i in done]
 
-    async def _wait(self, token_budget: int | None) -> None:
+    async def _wait(self, count: int, token_budget: int | None) -> None:
         tasks = list(self._in_flight.values())
         counter = getattr(self.handle, "generated_tokens", None)
-        if token_budget is None or counter is None:
-            await asyncio.gather(*tasks)
-            return
-        start = self.handle.generated_tokens
-        while not all(t.done() for t in tasks):
-            spent = self.handle.generated_tokens - start
-            if spent >= token_budget and any(t.done() for t in tasks):
-                break
-            # The engine handle's driver runs one step per turn of the loop.
-            await asyncio.sleep(0)
-        for task in tasks:  # surface an agent's error now rather than at the next step
-            if task.done() and task.exception() is not None:
-                raise task.exception()
+        start = counter or 0
+        while True:
+            done = [t for t in tasks if t.done()]
+            for task in done:  # an agent's error surfaces now
+                if task.exception() is not None:
+                    raise task.exception()
+            if len(done) >= min(count, len(tasks)):
+                return
+            spent = (self.handle.generated_tokens - start) if counter is not None else 0
+            if token_budget is not None and done and spent >= token_budget:
+                return
+            if counter is None:  # a remote server: wait for the next group to finish
+                pending = [t for t in tasks if not t.done()]
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            else:  # the engine handle's driver runs one engine step per turn of the loop
+                await asyncio.sleep(0)
 
     @property
     def num_in_flight(self) -> int:
