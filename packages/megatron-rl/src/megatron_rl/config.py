@@ -118,6 +118,11 @@ class RLConfig:
     rollout_tokens_per_step: int | None = None
     """With partial_rollouts: stop generating once a rank produced this many tokens in a step
     and has a finished group (the step then trains on fewer groups); unset: no cap."""
+    finetune: bool = False
+    """Start from checkpoint.load's weights at step 0, with a fresh optimizer state and LR
+    schedule (Megatron's --finetune): how RL starts from a pretrained or SFT checkpoint. The
+    frozen reference is those weights too. A run resumed from its own checkpoint.save
+    continues in full (step, optimizer, schedule) whatever this says."""
     inference_max_requests: int | None = None
     """Requests the engine runs at once; unset means this rank's share of a step's rollouts
     (inference.max_requests when that is larger)."""

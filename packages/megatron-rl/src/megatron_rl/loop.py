@@ -88,12 +88,13 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         vocab = math.ceil(tokenizer.vocab_size / multiple) * multiple
         model_config = dataclasses.replace(model_config, vocab_size=vocab)
     chunks, optimizer, scheduler = runtime.build(config, model_config, registries)
-    checkpointer = manager.hook.mcore_checkpointer(config=config, runtime=runtime)
-    resumed = checkpointer.load(chunks, optimizer, scheduler) if checkpointer else None
+    checkpointer, resumed = _restore(config, runtime, manager, chunks, optimizer, scheduler)
     start = int(resumed["iteration"]) if resumed else 0
     reference = None
     if rl.kl_beta > 0:  # the frozen initial policy, same layout, forward only
         reference = reference_chunks(config, model_config, registries, runtime, chunks)
+        if resumed and rl.finetune and config.checkpoint.load:
+            _initial_weights(config, runtime, manager).load(reference, None, None)
     bin_size = rl.packing_bin_size or train_cfg.seq_length
     groups_here = _share(rl.prompts_per_step, ps.world_size, ps.rank)
     engine = build_engine(
@@ -278,6 +279,47 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         logger.close()
         hook.mcore_on_train_end(trainer=result)
     return result
+
+
+def _restore(
+    config: Config, runtime: Any, manager: PluginManager, chunks: list, optimizer, scheduler
+) -> tuple[Any, dict[str, int] | None]:
+    """The run's checkpointer, and the loop state it resumed (None for a new run).
+
+    A run resumes from ``checkpoint.save`` when that holds a checkpoint. Otherwise, with
+    ``rl.finetune``, ``checkpoint.load`` gives the initial weights only: the optimizer's
+    state and the LR schedule start fresh, at step 0. Without it, ``checkpoint.load`` resumes
+    as in ``mcore train``.
+    """
+    save, load = config.checkpoint.save, config.checkpoint.load
+    if not config.rl.finetune or not load:
+        checkpointer = manager.hook.mcore_checkpointer(config=config, runtime=runtime)
+        resumed = checkpointer.load(chunks, optimizer, scheduler) if checkpointer else None
+        return checkpointer, resumed
+    own = _with_checkpoint(config, load=None)  # resume our own saves, never checkpoint.load
+    checkpointer = manager.hook.mcore_checkpointer(config=own, runtime=runtime)
+    if checkpointer is None:
+        raise McoreError("checkpoint.load is set, but no installed plugin reads checkpoints: "
+                         "pip install mcore-ckpt")  # fmt: skip
+    if save and (Path(save) / "latest").is_file():
+        return checkpointer, checkpointer.load(chunks, optimizer, scheduler)
+    fresh = optimizer.state_dict()
+    _initial_weights(config, runtime, manager).load(chunks, optimizer, None)
+    loaded = optimizer.state_dict()  # keep the loaded (fp32 main) weights, drop the moments
+    optimizer.load_state_dict({**loaded, "optimizers": fresh["optimizers"]})
+    return checkpointer, None
+
+
+def _initial_weights(config: Config, runtime: Any, manager: PluginManager) -> Any:
+    """A checkpointer that reads ``checkpoint.load`` and saves nothing."""
+    reader = _with_checkpoint(config, save=None, async_save=False)
+    return manager.hook.mcore_checkpointer(config=reader, runtime=runtime)
+
+
+def _with_checkpoint(config: Config, **changes: Any) -> Config:
+    sections = {name: getattr(config, name) for name in config.section_names()}
+    sections["checkpoint"] = dataclasses.replace(config.checkpoint, **changes)
+    return Config(sections)
 
 
 def _share(total: int, world: int, rank: int) -> int:
