@@ -42,7 +42,7 @@ def tiny() -> Callable[..., Config]:
     return tiny_config
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_overrides() -> dict[str, str]:
     """The tiny run's overrides (for rank functions, which build their own config)."""
     return dict(TINY)

@@ -104,12 +104,12 @@ def test_string_tasks_give_dense_per_position_rewards() -> None:
 def test_char_tokenizer_round_trips_and_names_unknown_characters() -> None:
     tok = CharTokenizer("ab=")
     assert tok.encode("ab=ba") == [0, 1, 2, 1, 0]
-    assert (tok.eod, tok.bos, tok.pad, tok.vocab_size) == (3, 4, 5, 6)
+    assert (tok.eod, tok.bos, tok.pad, tok.vocab_size) == (3, 3, 3, 4)
     assert tok.decode([0, 1, tok.eod, 2]) == "ab="
     with pytest.raises(McoreError, match="'c' of 'abc' is not in"):
         tok.encode("abc")
     built = get_registry("tokenizer").get("char")(None)
-    assert built.vocab_size == len(built.alphabet) + 3
+    assert built.vocab_size == len(built.alphabet) + 1
 
 
 def test_registered_environments_and_agents(tiny) -> None:

@@ -120,14 +120,14 @@ def test_a_tiny_model_learns_to_copy(tiny) -> None:
     config = tiny(
         model__hidden_size=64, model__ffn_hidden_size=128, train__train_iters=30,
         train__seed=1, optimizer__lr=3e-3, optimizer__weight_decay=0.0, rl__prompts_per_step=16,
-        rl__group_size=8, rl__max_new_tokens=5, rl__env_max_length=3, rl__kl_beta=0.01,
+        rl__group_size=8, rl__max_new_tokens=4, rl__env_max_length=2, rl__kl_beta=0.01,
         logger__log_interval=10,
     )  # fmt: skip
     rewards = train_rl(config).rewards
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print("mean reward per step:", " ".join(f"{r:.3f}" for r in rewards))
     assert first < 0.2  # about 1 / 5 per position at random
-    assert last > first + 0.1, rewards
+    assert last > first + 0.15, rewards
 
 
 def _weights(result) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from mcore.core import Config, McoreError
 from mcore.core.data import build_tokenizer
 from mcore.core.plugins import PluginManager, get_plugin_manager
 from mcore.core.training.loop import init_distributed
-from mcore.core.training.metrics import MetricsLogger
+from mcore.core.training.metrics import MetricsLogger, check_finite
 from megatron_rl.grpo import GRPOLossConfig, group_advantages, zero_variance_groups
 from megatron_rl.handles import EngineHandle
 from megatron_rl.inference import build_engine, reference_chunks
@@ -97,14 +97,16 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
             _initial_weights(config, runtime, manager).load(reference, None, None)
     bin_size = rl.packing_bin_size or train_cfg.seq_length
     groups_here = _share(rl.prompts_per_step, ps.world_size, ps.rank)
+    # Partial rollouts: twice this rank's groups in flight; a step takes the first to finish.
+    in_flight = 2 * groups_here if rl.partial_rollouts else groups_here
+    budget = rl.rollout_tokens_per_step if rl.partial_rollouts else None
     engine = build_engine(
         config,
         model_config,
         tokenizer,
         registries,
         device=next(chunks[0].parameters()).device,
-        max_requests=rl.inference_max_requests
-        or max(1, groups_here * rl.group_size * (2 if rl.partial_rollouts else 1)),
+        max_requests=rl.inference_max_requests or max(1, in_flight * rl.group_size),
         max_sequence_length=bin_size,
     )
     refit_engine(engine, chunks)
@@ -132,9 +134,6 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         start_group=math.ceil(consumed / ps.world_size),
     )
     runner.policy_version = start
-    # Partial rollouts: twice this rank's groups in flight; a step takes the first to finish.
-    in_flight = 2 * groups_here if rl.partial_rollouts else groups_here
-    budget = rl.rollout_tokens_per_step if rl.partial_rollouts else None
     trainer = GRPOTrainer(
         runtime,
         chunks,
@@ -191,28 +190,19 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
 
             # 3. GRPO updates on packed mini-batches of whole groups
             began = time.perf_counter()
-            batches = []
-            for part in _split(kept, rl.num_minibatches):
-                sequences = [
-                    TrainSequence(t.token_ids, t.generated, t.logprobs, float(advantages[g, j]), [])
-                    for g in part
-                    for j, t in enumerate(groups[g].trajectories)
-                ]
-                sequences = with_loss_weights(
-                    sequences, rl.loss_aggregation, max_completion_tokens=rl.max_new_tokens
+            batches = [
+                make_minibatch(
+                    _sequences(groups, part, advantages, rl),
+                    dp_rank=ps.dp_rank,
+                    dp_size=ps.dp_size,
+                    rows_per_micro_batch=train_cfg.micro_batch_size,
+                    bin_size=bin_size,
+                    packing=rl.use_sequence_packing,
+                    multiple_of=multiple_of,
+                    device=device,
                 )
-                batches.append(
-                    make_minibatch(
-                        sequences,
-                        dp_rank=ps.dp_rank,
-                        dp_size=ps.dp_size,
-                        rows_per_micro_batch=train_cfg.micro_batch_size,
-                        bin_size=bin_size,
-                        packing=rl.use_sequence_packing,
-                        multiple_of=multiple_of,
-                        device=device,
-                    )
-                )
+                for part in _split(kept, rl.num_minibatches)
+            ]
             if updates_per_step > 1 or rl.max_generation_lag > 0 or rl.partial_rollouts:
                 for batch in batches:  # pi_old: the policy before this step's updates
                     trainer.compute_logprobs(chunks, batch, "old_logprobs")
@@ -253,6 +243,8 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
                 has_kl=reference is not None,
             )
             metrics["rl/groups_trained"] = float(len(kept))
+            if "loss" in metrics:
+                check_finite(step, metrics["loss"])
             metrics.update({
                 "tokens_per_s": trained_tokens / max(train_seconds, 1e-9),
                 "rl/train_tokens_per_s": trained_tokens / max(train_seconds, 1e-9),
@@ -320,6 +312,20 @@ def _with_checkpoint(config: Config, **changes: Any) -> Config:
     sections = {name: getattr(config, name) for name in config.section_names()}
     sections["checkpoint"] = dataclasses.replace(config.checkpoint, **changes)
     return Config(sections)
+
+
+def _sequences(
+    groups: list[Group], part: list[int], advantages: torch.Tensor, rl: Any
+) -> list[TrainSequence]:
+    """The episodes of groups ``part`` as training sequences, weighted for their mini-batch."""
+    sequences = [
+        TrainSequence(t.token_ids, t.generated, t.logprobs, float(advantages[g, j]), [])
+        for g in part
+        for j, t in enumerate(groups[g].trajectories)
+    ]
+    return with_loss_weights(
+        sequences, rl.loss_aggregation, max_completion_tokens=rl.max_new_tokens
+    )
 
 
 def _share(total: int, world: int, rank: int) -> int:

@@ -16,13 +16,16 @@ from megatron_rl.config import DEFAULT_ALPHABET
 
 
 class CharTokenizer:
-    """Characters of ``alphabet`` are ids ``0..len-1``; ``<eod>``, ``<bos>``, ``<pad>`` follow.
+    """Characters of ``alphabet`` are ids ``0..len-1``; ``<eod>`` is the last id.
 
-    Text with a character outside the alphabet cannot be encoded: the error names it, since a
-    silently dropped character would change what a reward function sees.
+    ``<eod>`` is also BOS and PAD: a special token that decodes to nothing but does not stop a
+    generation would let a policy shorten its visible answer without ending it (reward
+    hacking a per-position reward), so there is no other. Text with a character outside the
+    alphabet cannot be encoded: the error names it, since a silently dropped character would
+    change what a reward function sees.
     """
 
-    SPECIAL_TOKENS = ("<eod>", "<bos>", "<pad>")
+    SPECIAL_TOKENS = ("<eod>",)
 
     def __init__(self, alphabet: str = DEFAULT_ALPHABET) -> None:
         if not alphabet or len(set(alphabet)) != len(alphabet):
@@ -32,13 +35,12 @@ class CharTokenizer:
             )
         self.alphabet = alphabet
         self._ids = {c: i for i, c in enumerate(alphabet)}
-        n = len(alphabet)
-        self.eod, self.bos, self.pad = n, n + 1, n + 2
-        self.vocab_size = n + len(self.SPECIAL_TOKENS)
+        self.eod = self.bos = self.pad = len(alphabet)
+        self.vocab_size = len(alphabet) + 1
 
     @property
     def fingerprint(self) -> str:
-        return f"char:v1:{self.alphabet!r}"
+        return f"char:v2:{self.alphabet!r}"
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -54,8 +56,8 @@ class CharTokenizer:
         return "".join(self.alphabet[int(i)] for i in ids if 0 <= int(i) < n)
 
     def token_to_id(self, token: str) -> int | None:
-        if token in self.SPECIAL_TOKENS:
-            return len(self.alphabet) + self.SPECIAL_TOKENS.index(token)
+        if token == "<eod>":
+            return self.eod
         return self._ids.get(token)
 
     def __repr__(self) -> str:
