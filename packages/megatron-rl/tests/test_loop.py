@@ -158,3 +158,17 @@ def test_finetune_from_a_checkpoint_then_resume(tiny, tmp_path) -> None:
     assert len(resumed.metrics) == 1 and resumed.checkpoint.endswith("iter_0000002")
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"train.data-parallel": "megatron_fsdp"},
+        {"moe.num-experts": "4", "moe.router-topk": "2", "parallel.ep": "2"},
+        {"optimizer.use-distributed-optimizer": "true"},
+    ],
+    ids=["megatron_fsdp", "moe-ep2", "distributed-optimizer"],
+)
+def test_other_training_layouts_refit_their_weights(tiny_overrides, layout) -> None:
+    overrides = {**tiny_overrides, "train.train-iters": "2", "rl.kl-beta": "0.05", **layout}
+    _check_metrics(run_ranks(_run, 2, overrides, backend="gloo", timeout_s=300), 2)
