@@ -54,8 +54,8 @@ def _train(rank: int, world: int, cache: str, overrides: dict) -> list[float]:
 
 
 def train_losses(cache: str, **overrides: str) -> list[float]:
-    """``mcore train`` on one rank of its own process: this (forking) test process then never
-    runs torch's thread pool itself, which forked ranks could not use afterwards."""
+    """``mcore train`` on one rank of its own process, so the run starts from a fresh process
+    group and leaves none behind in the test process."""
     return run_ranks(_train, 1, cache, overrides, timeout_s=600)[0]
 
 

@@ -41,3 +41,17 @@ def test_a_rank_that_dies_is_reported() -> None:
 
     with pytest.raises(RankError, match="rank 0 of 2 died with exit code 3"):
         run_ranks(dies, 2, backend="gloo", timeout_s=30)
+
+
+def test_a_forked_rank_computes_after_the_parent_ran_threaded_kernels() -> None:
+    """The parent starts OpenMP's worker pool; a forked rank must still run parallel kernels
+    (with the pool it inherited it would wait forever on workers that do not exist)."""
+    torch.set_num_threads(2)
+    a = torch.randn(1500, 1500)
+    (a @ a).sum()
+
+    def matmul(rank: int, world_size: int) -> float:
+        b = torch.ones(1500, 1500)
+        return float((b @ b).exp().sum().log()) + torch.get_num_threads()
+
+    assert run_ranks(matmul, 1, backend="gloo", timeout_s=60)[0] > 0

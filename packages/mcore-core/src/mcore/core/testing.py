@@ -33,6 +33,22 @@ def _default_start_method() -> str:
     return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
+def _threads_per_rank(method: str, world_size: int) -> int:
+    """Intra-op threads for each rank: the cores shared out, or one when forking a parent that
+    already runs threads. OpenMP's worker pool does not survive fork: a forked child that runs
+    a parallel region after the parent started the pool waits forever on workers it lacks."""
+    if method == "fork" and _running_threads() > 1:
+        return 1
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
+def _running_threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # no procfs: assume the worst
+        return 2
+
+
 def _resolve_backend(backend: str, world_size: int) -> str:
     if backend != "auto":
         return backend
@@ -103,7 +119,7 @@ def run_ranks(
         # them once here so forked ranks inherit them instead of each paying again.
         import torch.distributed.tensor  # noqa: F401
     ctx = mp.get_context(method)
-    threads = max(1, (os.cpu_count() or 1) // world_size)
+    threads = _threads_per_rank(method, world_size)
     with tempfile.TemporaryDirectory(prefix="mcore-ranks-") as tmp:
         store = str(Path(tmp) / "store")
         results = ctx.Queue()
