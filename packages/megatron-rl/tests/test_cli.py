@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLE = Path(__file__).parents[3] / "examples" / "rl" / "tiny_copy.toml"
+EXAMPLE = Path(__file__).parents[3] / "examples" / "rl" / "tiny_reverse.toml"
 
 
 def _mcore(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -23,10 +23,11 @@ def _mcore(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_mcore_rl_runs_the_example_on_two_ranks_and_plots(tmp_path: Path) -> None:
     save = tmp_path / "run"
     result = _mcore(
-        "rl", str(EXAMPLE), "--nproc", "2", "--train.train-iters", "3",
+        "rl", str(EXAMPLE), "--nproc", "2", "--train.train-iters", "3", "--rl.sft-iters", "2",
         "--logger.log-interval", "1", "--checkpoint.save", str(save),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "step 2/2 | grad_norm" in result.stdout and "rl/sft_loss" in result.stdout
     assert "mean reward: step 1 " in result.stdout
     assert f"checkpoint: {save / 'iter_0000003'}" in result.stdout
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]

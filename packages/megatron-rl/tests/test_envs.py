@@ -120,3 +120,20 @@ def test_registered_environments_and_agents(tiny) -> None:
     assert envs.get("arithmetic")(config).max_operand == 5
     assert len(envs.get("math_answer")(config).records) == 20
     assert {"single_turn", "multi_turn"} <= set(get_registry("rl_agent").names())
+
+
+def test_demonstrations_are_correct_answers_and_their_absence_is_named() -> None:
+    from megatron_rl.envs import ArithmeticEnv, StringTaskEnv
+    from megatron_rl.envs.base import demonstration
+
+    math = MathAnswerEnv.from_jsonl(SAMPLE_SET)
+    for env in (StringTaskEnv("reverse"), StringTaskEnv("copy"), ArithmeticEnv(), math):
+        for i in range(20):
+            problem = env.problem(i)
+            assert env.score(problem, demonstration(env, problem)).reward == 1.0
+
+    class NoAnswers:
+        name = "no_answers"
+
+    with pytest.raises(McoreError, match=r"rl.sft_iters > 0 needs demonstrations.*'no_answers'"):
+        demonstration(NoAnswers(), StringTaskEnv("copy").problem(0))

@@ -29,3 +29,9 @@ def test_rl_fields_are_checked(manager) -> None:
         "rl.group_size: must be >= 2: a group of one has no relative advantage",
         "rl.temperature: must be > 0, got 0.0",
     ]
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"rl.sft-iters": "-1", "rl.sft-lr": "0"}, manager=manager)
+    assert info.value.errors == [
+        "rl.sft_iters: must be >= 0, got -1",
+        "rl.sft_lr: must be > 0, got 0.0",
+    ]

@@ -123,6 +123,17 @@ class RLConfig:
     schedule (Megatron's --finetune): how RL starts from a pretrained or SFT checkpoint. The
     frozen reference is those weights too. A run resumed from its own checkpoint.save
     continues in full (step, optimizer, schedule) whatever this says."""
+    sft_iters: int = 0
+    """Supervised warm-up before GRPO: this many optimizer steps of cross-entropy on the
+    environment's demonstrations (correct answers), so a tiny model from scratch starts GRPO
+    with a policy that sometimes succeeds. Runs once, at the start of a new run (a resumed
+    run has it in its weights); the frozen reference is the warmed-up policy."""
+    sft_batch_size: int | None = None
+    """Demonstrations per warm-up step over all ranks; unset means prompts_per_step x
+    group_size (a GRPO step's episodes)."""
+    sft_lr: float | None = None
+    """Learning rate of the warm-up steps; unset means optimizer.lr (the GRPO schedule is not
+    stepped by them)."""
     inference_max_requests: int | None = None
     """Requests the engine runs at once; unset means this rank's share of a step's rollouts
     (inference.max_requests when that is larger)."""
@@ -187,6 +198,12 @@ class RLConfig:
                 )
             if not self.partial_rollouts:
                 errors.add("rollout_tokens_per_step", "only applies with rl.partial_rollouts")
+        if self.sft_iters < 0:
+            errors.add("sft_iters", f"must be >= 0, got {self.sft_iters}")
+        if self.sft_batch_size is not None and self.sft_batch_size < 1:
+            errors.add("sft_batch_size", f"must be >= 1, got {self.sft_batch_size}")
+        if self.sft_lr is not None and self.sft_lr <= 0:
+            errors.add("sft_lr", f"must be > 0, got {self.sft_lr}")
         if self.inference_max_requests is not None and self.inference_max_requests < 1:
             errors.add("inference_max_requests", f"must be >= 1, got {self.inference_max_requests}")
         if self.env_max_length < self.env_min_length:

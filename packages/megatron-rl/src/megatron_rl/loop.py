@@ -3,7 +3,8 @@
 Every rank runs it. Each rank trains its part of the policy in the training layout (whatever
 ``[parallel]`` says: DP, TP, PP, EP, FSDP) and owns an inference engine over a whole
 single-process copy of the model (the inference layout), which generates the rank's share of
-the step's groups. A step:
+the step's groups. A new run may first warm the policy up with ``rl.sft_iters`` supervised
+steps on the environment's demonstrations. A step:
 
 1. **Rollout**: resume the engine, let the agents play this rank's groups (the rank's share
    of ``rl.prompts_per_step`` problems, ``rl.group_size`` episodes each), suspend the engine
@@ -37,8 +38,9 @@ from mcore.core.data import build_tokenizer
 from mcore.core.plugins import PluginManager, get_plugin_manager
 from mcore.core.training.loop import init_distributed
 from mcore.core.training.metrics import MetricsLogger, check_finite
+from megatron_rl.envs.base import demonstration
 from megatron_rl.grpo import GRPOLossConfig, group_advantages, zero_variance_groups
-from megatron_rl.handles import EngineHandle
+from megatron_rl.handles import EngineHandle, encode_text
 from megatron_rl.inference import build_engine, reference_chunks
 from megatron_rl.packing import TrainSequence
 from megatron_rl.refit import refit_engine
@@ -56,6 +58,8 @@ class RLResult:
     """This rank's inference engine, refit with the final weights (for inspection)."""
     chunks: list = field(default_factory=list, repr=False)
     """This rank's trained model chunks."""
+    warm_up: list[float] = field(default_factory=list)
+    """The supervised warm-up's loss at each of its steps (``rl.sft_iters``)."""
 
     @property
     def rewards(self) -> list[float]:
@@ -90,11 +94,6 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
     chunks, optimizer, scheduler = runtime.build(config, model_config, registries)
     checkpointer, resumed = _restore(config, runtime, manager, chunks, optimizer, scheduler)
     start = int(resumed["iteration"]) if resumed else 0
-    reference = None
-    if rl.kl_beta > 0:  # the frozen initial policy, same layout, forward only
-        reference = reference_chunks(config, model_config, registries, runtime, chunks)
-        if resumed and rl.finetune and config.checkpoint.load:
-            _initial_weights(config, runtime, manager).load(reference, None, None)
     bin_size = rl.packing_bin_size or train_cfg.seq_length
     groups_here = _share(rl.prompts_per_step, ps.world_size, ps.rank)
     # Partial rollouts: twice this rank's groups in flight; a step takes the first to finish.
@@ -109,13 +108,35 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         max_requests=rl.inference_max_requests or max(1, in_flight * rl.group_size),
         max_sequence_length=bin_size,
     )
-    refit_engine(engine, chunks)
-    engine.suspend()
 
-    # --- environment, agent, rollouts, trainer -------------------------------------------
+    # --- environment, agent, trainer; the warm-up; the reference; rollouts ---------------
     env = registries.get("rl_env", rl.env)(config)
     agent = registries.get("rl_agent", rl.agent)(config)
     handle = EngineHandle(engine)
+    trainer = GRPOTrainer(
+        runtime,
+        chunks,
+        optimizer,
+        loss_config=GRPOLossConfig.from_rl(rl),
+        temperature=rl.temperature,
+        vocab_size=tokenizer.vocab_size,
+        packing=rl.use_sequence_packing,
+        fp16=train_cfg.fp16,
+    )
+    updates_per_step = rl.grpo_iterations * rl.num_minibatches
+    multiple_of = ps.tp_size if getattr(runtime, "sequence_parallel", False) else 1
+    device = next(chunks[0].parameters()).device
+    warm_up = []
+    if rl.sft_iters and resumed is None:
+        warm_up = _warm_up(config, env, handle.tokenizer, trainer, optimizer, bin_size, device)
+    reference = None
+    if rl.kl_beta > 0:  # the frozen initial (warmed-up) policy, same layout, forward only
+        reference = reference_chunks(config, model_config, registries, runtime, chunks)
+        if resumed and rl.finetune and config.checkpoint.load:
+            _initial_weights(config, runtime, manager).load(reference, None, None)
+    refit_engine(engine, chunks)
+    engine.suspend()
+
     consumed = int(resumed.get("consumed_samples", 0)) if resumed else 0
     runner = RolloutRunner(
         agent,
@@ -134,21 +155,8 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         start_group=math.ceil(consumed / ps.world_size),
     )
     runner.policy_version = start
-    trainer = GRPOTrainer(
-        runtime,
-        chunks,
-        optimizer,
-        loss_config=GRPOLossConfig.from_rl(rl),
-        temperature=rl.temperature,
-        vocab_size=tokenizer.vocab_size,
-        packing=rl.use_sequence_packing,
-        fp16=train_cfg.fp16,
-    )
-    updates_per_step = rl.grpo_iterations * rl.num_minibatches
-    multiple_of = ps.tp_size if getattr(runtime, "sequence_parallel", False) else 1
-    device = next(chunks[0].parameters()).device
 
-    result = RLResult(engine=engine, chunks=chunks)
+    result = RLResult(engine=engine, chunks=chunks, warm_up=warm_up)
     save_dir = config.checkpoint.save
     metrics_file = config.logger.metrics_file or (
         str(Path(save_dir) / "metrics.jsonl") if save_dir else None
@@ -271,6 +279,69 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         logger.close()
         hook.mcore_on_train_end(trainer=result)
     return result
+
+
+def _warm_up(
+    config: Config,
+    env: Any,
+    tokenizer: Any,
+    trainer: GRPOTrainer,
+    optimizer: Any,
+    bin_size: int,
+    device: torch.device,
+) -> list[float]:
+    """``rl.sft_iters`` supervised steps on the environment's demonstrations (problem
+    ``i`` of the warm-up is the environment's problem ``i``, prompt then answer then the end
+    token, trained on the answer and the end token), at ``rl.sft_lr``; the LR schedule is
+    left where it was. Returns the loss of each step; logged as ``rl/sft_loss``."""
+    rl, ps = config.rl, trainer.ps
+    per_step = rl.sft_batch_size or rl.prompts_per_step * rl.group_size
+    ends = sorted(getattr(tokenizer, "eos_token_ids", ()) or ())
+    end = ends[:1]
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = rl.sft_lr or config.optimizer.lr
+    multiple_of = ps.tp_size if getattr(trainer.runtime, "sequence_parallel", False) else 1
+    logger = MetricsLogger(
+        metrics_file=None,  # the run's JSONL holds the GRPO steps
+        tensorboard_dir=None,
+        log_interval=config.logger.log_interval,
+        total_steps=rl.sft_iters,
+        progress_bar=False,
+        rank=ps.rank,
+    )
+    losses = []
+    try:
+        for step in range(rl.sft_iters):
+            sequences = []
+            for index in range(step * per_step, (step + 1) * per_step):
+                problem = env.problem(index)
+                prompt = encode_text(tokenizer, problem.prompt)
+                answer = encode_text(tokenizer, demonstration(env, problem)) + end
+                mask = [False] * len(prompt) + [True] * len(answer)
+                sequences.append(TrainSequence(prompt + answer, mask, [0.0] * len(mask), 0.0, []))
+            sequences = with_loss_weights(
+                sequences, "token_mean", max_completion_tokens=rl.max_new_tokens
+            )
+            batch = make_minibatch(
+                sequences,
+                dp_rank=ps.dp_rank,
+                dp_size=ps.dp_size,
+                rows_per_micro_batch=config.train.micro_batch_size,
+                bin_size=bin_size,
+                packing=rl.use_sequence_packing,
+                multiple_of=multiple_of,
+                device=device,
+            )
+            loss, grad_norm = trainer.sft_step(batch)
+            check_finite(step + 1, loss)
+            losses.append(loss)
+            logger.log(step + 1, {"rl/sft_loss": loss, "grad_norm": grad_norm})
+    finally:
+        logger.close()
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+    return losses
 
 
 def _restore(

@@ -224,6 +224,33 @@ class GRPOTrainer:
         skipped, grad_norm = self.optimizer.step()
         return self.reduce_sums(metrics), float(grad_norm), bool(skipped)
 
+    def sft_step(self, batch: MiniBatch) -> tuple[float, float]:
+        """One supervised optimizer step on ``batch``: cross-entropy of the policy (the same
+        ``softmax(logits / temperature)`` GRPO trains) on the masked tokens, weighted as the
+        sequences' weights say. Returns the step's loss and grad norm."""
+        scale = len(batch.micro_batches) * self.ps.dp_cp_size
+
+        def forward_step(data_iterator: Any, model: Any):
+            mb = next(data_iterator)
+            output = self._forward(mb, model)
+
+            def loss_func(logits: torch.Tensor):
+                logp, _ = token_logprobs(
+                    logits, mb["labels"], temperature=self.temperature, vocab_size=self.vocab_size
+                )
+                total = -(logp * mb["weights"]).sum()
+                sums = dict.fromkeys(METRIC_SUMS, total.new_zeros(()))
+                sums.update(loss=total.detach(), tokens=mb["loss_mask"].sum())
+                return total * scale, sums
+
+            return output, loss_func
+
+        self.optimizer.zero_grad()
+        metrics = self._run(self.chunks, batch, forward_step, forward_only=False)
+        self.runtime.finalize_grads(self.chunks)
+        _skipped, grad_norm = self.optimizer.step()
+        return self.reduce_sums(metrics)["loss"], float(grad_norm)
+
     def reduce_sums(self, metrics: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Sums of the micro-batches' metrics over the whole batch: each data-parallel
         replica's last stage counts once (its other tensor-parallel ranks hold copies)."""

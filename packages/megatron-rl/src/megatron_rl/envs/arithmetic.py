@@ -37,6 +37,10 @@ class ArithmeticEnv:
         answer = a + b if op == "+" else a - b if op == "-" else a * b
         return Problem(prompt=f"{a}{op}{b}=", answer=answer, id=index)
 
+    def demonstration(self, problem: Problem) -> str:
+        """The integer answer, ended by a newline (for ``rl.sft_iters``)."""
+        return f"{problem.answer}\n"
+
     def score(self, problem: Problem, completion: str, turn: int = 0) -> Feedback:
         first = completion.strip().split("\n", 1)[0].strip()
         correct = bool(_INTEGER.fullmatch(first)) and int(first) == problem.answer

@@ -13,6 +13,10 @@ every rank, and a resumed run, draws the same ones without communicating::
         def score(self, problem: Problem, completion: str, turn: int = 0) -> Feedback:
             return Feedback(reward=float(completion.strip() == str(problem.answer)))
 
+An environment that knows a correct answer text may also offer
+``demonstration(problem) -> str``: ``rl.sft_iters`` warms a policy up on those answers with
+cross-entropy before GRPO starts.
+
 A multi-turn environment answers ``Feedback(done=False, observation="...")`` to continue the
 episode: the observation is appended to the conversation and the agent generates again.
 """
@@ -66,6 +70,18 @@ class Environment(Protocol):
     def score(self, problem: Problem, completion: str, turn: int = 0) -> Feedback:
         """Score ``completion`` (the text of turn ``turn``, counted from 0)."""
         ...
+
+
+def demonstration(env: Environment, problem: Problem) -> str:
+    """A correct completion of ``problem`` from ``env``, for supervised warm-up; the error
+    names the environment when it offers none."""
+    show = getattr(env, "demonstration", None)
+    if show is None:
+        raise McoreError(
+            f"rl.sft_iters > 0 needs demonstrations, and environment {env.name!r} offers "
+            "none (it has no demonstration(problem) method); set rl.sft_iters = 0"
+        )
+    return show(problem)
 
 
 def read_jsonl(path: str | Path, *, required: tuple[str, ...], source: str) -> list[dict]:

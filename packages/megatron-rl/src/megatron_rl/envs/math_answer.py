@@ -143,6 +143,10 @@ class MathAnswerEnv:
             id=record.get("id", order[position]),
         )
 
+    def demonstration(self, problem: Problem) -> str:
+        """The reference answer, boxed as the prompt asks (for ``rl.sft_iters``)."""
+        return f" \\boxed{{{problem.answer}}}"
+
     def score(self, problem: Problem, completion: str, turn: int = 0) -> Feedback:
         predicted = extract_answer(completion)
         correct = answers_match(predicted, problem.answer)

@@ -53,6 +53,10 @@ class StringTaskEnv:
         answer = text if self.mode == "copy" else text[::-1]
         return Problem(prompt=f"{text}=", answer=answer, id=index)
 
+    def demonstration(self, problem: Problem) -> str:
+        """The answer itself (for ``rl.sft_iters``)."""
+        return problem.answer
+
     def score(self, problem: Problem, completion: str, turn: int = 0) -> Feedback:
         reward = per_position_reward(completion, problem.answer)
         return Feedback(reward=reward, info={"exact_match": float(completion == problem.answer)})
