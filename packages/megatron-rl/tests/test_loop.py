@@ -30,10 +30,53 @@ def _engine_holds_the_trained_weights(engine, chunks) -> int:
     return checked
 
 
+def _engine_scores_as_the_trainer(result, config) -> dict:
+    """Generate with the refit engine (inference layout), then score the same tokens with the
+    trained policy in the training layout: the log-probs must agree. Returns the tokens and,
+    on the last pipeline stage, the largest difference."""
+    from mcore.core import get_plugin_manager
+    from megatron_rl.handles import EngineHandle, encode_text
+    from megatron_rl.packing import TrainSequence
+    from megatron_rl.trainer import make_minibatch
+
+    env = get_plugin_manager().registries.get("rl_env", config.rl.env)(config)
+    engine = result.engine
+    engine.resume()
+    handle = EngineHandle(engine)
+    sequences = []
+    for i in range(6):
+        prompt = encode_text(handle.tokenizer, env.problem(1000 + i).prompt)
+        out = handle.generate(prompt, max_tokens=5, temperature=1.0, seed=i)
+        n = len(out.token_ids)
+        mask = [False] * len(prompt) + [True] * n
+        logprobs = [0.0] * len(prompt) + list(out.logprobs)
+        sequences.append(
+            TrainSequence(prompt + out.token_ids, mask, logprobs, 0.0, [1.0] * len(mask))
+        )
+    engine.suspend()
+    trainer = result.trainer
+    ps = trainer.ps
+    batch = make_minibatch(
+        sequences, dp_rank=ps.dp_rank, dp_size=ps.dp_size, rows_per_micro_batch=2,
+        bin_size=config.train.seq_length, packing=True,
+        multiple_of=ps.tp_size if config.parallel.sequence_parallel else 1,
+    )  # fmt: skip
+    trainer.compute_logprobs(result.chunks, batch, "trained_logprobs")
+    worst, scored = None, 0
+    for mb in batch.micro_batches:
+        if "trained_logprobs" in mb:  # the last pipeline stage
+            gap = (mb["trained_logprobs"] - mb["rollout_logprobs"]).abs() * mb["loss_mask"]
+            worst = max(worst or 0.0, float(gap.max()))
+            scored += int(mb["loss_mask"].sum())
+    return {"tokens": [s.token_ids for s in sequences], "worst": worst, "scored": scored}
+
+
 def _run(rank: int, world_size: int, overrides: dict[str, str]) -> dict:
-    result = train_rl(load_config(overrides=overrides))
+    config = load_config(overrides=overrides)
+    result = train_rl(config)
     pieces = _engine_holds_the_trained_weights(result.engine, result.chunks)
-    return {"metrics": result.metrics, "pieces": pieces}
+    scores = _engine_scores_as_the_trainer(result, config)
+    return {"metrics": result.metrics, "pieces": pieces, "scores": scores}
 
 
 def _check_metrics(results: list[dict], steps: int) -> list[dict]:
@@ -50,6 +93,13 @@ def _check_metrics(results: list[dict], steps: int) -> list[dict]:
         assert m["rl/rollout_tokens_per_s"] >= 0 and m["rl/train_tokens_per_s"] > 0
     assert metrics[0]["rl/rollout_tokens_per_s"] > 0  # later steps may take finished groups
     assert all(r["pieces"] > 0 for r in results)
+    # Refit: the engine's log-probs of what it generates are the trained policy's, computed
+    # in the training layout (every engine is the same model: all generate the same tokens).
+    for r in results:
+        assert r["scores"]["tokens"] == results[0]["scores"]["tokens"]
+    worst = [r["scores"]["worst"] for r in results if r["scores"]["worst"] is not None]
+    assert worst and max(worst) < 1e-5, worst
+    assert sum(r["scores"]["scored"] for r in results) > 0
     return metrics
 
 

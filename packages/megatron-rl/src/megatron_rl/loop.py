@@ -58,6 +58,8 @@ class RLResult:
     """This rank's inference engine, refit with the final weights (for inspection)."""
     chunks: list = field(default_factory=list, repr=False)
     """This rank's trained model chunks."""
+    trainer: Any = field(default=None, repr=False)
+    """This rank's :class:`GRPOTrainer` (for scoring tokens with the trained policy)."""
     warm_up: list[float] = field(default_factory=list)
     """The supervised warm-up's loss at each of its steps (``rl.sft_iters``)."""
 
@@ -156,7 +158,7 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
     )
     runner.policy_version = start
 
-    result = RLResult(engine=engine, chunks=chunks, warm_up=warm_up)
+    result = RLResult(engine=engine, chunks=chunks, trainer=trainer, warm_up=warm_up)
     save_dir = config.checkpoint.save
     metrics_file = config.logger.metrics_file or (
         str(Path(save_dir) / "metrics.jsonl") if save_dir else None
