@@ -6,7 +6,6 @@ teacher-forced forward of the same model recomputes."""
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import subprocess
 import sys
@@ -25,46 +24,13 @@ from megatron_rl.handles import CoordinatorHandle, EngineHandle, HFHandle, OpenA
 
 transformers = pytest.importorskip("transformers")
 
-TEXTS = ["the quick brown fox jumps over the lazy dog. ", "a tiny model speaks nonsense. "] * 8
 PROMPTS = [[5, 9, 14, 3], [7, 7, 2], [11, 4, 30, 8, 21]]
 
 
-def _write_model(folder: Path) -> object:
-    """A random Llama with a byte-level BPE tokenizer, saved as a Hugging Face directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXTS, trainer)
-    folder.mkdir(parents=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"})
-    )
-    config = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=32,
-        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0,
-        pad_token_id=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    model.generation_config.eos_token_id = 0
-    model.save_pretrained(folder)
-    return model
-
-
 @pytest.fixture(scope="module")
-def hf_model(tmp_path_factory) -> tuple[Path, object]:
+def hf_model(tmp_path_factory, write_hf_llama) -> tuple[Path, object]:
     folder = tmp_path_factory.mktemp("rl-handles") / "llama"
-    return folder, _write_model(folder)
+    return folder, write_hf_llama(folder)
 
 
 @pytest.fixture(scope="module")

@@ -123,6 +123,11 @@ class RLConfig:
     schedule (Megatron's --finetune): how RL starts from a pretrained or SFT checkpoint. The
     frozen reference is those weights too. A run resumed from its own checkpoint.save
     continues in full (step, optimizer, schedule) whatever this says."""
+    use_checkpoint_args: bool = False
+    """Take the model's architecture (the ``[model]`` section) from the checkpoint
+    ``checkpoint.load`` names, as Megatron's --use-checkpoint-args: with ``mcore ckpt
+    import-hf`` and ``rl.finetune``, how a Hugging Face model is post-trained without
+    spelling out its config."""
     sft_iters: int = 0
     """Supervised warm-up before GRPO: this many optimizer steps of cross-entropy on the
     environment's demonstrations (correct answers), so a tiny model from scratch starts GRPO

@@ -73,6 +73,8 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
     """Run GRPO as ``config`` says (see the module docstring). Call on every rank."""
     manager = manager or get_plugin_manager()
     hook, registries = manager.hook, manager.registries
+    if config.rl.use_checkpoint_args:
+        config = _with_checkpoint_model(config)
     rl, train_cfg = config.rl, config.train
     init_distributed(config)
     runtime = hook.mcore_training_runtime(config=config)
@@ -379,6 +381,32 @@ def _initial_weights(config: Config, runtime: Any, manager: PluginManager) -> An
     """A checkpointer that reads ``checkpoint.load`` and saves nothing."""
     reader = _with_checkpoint(config, save=None, async_save=False)
     return manager.hook.mcore_checkpointer(config=reader, runtime=runtime)
+
+
+def _with_checkpoint_model(config: Config) -> Config:
+    """``config`` with its ``[model]`` section as the checkpoint ``checkpoint.load`` saved."""
+    if not config.checkpoint.load:
+        raise McoreError("rl.use_checkpoint_args needs checkpoint.load: the checkpoint to "
+                         "take the model config from")  # fmt: skip
+    try:
+        from mcore.ckpt import read_common, resolve
+    except ImportError:
+        raise McoreError(
+            "rl.use_checkpoint_args reads checkpoints: pip install mcore-ckpt"
+        ) from None
+    path = resolve(config.checkpoint.load)
+    saved = read_common(path).get("model")
+    if not saved:
+        raise McoreError(f"rl.use_checkpoint_args: {str(path)!r} records no model config")
+    sections = {name: getattr(config, name) for name in config.section_names()}
+    try:
+        sections["model"] = type(config.model)(**saved)
+    except TypeError as exc:
+        raise McoreError(
+            f"rl.use_checkpoint_args: the model config of {str(path)!r} does not fit this "
+            f"install's [model] section ({exc})"
+        ) from None
+    return Config(sections)
 
 
 def _with_checkpoint(config: Config, **changes: Any) -> Config:
