@@ -218,11 +218,7 @@ class GRPOTrainer:
 
             return output, loss_func
 
-        self.optimizer.zero_grad()
-        metrics = self._run(self.chunks, batch, forward_step, forward_only=False)
-        self.runtime.finalize_grads(self.chunks)
-        skipped, grad_norm = self.optimizer.step()
-        return self.reduce_sums(metrics), float(grad_norm), bool(skipped)
+        return self._optimizer_step(batch, forward_step)
 
     def sft_step(self, batch: MiniBatch) -> tuple[float, float]:
         """One supervised optimizer step on ``batch``: cross-entropy of the policy (the same
@@ -245,11 +241,16 @@ class GRPOTrainer:
 
             return output, loss_func
 
+        sums, grad_norm, _skipped = self._optimizer_step(batch, forward_step)
+        return sums["loss"], grad_norm
+
+    def _optimizer_step(self, batch: MiniBatch, forward_step: Any) -> tuple[dict, float, bool]:
+        """Forward and backward over ``batch``, gradient reduction, one optimizer step."""
         self.optimizer.zero_grad()
         metrics = self._run(self.chunks, batch, forward_step, forward_only=False)
         self.runtime.finalize_grads(self.chunks)
-        _skipped, grad_norm = self.optimizer.step()
-        return self.reduce_sums(metrics)["loss"], float(grad_norm)
+        skipped, grad_norm = self.optimizer.step()
+        return self.reduce_sums(metrics), float(grad_norm), bool(skipped)
 
     def reduce_sums(self, metrics: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Sums of the micro-batches' metrics over the whole batch: each data-parallel
