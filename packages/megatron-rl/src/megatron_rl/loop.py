@@ -99,6 +99,8 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
     checkpointer, resumed = _restore(config, runtime, manager, chunks, optimizer, scheduler)
     start = int(resumed["iteration"]) if resumed else 0
     bin_size = rl.packing_bin_size or train_cfg.seq_length
+    device = next(chunks[0].parameters()).device
+    multiple_of = ps.tp_size if getattr(runtime, "sequence_parallel", False) else 1
     groups_here = _share(rl.prompts_per_step, ps.world_size, ps.rank)
     # Partial rollouts: twice this rank's groups in flight; a step takes the first to finish.
     in_flight = 2 * groups_here if rl.partial_rollouts else groups_here
@@ -108,7 +110,7 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         model_config,
         tokenizer,
         registries,
-        device=next(chunks[0].parameters()).device,
+        device=device,
         max_requests=rl.inference_max_requests or max(1, in_flight * rl.group_size),
         max_sequence_length=bin_size,
     )
@@ -128,11 +130,23 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         fp16=train_cfg.fp16,
     )
     updates_per_step = rl.grpo_iterations * rl.num_minibatches
-    multiple_of = ps.tp_size if getattr(runtime, "sequence_parallel", False) else 1
-    device = next(chunks[0].parameters()).device
+
+    def minibatch(sequences: list[TrainSequence]) -> Any:
+        """This rank's packed micro-batches of one optimizer step on ``sequences``."""
+        return make_minibatch(
+            sequences,
+            dp_rank=ps.dp_rank,
+            dp_size=ps.dp_size,
+            rows_per_micro_batch=train_cfg.micro_batch_size,
+            bin_size=bin_size,
+            packing=rl.use_sequence_packing,
+            multiple_of=multiple_of,
+            device=device,
+        )
+
     warm_up = []
     if rl.sft_iters and resumed is None:
-        warm_up = _warm_up(config, env, handle.tokenizer, trainer, optimizer, bin_size, device)
+        warm_up = _warm_up(config, env, handle.tokenizer, trainer, optimizer, minibatch)
     reference = None
     if rl.kl_beta > 0:  # the frozen initial (warmed-up) policy, same layout, forward only
         reference = reference_chunks(config, model_config, registries, runtime, chunks)
@@ -203,16 +217,7 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
             # 3. GRPO updates on packed mini-batches of whole groups
             began = time.perf_counter()
             batches = [
-                make_minibatch(
-                    _sequences(groups, part, advantages, rl),
-                    dp_rank=ps.dp_rank,
-                    dp_size=ps.dp_size,
-                    rows_per_micro_batch=train_cfg.micro_batch_size,
-                    bin_size=bin_size,
-                    packing=rl.use_sequence_packing,
-                    multiple_of=multiple_of,
-                    device=device,
-                )
+                minibatch(_sequences(groups, part, advantages, rl))
                 for part in _split(kept, rl.num_minibatches)
             ]
             if updates_per_step > 1 or rl.max_generation_lag > 0 or rl.partial_rollouts:
@@ -291,8 +296,7 @@ def _warm_up(
     tokenizer: Any,
     trainer: GRPOTrainer,
     optimizer: Any,
-    bin_size: int,
-    device: torch.device,
+    minibatch: Any,
 ) -> list[float]:
     """``rl.sft_iters`` supervised steps on the environment's demonstrations (problem
     ``i`` of the warm-up is the environment's problem ``i``, prompt then answer then the end
@@ -300,12 +304,10 @@ def _warm_up(
     left where it was. Returns the loss of each step; logged as ``rl/sft_loss``."""
     rl, ps = config.rl, trainer.ps
     per_step = rl.sft_batch_size or rl.prompts_per_step * rl.group_size
-    ends = sorted(getattr(tokenizer, "eos_token_ids", ()) or ())
-    end = ends[:1]
+    end = sorted(getattr(tokenizer, "eos_token_ids", ()) or ())[:1]  # one end token
     lrs = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] = rl.sft_lr or config.optimizer.lr
-    multiple_of = ps.tp_size if getattr(trainer.runtime, "sequence_parallel", False) else 1
     logger = MetricsLogger(
         metrics_file=None,  # the run's JSONL holds the GRPO steps
         tensorboard_dir=None,
@@ -327,17 +329,7 @@ def _warm_up(
             sequences = with_loss_weights(
                 sequences, "token_mean", max_completion_tokens=rl.max_new_tokens
             )
-            batch = make_minibatch(
-                sequences,
-                dp_rank=ps.dp_rank,
-                dp_size=ps.dp_size,
-                rows_per_micro_batch=config.train.micro_batch_size,
-                bin_size=bin_size,
-                packing=rl.use_sequence_packing,
-                multiple_of=multiple_of,
-                device=device,
-            )
-            loss, grad_norm = trainer.sft_step(batch)
+            loss, grad_norm = trainer.sft_step(minibatch(sequences))
             check_finite(step + 1, loss)
             losses.append(loss)
             logger.log(step + 1, {"rl/sft_loss": loss, "grad_norm": grad_norm})
@@ -398,20 +390,24 @@ def _with_checkpoint_model(config: Config) -> Config:
     saved = read_common(path).get("model")
     if not saved:
         raise McoreError(f"rl.use_checkpoint_args: {str(path)!r} records no model config")
-    sections = {name: getattr(config, name) for name in config.section_names()}
     try:
-        sections["model"] = type(config.model)(**saved)
+        model = type(config.model)(**saved)
     except TypeError as exc:
         raise McoreError(
             f"rl.use_checkpoint_args: the model config of {str(path)!r} does not fit this "
             f"install's [model] section ({exc})"
         ) from None
-    return Config(sections)
+    return _with_section(config, "model", model)
 
 
 def _with_checkpoint(config: Config, **changes: Any) -> Config:
-    sections = {name: getattr(config, name) for name in config.section_names()}
-    sections["checkpoint"] = dataclasses.replace(config.checkpoint, **changes)
+    return _with_section(config, "checkpoint", dataclasses.replace(config.checkpoint, **changes))
+
+
+def _with_section(config: Config, name: str, section: Any) -> Config:
+    """``config`` with section ``name`` replaced by ``section``."""
+    sections = {n: getattr(config, n) for n in config.section_names()}
+    sections[name] = section
     return Config(sections)
 
 

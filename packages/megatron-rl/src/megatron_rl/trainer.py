@@ -144,6 +144,17 @@ class GRPOTrainer:
         packed = PackedSeqParams(mb["segment_ids"]) if self.packing else None
         return model(mb["tokens"], position_ids=mb["position_ids"], packed_seq_params=packed)
 
+    def _logprobs(self, logits: torch.Tensor, labels: torch.Tensor, with_entropy: bool = False):
+        """The policy's log-probs of ``labels`` (and its entropy): ``softmax(logits / T)`` over
+        the tokenizer's ids."""
+        return token_logprobs(
+            logits,
+            labels,
+            temperature=self.temperature,
+            vocab_size=self.vocab_size,
+            with_entropy=with_entropy,
+        )
+
     @torch.no_grad()
     def compute_logprobs(self, chunks: list, batch: MiniBatch, key: str) -> None:
         """Store ``chunks``' per-token log-probs in each micro-batch under ``key`` (on the
@@ -154,10 +165,7 @@ class GRPOTrainer:
             output = self._forward(mb, model)
 
             def store(logits: torch.Tensor):
-                logp, _ = token_logprobs(
-                    logits, mb["labels"], temperature=self.temperature, vocab_size=self.vocab_size
-                )
-                mb[key] = logp
+                mb[key], _ = self._logprobs(logits, mb["labels"])
                 return logits.new_zeros(()), {}
 
             return output, store
@@ -176,22 +184,10 @@ class GRPOTrainer:
 
             def loss_func(logits: torch.Tensor):
                 want_entropy = cfg.entropy_coeff > 0
-                logp, entropy = token_logprobs(
-                    logits,
-                    mb["labels"],
-                    temperature=self.temperature,
-                    vocab_size=self.vocab_size,
-                    with_entropy=want_entropy,
-                )
+                logp, entropy = self._logprobs(logits, mb["labels"], with_entropy=want_entropy)
                 if not want_entropy:  # only reported: no graph for it
                     with torch.no_grad():
-                        _, entropy = token_logprobs(
-                            logits.detach(),
-                            mb["labels"],
-                            temperature=self.temperature,
-                            vocab_size=self.vocab_size,
-                            with_entropy=True,
-                        )
+                        _, entropy = self._logprobs(logits.detach(), mb["labels"], True)
                 old = mb["old_logprobs"] if "old_logprobs" in mb else logp.detach()
                 out = grpo_token_loss(
                     logp,
@@ -231,9 +227,7 @@ class GRPOTrainer:
             output = self._forward(mb, model)
 
             def loss_func(logits: torch.Tensor):
-                logp, _ = token_logprobs(
-                    logits, mb["labels"], temperature=self.temperature, vocab_size=self.vocab_size
-                )
+                logp, _ = self._logprobs(logits, mb["labels"])
                 total = -(logp * mb["weights"]).sum()
                 sums = dict.fromkeys(METRIC_SUMS, total.new_zeros(()))
                 sums.update(loss=total.detach(), tokens=mb["loss_mask"].sum())
