@@ -256,7 +256,9 @@ def test_aux_loss_free_bias_moves_the_load_toward_balance() -> None:
             router_score_function="sigmoid",
             router_norm_topk_prob=True,
             router_enable_expert_bias=enabled,
-            router_bias_update_rate=0.02,
+            # Small against the router logits this tiny layer draws, so the sign update settles
+            # instead of overshooting back and forth.
+            router_bias_update_rate=0.005,
         )
         layer = _layer(moe)
         with torch.no_grad():
@@ -267,7 +269,8 @@ def test_aux_loss_free_bias_moves_the_load_toward_balance() -> None:
             with torch.no_grad():
                 layer(x)
             layer.finalize_step()
-            history.append(layer.step_metrics()["moe/expert_load_imbalance"][0])
+            total, count = layer.read_statistics()["moe/expert_load_imbalance"]
+            history.append(float(total) / count)
         imbalance[enabled] = (history[0], history[-1])
     start, end = imbalance[True]
     assert start > 1.5  # max/mean load: 1 is perfect balance

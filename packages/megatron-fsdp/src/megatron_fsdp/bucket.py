@@ -158,6 +158,12 @@ def install_optimizer_hook() -> None:
         _hook_installed = True
 
 
+INIT_PENDING = "init_pending"
+"""Set on a sharded parameter (and buffer) made from a ``meta`` one: its shard is allocated
+(zeros) but holds no values yet; whoever built the model on meta fills the local shards
+(``param.to_local()``) and clears the flag."""
+
+
 def _copy_attributes(sources: Sequence[nn.Parameter], targets: Sequence[nn.Parameter]) -> None:
     # Frameworks tag parameters with plain attributes (Megatron's ``tensor_model_parallel``,
     # ``expert_parallel``, ``shared_embedding``, ...); the sharded and gathered parameters
@@ -209,7 +215,8 @@ class Bucket:
         world, rank = plan.shard_world, plan.shard_rank
         self.main = torch.zeros(self.layout.shard_numel, **self._main_alloc)
         for i, p in enumerate(params):
-            self.layout.copy_shard_from_full(self.main, i, p, rank)
+            if not p.is_meta:  # a meta parameter has no values: its shard is filled later
+                self.layout.copy_shard_from_full(self.main, i, p, rank)
         self.requires_grad = [p.requires_grad for p in params]
 
         with torch.no_grad():
@@ -220,6 +227,9 @@ class Bucket:
         for p in self.sharded_params:
             setattr(p, _BUCKET_ATTR, self)
         _copy_attributes(params, self.sharded_params)
+        for p, sharded in zip(params, self.sharded_params, strict=True):
+            if p.is_meta:
+                setattr(sharded, INIT_PENDING, True)
         # Nothing to gather and nothing to cast: compute directly on the main weights.
         self.aliased = world == 1 and self.compute_dtype == self.main_dtype and not self.offloaded
         if self.aliased:

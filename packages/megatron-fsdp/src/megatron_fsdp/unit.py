@@ -33,7 +33,14 @@ import torch
 from torch import nn
 from torch.autograd import Variable
 
-from megatron_fsdp.bucket import Bucket, BufferPool, MeshPlan, Strategy, install_optimizer_hook
+from megatron_fsdp.bucket import (
+    INIT_PENDING,
+    Bucket,
+    BufferPool,
+    MeshPlan,
+    Strategy,
+    install_optimizer_hook,
+)
 from megatron_fsdp.policies import MixedPrecisionPolicy, OffloadPolicy
 
 _MANAGED = "_megatron_fsdp_managed"  # marks a sharded parameter so enclosing units skip it
@@ -219,7 +226,14 @@ class FSDPUnit:
     def _move_buffers(module: nn.Module, device: torch.device) -> None:
         for sub in module.modules():
             for name, buf in sub._buffers.items():
-                if buf is not None and buf.device != device:
+                if buf is None or buf.device == device:
+                    continue
+                if buf.is_meta:  # allocated here, filled by whoever built the model on meta
+                    moved = torch.zeros_like(buf, device=device)
+                    moved.__dict__.update(buf.__dict__)
+                    setattr(moved, INIT_PENDING, True)
+                    sub._buffers[name] = moved
+                else:
                     sub._buffers[name] = buf.to(device)
 
     def _register(self, unsharded: bool) -> None:

@@ -103,14 +103,19 @@ class Checkpointer:
 
     # -- resume -------------------------------------------------------------------------------
 
-    def load(self, chunks: list, optimizer: Any, scheduler: Any) -> dict[str, int] | None:
-        """Resume from ``checkpoint.load`` (it must hold a checkpoint) or else from the save
-        directory's latest checkpoint, if any; returns the loop state or ``None``."""
+    def resume_path(self) -> Path | None:
+        """The checkpoint :meth:`load` will read: ``checkpoint.load`` (it must hold one), else
+        the save directory's latest, else ``None`` (a fresh start, whose weights are drawn)."""
         if self.settings.load:
-            path = directory.resolve(self.settings.load)
-        elif self.root is not None and (self.root / directory.LATEST).is_file():
-            path = directory.resolve(self.root)
-        else:
+            return directory.resolve(self.settings.load)
+        if self.root is not None and (self.root / directory.LATEST).is_file():
+            return directory.resolve(self.root)
+        return None
+
+    def load(self, chunks: list, optimizer: Any, scheduler: Any) -> dict[str, int] | None:
+        """Resume from :meth:`resume_path`, if any; returns the loop state or ``None``."""
+        path = self.resume_path()
+        if path is None:
             return None
         common = read_common(path)
         fmt = get_format(common["format"])

@@ -49,8 +49,10 @@ def mcore_training_runtime(config: Config) -> Any:
 
     The first non-``None`` result wins. mcore-parallel provides one built from the ``[parallel]``
     section; a plugin with its own layout can return first. The object has ``parallel_state``
-    (with ``dp_rank``/``dp_size``), ``build(config, model_config, registries) -> (chunks,
-    optimizer, scheduler)``, ``prepare_batch(batch) -> batch`` (this rank's part of a
+    (with ``dp_rank``/``dp_size``), ``build(config, model_config, registries, *, initialize)
+    -> (chunks, optimizer, scheduler)`` (``initialize=False``: a checkpoint is about to be
+    loaded, so the model's weights need storage but no initial values),
+    ``prepare_batch(batch) -> batch`` (this rank's part of a
     micro-batch), ``forward_backward(...)`` (Megatron's schedule arguments),
     ``finalize_grads(chunks)`` and ``reduce_loss(losses) -> float``.
     """
@@ -64,6 +66,8 @@ def mcore_checkpointer(config: Config, runtime: Any) -> Any:
     ``checkpoint_format`` registry. ``runtime`` is the run's training runtime (its
     ``parallel_state`` names the layout). The object has:
 
+    - ``resume_path() -> Path | None``: the checkpoint ``load`` will read, if any (asked
+      before the model is built, so weights about to be loaded are not initialised);
     - ``load(chunks, optimizer, scheduler) -> dict | None``: resume in place from
       ``checkpoint.load`` (or the save directory's latest checkpoint) and return the loop's
       state (``{"iteration": n, "consumed_samples": m}``), or ``None`` when there is nothing to

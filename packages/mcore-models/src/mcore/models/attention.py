@@ -27,6 +27,7 @@ from mcore.parallel import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
 )
+from mcore.parallel.init import init_tensor
 
 
 def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -218,7 +219,7 @@ class MLASelfAttention(torch.nn.Module):
     @staticmethod
     def _replicated_linear(ctx: ModelContext, out_features: int) -> torch.nn.Linear:
         layer = torch.nn.Linear(ctx.config.hidden_size, out_features, bias=False)
-        ctx.init_method()(layer.weight.data)
+        init_tensor(layer.weight, ctx.init_method())
         return layer
 
     def _gather_sequence(self, x: torch.Tensor, *, grad_is_partial: bool) -> torch.Tensor:

@@ -9,18 +9,18 @@ shard's global positions.
 Under pipeline parallelism a ``GPTModel`` is one stage's model chunk (see ``GPTModel``), run by
 the schedules of ``mcore.parallel.pipeline``.
 
-Initialisation is deterministic per component: the embedding, the position embeddings, each
-layer (by its global index) and the output layer draw from their own seed, derived from one base
-seed. A stage therefore holds exactly the weights of the same components of the whole model,
-and each tensor-parallel layer still fills its full weight before keeping its shard, so one seed
-gives one model for any TP and PP layout.
+Construction happens on the ``meta`` device; then, unless the model is being built on ``meta``
+itself (``with torch.device("meta"):``, as ``mcore train`` does before wrapping it), each rank
+allocates and fills only what it holds (:func:`mcore.parallel.init.materialize`). Every value
+comes from one base seed, the tensor's global name and its position in the full tensor, so a
+stage holds exactly the weights of the same components of the whole model and a TP or EP shard
+exactly its slice of them: one seed gives one model for any TP, PP and EP layout, and no rank
+draws a full copy of a sharded tensor.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ from mcore.parallel import (
     stage_layers,
     vocab_parallel_cross_entropy,
 )
+from mcore.parallel.init import materialize, set_init
 
 
 class GPTModel(torch.nn.Module):
@@ -70,7 +71,8 @@ class GPTModel(torch.nn.Module):
     ``mcore.parallel.pipeline.allreduce_embedding_grads(chunks, parallel_state)`` sums the two
     copies' gradients after backward, before the optimizer step.
 
-    ``init_seed`` is the base seed of the weights; by default it is drawn from torch's global
+    ``init_seed`` is the base seed of the weights (kept as ``self.init_seed`` for a later
+    :func:`~mcore.parallel.init.materialize`); by default it is drawn from torch's global
     generator without advancing it, so ``torch.manual_seed(s)`` before building picks the
     weights, and the chunks a rank builds in a row agree with the single-process model.
 
@@ -93,6 +95,29 @@ class GPTModel(torch.nn.Module):
         sections: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        device = torch.get_default_device()
+        seed = _peek_seed() if init_seed is None else init_seed
+        with torch.device("meta"):
+            self._build(
+                config, parallel_state, sequence_parallel, spec, registries, vp_stage, vp_size,
+                sections,
+            )  # fmt: skip
+        self.init_seed = seed
+        if device.type != "meta":
+            materialize(self, device=device, seed=seed)
+
+    def _build(
+        self,
+        config: TransformerConfig,
+        parallel_state: ParallelState | None,
+        sequence_parallel: bool,
+        spec: LayerSpec | None,
+        registries: Any,
+        vp_stage: int | None,
+        vp_size: int | None,
+        sections: Mapping[str, Any] | None,
+    ) -> None:
+        """The modules of this stage, on the meta device (``__init__``'s arguments)."""
         if config.vocab_size is None:
             raise ValueError("TransformerConfig.vocab_size must be set to build a GPTModel")
         config.checked()
@@ -114,25 +139,22 @@ class GPTModel(torch.nn.Module):
         self.pre_process = ps.is_first_pp_stage and vp_stage == 0
         self.post_process = ps.is_last_pp_stage and vp_stage == vp_size - 1
         self.input_tensor: torch.Tensor | None = None
-        seed = _peek_seed() if init_seed is None else init_seed
 
         self.embedding = None
         self.position_embeddings = None
         if self.pre_process:
-            with _seeded(seed, "embedding"):
-                self.embedding = VocabParallelEmbedding(
-                    config.vocab_size,
-                    config.hidden_size,
-                    tp_group=ps.tp_group,
-                    init_method=ctx.init_method(),
-                    sequence_parallel=ctx.sequence_parallel,
-                )
+            self.embedding = VocabParallelEmbedding(
+                config.vocab_size,
+                config.hidden_size,
+                tp_group=ps.tp_group,
+                init_method=ctx.init_method(),
+                sequence_parallel=ctx.sequence_parallel,
+            )
             if config.position_embedding_type == "learned_absolute":
-                with _seeded(seed, "position_embeddings"):
-                    self.position_embeddings = torch.nn.Embedding(
-                        config.max_position_embeddings, config.hidden_size
-                    )
-                    ctx.init_method()(self.position_embeddings.weight.data)
+                self.position_embeddings = torch.nn.Embedding(
+                    config.max_position_embeddings, config.hidden_size
+                )
+                set_init(self.position_embeddings.weight, ctx.init_method())
         self.rotary = None
         if config.position_embedding_type == "rope":
             rope_dim = (
@@ -147,8 +169,7 @@ class GPTModel(torch.nn.Module):
         # A dict with stable names: a pipeline stage keeps layer "17" called "17".
         layers = {}
         for i in layer_ids:
-            with _seeded(seed, f"layers.{i}"):
-                layers[str(i)] = TransformerLayer(ctx, specs[i], layer_number=i)
+            layers[str(i)] = TransformerLayer(ctx, specs[i], layer_number=i)
         self.layers = torch.nn.ModuleDict(layers)
 
         self.final_layernorm = None
@@ -158,21 +179,20 @@ class GPTModel(torch.nn.Module):
             if ctx.sequence_parallel:
                 mark_tp_partial_grad(*self.final_layernorm.parameters())
             # Tied and on the embedding's chunk: reuse the embedding table. Tied on another
-            # stage: a copy of it, drawn from the embedding's seed (same full shape, same row
-            # split over TP), kept equal by allreduce_embedding_grads.
+            # stage: a copy of it, stored and initialised under the embedding's name (same full
+            # shape, same row split over TP), kept equal by allreduce_embedding_grads.
             shares_table = self.tied_embeddings and self.pre_process
             copies_table = self.tied_embeddings and not self.pre_process
-            with _seeded(seed, "embedding" if copies_table else "output_layer"):
-                self.output_layer = ColumnParallelLinear(
-                    config.hidden_size,
-                    config.vocab_size,
-                    tp_group=ps.tp_group,
-                    bias=False,
-                    gather_output=False,
-                    sequence_parallel=ctx.sequence_parallel,
-                    init_method=ctx.init_method(),
-                    skip_weight_param_allocation=shares_table,
-                )
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size,
+                config.vocab_size,
+                tp_group=ps.tp_group,
+                bias=False,
+                gather_output=False,
+                sequence_parallel=ctx.sequence_parallel,
+                init_method=ctx.init_method(),
+                skip_weight_param_allocation=shares_table,
+            )
             if copies_table:
                 mark_shared_embedding(self.output_layer.weight)
                 # The same tensor as the first stage's table: checkpoints store it once.
@@ -348,19 +368,6 @@ def _peek_seed() -> int:
     """The next number torch's global generator would draw, leaving it where it was."""
     with torch.random.fork_rng(devices=[]):
         return int(torch.randint(0, 2**62, (), device="cpu"))
-
-
-@contextlib.contextmanager
-def _seeded(base_seed: int, component: str) -> Iterator[None]:
-    """Draw ``component``'s initial weights from its own seed; the global RNG is untouched."""
-    digest = hashlib.sha256(f"{base_seed}/{component}".encode()).digest()
-    seed = int.from_bytes(digest[:8], "little") >> 1  # a non-negative 63-bit seed
-    cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.default_generator.manual_seed(seed)
-        if cuda:  # weights built directly on the GPU draw from its generator
-            torch.cuda.manual_seed(seed)
-        yield
 
 
 def build_gpt_model(config: TransformerConfig, parallel_state: ParallelState | None = None, **kw):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mcore.parallel.init import ONES, ZEROS, set_init
+
 
 class RMSNorm(torch.nn.Module):
     """Root-mean-square normalisation, computed in fp32 whatever the input dtype."""
@@ -11,7 +13,7 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.weight = set_init(torch.nn.Parameter(torch.ones(hidden_size)), ONES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -27,3 +29,5 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__(hidden_size, eps=eps)
+        set_init(self.weight, ONES)
+        set_init(self.bias, ZEROS)

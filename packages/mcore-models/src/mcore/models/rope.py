@@ -46,8 +46,10 @@ def _yarn_inv_freq(dim: int, cfg: TransformerConfig) -> tuple[torch.Tensor, floa
     high = min(math.ceil(correction_dim(cfg.yarn_beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(
+        0, 1
+    )
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     keep = 1 - ramp  # 1 where frequencies are high enough to keep as trained
     inv_freq = interpolated * (1 - keep) + extrapolated * keep
@@ -62,7 +64,9 @@ def _yarn_inv_freq(dim: int, cfg: TransformerConfig) -> tuple[torch.Tensor, floa
 
 def rope_frequencies(dim: int, cfg: TransformerConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[dim // 2]`` (fp32) and the factor that scales cos and sin."""
-    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = 1.0 / (
+        cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+    )
     if cfg.rope_scaling == "none":
         return inv_freq, 1.0
     if cfg.rope_scaling == "linear":
@@ -78,6 +82,7 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, dim: int, config: TransformerConfig) -> None:
         super().__init__()
         self.dim = dim
+        # Computed on the CPU even inside a meta-device build: it is derived, not initialised.
         inv_freq, self.attention_factor = rope_frequencies(dim, config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

@@ -7,8 +7,8 @@
 weights. Under expert tensor parallelism (ETP) fc1 is split by output rows and fc2 by input
 columns, so each rank's fc2 output is partial; the dispatcher's combine sums it over ETP.
 
-One seed gives the same experts under any EP and ETP layout: the full stacked weights are drawn
-and each rank keeps its experts and its shard.
+One seed gives the same experts under any EP and ETP layout, and no rank draws the full stacks:
+each fills only its experts' shards from counter-based tiles (:mod:`mcore.parallel.init`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from mcore.models.mlp import MLP
 from mcore.moe.activations import weighted_squared_relu
 from mcore.moe.config import MoEConfig
 from mcore.parallel import mark_expert_parallel, mark_tp_partial_grad
+from mcore.parallel.init import init_tensor
 from mcore.parallel.sharding import Layout
 
 
@@ -58,6 +59,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     expert's ``weight[e]`` ``[out, in]`` transposed: ``[rows, out]``.
 
     Sizes whose rows are not 16-byte aligned are zero-padded for the GEMM and cut back after.
+    ``counts`` may stay on the device (no host read); rows past their sum come out undefined.
     """
     out_features, in_features = weight.shape[1:]
     k, n = _aligned(in_features, x.dtype), _aligned(out_features, x.dtype)
@@ -70,15 +72,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
 
 
 def _looped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The reference for :func:`grouped_linear`: one matmul per expert."""
-    chunks = x.split(counts.tolist(), dim=0)
-    return torch.cat([F.linear(c, weight[e]) for e, c in enumerate(chunks)], dim=0)
-
-
-def _shard_rows(full: torch.Tensor, parts: int, rank: int, gated: bool) -> torch.Tensor:
-    """This ETP rank's output rows of a stacked fc1 weight (gate and up halves split alike)."""
-    halves = full.chunk(2, dim=1) if gated else (full,)
-    return torch.cat([h.chunk(parts, dim=1)[rank] for h in halves], dim=1)
+    """The reference for :func:`grouped_linear`: one matmul per expert (it reads ``counts`` on
+    the host). Rows past the counted ones (a dispatcher's padding) come out zero."""
+    sizes = counts.tolist()
+    *chunks, padding = x.split([*sizes, x.shape[0] - sum(sizes)], dim=0)
+    outs = [F.linear(c, weight[e]) for e, c in enumerate(chunks)]
+    return torch.cat([*outs, padding.new_zeros(padding.shape[0], weight.shape[1])], dim=0)
 
 
 class GroupedMLP(torch.nn.Module):
@@ -102,19 +101,21 @@ class GroupedMLP(torch.nn.Module):
         self.num_local_experts = num_local_experts
         self._ep = (ps.ep_rank, ps.ep_size)
         self._etp = (ps.etp_rank, ps.etp_size)
-        first = ps.ep_rank * num_local_experts
-        local = slice(first, first + num_local_experts)
-        fc1_rows = 2 * ffn if self.gated else ffn
-        full1 = torch.empty(moe.num_experts, fc1_rows, cfg.hidden_size)
-        ctx.init_method()(full1)
-        full2 = torch.empty(moe.num_experts, cfg.hidden_size, ffn)
-        ctx.output_init_method()(full2)
-        w1 = _shard_rows(full1[local], ps.etp_size, ps.etp_rank, self.gated)
-        w2 = full2[local].chunk(ps.etp_size, dim=2)[ps.etp_rank]
+        fc1_rows = (2 * ffn if self.gated else ffn) // ps.etp_size
         self.linear_fc1 = torch.nn.Module()
-        self.linear_fc1.weight = torch.nn.Parameter(w1.contiguous())
+        self.linear_fc1.weight = torch.nn.Parameter(
+            torch.empty(num_local_experts, fc1_rows, cfg.hidden_size)
+        )
         self.linear_fc2 = torch.nn.Module()
-        self.linear_fc2.weight = torch.nn.Parameter(w2.contiguous())
+        self.linear_fc2.weight = torch.nn.Parameter(
+            torch.empty(num_local_experts, cfg.hidden_size, ffn // ps.etp_size)
+        )
+        # Each rank fills only its experts' shards of the full stacks (see mcore.parallel.init).
+        for name, method in (
+            ("linear_fc1.weight", ctx.init_method()),
+            ("linear_fc2.weight", ctx.output_init_method()),
+        ):
+            init_tensor(self.get_parameter(name), method, self.shard_layout(name))
         mark_expert_parallel(self.linear_fc1.weight, self.linear_fc2.weight)
 
     def shard_layout(self, name: str) -> Layout | None:
@@ -162,7 +163,7 @@ class SharedExpertMLP(MLP):
         self.gate_weight = None
         if moe.shared_expert_gate:
             self.gate_weight = torch.nn.Parameter(torch.empty(1, ctx.config.hidden_size))
-            ctx.init_method()(self.gate_weight.data)
+            init_tensor(self.gate_weight, ctx.init_method())
             if ctx.sequence_parallel:
                 mark_tp_partial_grad(self.gate_weight)
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mcore.parallel.init import ZEROS, init_tensor, set_init
+
 if TYPE_CHECKING:
     from mcore.models import ModelContext
     from mcore.moe.config import MoEConfig
@@ -67,10 +69,11 @@ class TopKRouter(Router):
     def __init__(self, ctx: ModelContext, moe: MoEConfig, *, layer_number: int) -> None:
         super().__init__(ctx, moe, layer_number=layer_number)
         self.weight = torch.nn.Parameter(torch.empty(self.num_experts, ctx.config.hidden_size))
-        ctx.init_method()(self.weight.data)
+        init_tensor(self.weight, ctx.init_method())
         self.fp32 = moe.router_dtype == "fp32"
         if moe.router_enable_expert_bias:
-            self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+            bias = torch.zeros(self.num_experts, dtype=torch.float32)
+            self.register_buffer("expert_bias", set_init(bias, ZEROS))
         else:
             self.expert_bias = None
         if ctx.sequence_parallel:

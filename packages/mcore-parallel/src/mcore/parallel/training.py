@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mcore.parallel.context_parallel import split_for_context_parallel
+from mcore.parallel.init import materialize
 from mcore.parallel.optimizer.scheduler import build_lr_scheduler
 from mcore.parallel.pipeline import allreduce_embedding_grads, get_forward_backward_func
 from mcore.parallel.state import ParallelState
@@ -34,43 +35,56 @@ class MeshTrainingRuntime:
         config: Any,
         model_config: Any,
         registries: Any,
+        *,
+        initialize: bool = True,
     ) -> tuple[list, Any, Any]:
         """Model chunks (one per virtual pipeline stage) for the schedule to run, their
         optimizer and LR schedule; model, data-parallel wrapper and optimizer come by name from
-        the registries. A checkpoint, if any, is loaded into them afterwards, in place."""
+        the registries. A checkpoint, if any, is loaded into them afterwards, in place: pass
+        ``initialize=False`` then, and no initial weights are drawn at all.
+
+        The chunks are built on the ``meta`` device and materialised per rank
+        (:func:`mcore.parallel.init.materialize`): each rank allocates and fills only what it
+        holds. A wrapper that shards parameters (its registry entry sets
+        ``accepts_meta_model = True``, as megatron-fsdp's does) is handed the meta model and
+        only its shards are materialised; any other wrapper gets the materialised model.
+        """
         ps = self.parallel_state
         # Mixed precision is the data-parallel wrapper's to apply (train.bf16 / train.fp16):
         # DDP casts the model and the optimizer keeps fp32 main weights; a fully sharded
         # wrapper keeps the fp32 weights as its shards and computes on low-precision copies.
         build_model = registries.get("model", model_config.name)
         wrap = registries.get("data_parallel", config.train.data_parallel)
-        if self.vp_size is None:
-            model = build_model(
-                model_config,
-                ps,
-                sequence_parallel=self.sequence_parallel,
-                sections=config,
-                registries=registries,
-            )
-            self._wrapped = wrap(model.to(self.device), ps, config)
-            chunks = [self._wrapped]
-        else:
+        seed = _peek_seed()
+        with torch.device("meta"):
             chunks = [
                 build_model(
                     model_config,
                     ps,
                     sequence_parallel=self.sequence_parallel,
-                    vp_stage=c,
-                    vp_size=self.vp_size,
                     sections=config,
                     registries=registries,
-                ).to(self.device)
-                for c in range(self.vp_size)
+                    **({} if self.vp_size is None else {"vp_stage": c, "vp_size": self.vp_size}),
+                )
+                for c in range(self.vp_size or 1)
             ]
+        # The weights' base seed: the builder's own (GPTModel keeps it), else the run's.
+        seed = getattr(chunks[0], "init_seed", seed)
+        shards_meta = getattr(wrap, "accepts_meta_model", False)
+        if not shards_meta:
+            materialize(chunks, device=self.device, seed=seed, initialize=initialize)
+        # Derived buffers (rotary frequencies) are computed on the CPU at build time.
+        chunks = [chunk.to(self.device) if not shards_meta else chunk for chunk in chunks]
+        if self.vp_size is None:
+            self._wrapped = wrap(chunks[0], ps, config)
+            chunks = [self._wrapped]
+        else:
             # One data-parallel wrapper over all of this rank's chunks, so one optimizer steps
             # them; the schedule runs the chunks themselves, all micro-batches under no_sync,
             # and finalize_grads reduces every bucket at once (no overlap with backward yet).
             self._wrapped = wrap(torch.nn.ModuleList(chunks), ps, config)
+        if shards_meta:
+            materialize(chunks, device=self.device, seed=seed, initialize=initialize)
         self._chunks = chunks
         optimizer = registries.get("optimizer", config.optimizer.optimizer)(
             self._wrapped, ps, config
@@ -157,6 +171,12 @@ class MeshTrainingRuntime:
                 t.zero_()
             dist.all_reduce(t, group=ps.pp_group)
         return float(t.item())
+
+
+def _peek_seed() -> int:
+    """The next number torch's global generator would draw, leaving it where it was."""
+    with torch.random.fork_rng(devices=[]):
+        return int(torch.randint(0, 2**62, (), device="cpu"))
 
 
 def _device(config: Any) -> torch.device:

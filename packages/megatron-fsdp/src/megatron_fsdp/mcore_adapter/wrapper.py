@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from mcore.core import McoreError
 from mcore.parallel import ParallelState, is_expert_parallel
 from mcore.parallel.distributed import broadcast_params, compute_dtype
+from mcore.parallel.init import has_meta_tensors
 from megatron_fsdp.api import FSDPModule, fully_shard
 from megatron_fsdp.mcore_adapter import FSDPConfig
 from megatron_fsdp.policies import MixedPrecisionPolicy
@@ -139,9 +140,18 @@ def wrap_megatron_fsdp(
         param_dtype=dtype,
         reduce_dtype=torch.float32 if dtype is not None and fsdp.grad_reduce_in_fp32 else None,
     )
+    if has_meta_tensors(model):
+        # Built on meta: each rank's shards are filled afterwards from the same seeded,
+        # layout-free draws (mcore.parallel.init), so the replicas start equal by construction.
+        return MegatronFSDP(model, parallel_state, fsdp, mp_policy=policy)
     # Replicas must start equal; each then keeps only its shard of rank 0's weights.
     broadcast_params(model, parallel_state)
     return MegatronFSDP(model, parallel_state, fsdp, mp_policy=policy)
+
+
+# mcore train hands this wrapper the model still on the meta device and materialises the shards
+# it creates, so no rank allocates a full copy of any parameter.
+wrap_megatron_fsdp.accepts_meta_model = True
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

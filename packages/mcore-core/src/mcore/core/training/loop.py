@@ -103,8 +103,12 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
     if model_config.vocab_size is None:
         vocab = _padded_vocab(tokenizer.vocab_size, ps.tp_size)
         model_config = dataclasses.replace(model_config, vocab_size=vocab)
-    chunks, optimizer, scheduler = runtime.build(config, model_config, registries)
     checkpointer = _checkpointer(config, runtime, manager)
+    # Weights about to be loaded are not drawn first (at scale that is minutes of RNG).
+    resuming = checkpointer is not None and checkpointer.resume_path() is not None
+    chunks, optimizer, scheduler = runtime.build(
+        config, model_config, registries, initialize=not resuming
+    )
     resumed = checkpointer.load(chunks, optimizer, scheduler) if checkpointer else None
     start = int(resumed["iteration"]) if resumed else 0
     mbs = train_cfg.micro_batch_size

@@ -10,22 +10,25 @@ backward. With sequence parallelism activations between TP regions are split alo
 sequence, ``[s / tp, b, h]``: the all-reduce becomes a reduce-scatter after the row layer and an
 all-gather before the column layer, saving activation memory at the same communication cost.
 
-Initialisation is global and deterministic: each layer fills the *full* weight on CPU with
-``init_method`` from the global torch RNG and keeps its shard, so one ``torch.manual_seed`` gives
-the same model for every TP size. Every layer also carries what a checkpoint or Hugging Face
+Initialisation is global and deterministic without any rank drawing a full weight: built on a
+real device, a layer draws one seed from torch's global generator and fills only its shard from
+counter-based tiles of the full weight (:mod:`mcore.parallel.init`), so one ``torch.manual_seed``
+gives the same model for every TP size; built on ``meta``, it only records its recipe for
+:func:`mcore.parallel.init.materialize`. Every layer also carries what a checkpoint or Hugging Face
 loader needs: ``tp_size``, ``tp_rank``, ``full_weight_shape`` and ``shard_weight(full)``
 (``shard_bias(full)`` on the linear layers), which returns this rank's part of a full tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mcore.parallel.errors import ParallelLayoutError, ShardShapeError
+from mcore.parallel.init import ZEROS, draw_seed, init_local, set_init
 from mcore.parallel.sharding import Layout
 from mcore.parallel.tensor_parallel.mappings import (
     copy_to_tensor_parallel_region,
@@ -47,27 +50,41 @@ ProcessGroup = torch.distributed.ProcessGroup
 
 
 def _initialized_shard(
-    full_shape: tuple[int, ...],
-    local_shape: tuple[int, ...],
+    layout: Layout,
     init_method: InitMethod,
-    shard: Callable[[torch.Tensor], torch.Tensor],
     *,
     dtype: torch.dtype | None,
     device: torch.device | str | None,
 ) -> torch.Tensor:
-    """Fill the full tensor on CPU from the global RNG, then keep (a copy of) this rank's shard.
+    """This rank's shard of a weight (``layout`` maps it into the full one), initialised.
 
-    fp32 on CPU makes the draw independent of TP size, device and parameter dtype. A ``meta``
-    device skips initialisation (the weights will be loaded), so it draws nothing.
+    On the ``meta`` device nothing is drawn: the parameter records its recipe and
+    :func:`mcore.parallel.init.materialize` fills it later, by its name. Built directly on a
+    real device, the layer draws a seed from torch's global generator and fills only its own
+    shard, tile by tile (see :mod:`mcore.parallel.init`), so one seed gives the same full
+    weight for every TP size without any rank drawing the full tensor.
     """
     dtype = dtype or torch.get_default_dtype()
     device = torch.device(device) if device is not None else torch.get_default_device()
-    if device.type == "meta":
-        return torch.empty(local_shape, dtype=dtype, device=device)
-    full = torch.empty(full_shape, dtype=torch.float32, device="cpu")
-    init_method(full)
-    # copy=True: the shard may be a view, and must not keep the full tensor alive.
-    return shard(full).to(device=device, dtype=dtype, copy=True).contiguous()
+    local = torch.empty(_local_shape(layout), dtype=dtype, device=device)
+    if device.type != "meta":
+        init_local(local, layout, init_method, seed=draw_seed())
+    return local
+
+
+def _local_shape(layout: Layout) -> tuple[int, ...]:
+    """The local tensor's shape: the extent of the layout's parts."""
+    dims = len(layout.global_shape)
+    return tuple(max(p.local_offset[d] + p.size[d] for p in layout.parts) for d in range(dims))
+
+
+def _parameter(local: torch.Tensor, init_method: InitMethod) -> nn.Parameter:
+    """``local`` as a parameter that remembers its init recipe (for meta construction)."""
+    return set_init(nn.Parameter(local), init_method)
+
+
+def _zeros(shape: tuple[int, ...], dtype, device) -> nn.Parameter:
+    return set_init(nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)), ZEROS)
 
 
 def _check_full_shape(layer: str, what: str, full: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -133,19 +150,16 @@ class ColumnParallelLinear(nn.Module):
         if skip_weight_param_allocation:
             self.register_parameter("weight", None)
         else:
-            weight = _initialized_shard(
-                self.full_weight_shape,
-                (self.output_size_per_partition, in_features),
-                init_method or init_method_normal(),
-                self.shard_weight,
-                dtype=dtype,
-                device=device,
+            init = init_method or init_method_normal()
+            local_shape = (self.output_size_per_partition, in_features)
+            layout = Layout.split(
+                local_shape, {0: (self.tp_rank, self.tp_size, self.local_partitions)}
             )
-            self.weight = nn.Parameter(weight)
+            self.weight = _parameter(
+                _initialized_shard(layout, init, dtype=dtype, device=device), init
+            )
         if bias:
-            self.bias = nn.Parameter(
-                torch.zeros(self.output_size_per_partition, dtype=dtype, device=device)
-            )
+            self.bias = _zeros((self.output_size_per_partition,), dtype, device)
         else:
             self.register_parameter("bias", None)
 
@@ -259,17 +273,13 @@ class RowParallelLinear(nn.Module):
             in_features, self.tp_size, "RowParallelLinear in_features"
         )
         self.full_weight_shape = (out_features, in_features)
-        weight = _initialized_shard(
-            self.full_weight_shape,
-            (out_features, self.input_size_per_partition),
-            init_method or init_method_normal(),
-            self.shard_weight,
-            dtype=dtype,
-            device=device,
+        init = init_method or init_method_normal()
+        layout = Layout.split(
+            (out_features, self.input_size_per_partition), {1: (self.tp_rank, self.tp_size, None)}
         )
-        self.weight = nn.Parameter(weight)
+        self.weight = _parameter(_initialized_shard(layout, init, dtype=dtype, device=device), init)
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+            self.bias = _zeros((out_features,), dtype, device)
             if sequence_parallel and self.tp_size > 1:
                 self.bias.reduce_grad_over_tp = True
         else:
@@ -350,15 +360,12 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start_index = self.tp_rank * self.num_embeddings_per_partition
         self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
         self.full_weight_shape = (num_embeddings, embedding_dim)
-        weight = _initialized_shard(
-            self.full_weight_shape,
+        init = init_method or init_method_normal()
+        layout = Layout.split(
             (self.num_embeddings_per_partition, embedding_dim),
-            init_method or init_method_normal(),
-            self.shard_weight,
-            dtype=dtype,
-            device=device,
+            {0: (self.tp_rank, self.tp_size, None)},
         )
-        self.weight = nn.Parameter(weight)
+        self.weight = _parameter(_initialized_shard(layout, init, dtype=dtype, device=device), init)
 
     def shard_layout(self, name: str) -> Layout | None:
         """Where this rank's vocabulary rows sit in the full embedding table."""
