@@ -34,9 +34,9 @@ class _Allocations(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (tuple, list)) else (out,)
         for ret, value in zip(func._schema.returns, outs, strict=False):
-            if isinstance(value, torch.Tensor) and ret.alias_info is None:
-                if value.device.type != "meta":
-                    self.numels.append(value.numel())
+            is_new = isinstance(value, torch.Tensor) and ret.alias_info is None
+            if is_new and value.device.type != "meta":
+                self.numels.append(value.numel())
         return out
 
 
