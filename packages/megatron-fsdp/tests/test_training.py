@@ -196,3 +196,31 @@ def test_an_unknown_strategy_names_the_known_ones() -> None:
 def test_a_container_without_forward_is_refused() -> None:
     with pytest.raises(ValueError, match="has no forward"):
         megatron_fsdp.fully_shard(torch.nn.ModuleList([torch.nn.Linear(2, 2)]))
+
+
+def _from_meta(rank: int, world: int) -> tuple:
+    reference = reference_losses(rank, world, STEPS)
+    full = build().state_dict()  # the weights every rank would build
+    mesh = init_device_mesh("cpu", (world,))
+    losses, pending = {}, {}
+    for strategy in SHARDING_STRATEGIES:
+        with torch.device("meta"):
+            model = build()
+        model = shard(model, mesh, strategy)
+        pending[strategy] = all(p.init_pending for p in model.parameters())
+        # Each rank fills only its own rows of each weight, as a meta-built model's owner does.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                (chunk,) = p.__create_chunk_list__()
+                rows = slice(chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0])
+                p.to_local().view(tuple(chunk.sizes)).copy_(full[name][rows])
+                p.init_pending = False
+        losses[strategy] = train(model, adamw(model), rank, world, STEPS)
+    return reference, losses, pending
+
+
+def test_a_meta_model_is_sharded_without_materialising_it_and_trains_the_same() -> None:
+    reference, losses, pending = run_ranks(_from_meta, 2)[0]
+    assert all(pending.values())  # shards of meta parameters are flagged until filled
+    for strategy, got in losses.items():
+        _close(got, reference, f"{strategy} from meta")
