@@ -6,13 +6,19 @@ dispatcher the layer applies what every router shares: router replay, capacity a
 dropping, padding for quantised GEMMs and the balancing losses, whose gradient joins backward
 through :class:`~mcore.moe.routing.AuxLossAutoScaler`.
 
-Per-step bookkeeping follows two small protocols that ``mcore.parallel``'s training runtime
-calls on any module that has them: ``aux_loss_scale`` (set to the main loss's backward scale),
-``finalize_step(parallel_state)`` (after gradients are reduced: the aux-loss-free bias update)
-and ``step_metrics()`` (``{name: (sum, count)}`` for the logs).
+Per-step bookkeeping follows small protocols that ``mcore.parallel``'s training runtime calls
+on any module that has them: ``aux_loss_scale`` (set to the main loss's backward scale),
+``finalize_step(parallel_state)`` (after gradients are reduced: the aux-loss-free bias update),
+and ``statistic_names()`` with ``read_statistics()`` for the logs.
+
+Forward, backward and ``finalize_step`` read nothing back to the host (a read waits for the
+device): the balancing losses and the expert load accumulate as device tensors, and only
+``read_statistics``, called at log intervals, hands them over, still on the device.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,6 +36,14 @@ from mcore.moe.routing import (
     routing_map_from_topk,
     z_loss,
 )
+
+if TYPE_CHECKING:
+    from mcore.parallel import ParallelState
+
+
+# Per-step expert loads wait at most this many steps for a log read; then they are reduced
+# early (at a step count every rank shares), so memory stays bounded when logs are rare.
+_MAX_UNREDUCED_STEPS = 64
 
 
 class MoELayer(torch.nn.Module):
@@ -100,7 +114,7 @@ class MoELayer(torch.nn.Module):
         if moe.padding_alignment is not None:
             probs, routing_map = pad_for_quantization(probs, routing_map, moe.padding_alignment)
         if self.training:
-            self._tokens_per_expert += routing_map.sum(dim=0).detach().to("cpu", torch.float64)
+            self._count_tokens(routing_map)
         dispatched = self.dispatcher.dispatch(hidden, probs, routing_map)
         out = self.experts(dispatched.tokens, dispatched.tokens_per_expert, dispatched.probs)
         out = self.dispatcher.combine(out, probs_applied=self.experts.applies_probs)
@@ -140,7 +154,7 @@ class MoELayer(torch.nn.Module):
                 total_tokens=n,
             )
             total = total + moe.aux_loss_coeff * lb
-            self._add_stat("load_balancing_loss", float(lb.detach()))
+            self._add_stat("load_balancing_loss", lb)
         if moe.z_loss_coeff:
             if routed.logits is None:
                 raise ValueError(
@@ -149,7 +163,7 @@ class MoELayer(torch.nn.Module):
                 )
             zl = z_loss(routed.logits)
             total = total + moe.z_loss_coeff * zl
-            self._add_stat("z_loss", float(zl.detach()))
+            self._add_stat("z_loss", zl)
         if total.requires_grad:
             probs = AuxLossAutoScaler.apply(probs, total, self.aux_loss_scale)
         return probs
@@ -157,45 +171,102 @@ class MoELayer(torch.nn.Module):
     # -- per-step bookkeeping -----------------------------------------------------------------
 
     def _reset_stats(self) -> None:
-        self._stats: dict[str, list[float]] = {}
-        self._tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.float64)
+        # Sums stay on the device of the activations; how many values each holds the host knows.
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._tokens_per_expert: torch.Tensor | None = None  # this step's, float64 [E]
+        self._step_tokens = 0  # tokens routed this step: known from shapes alone
+        self._unreduced_loads: list[torch.Tensor] = []  # per-step loads awaiting a log read
 
-    def _add_stat(self, name: str, value: float) -> None:
-        entry = self._stats.setdefault(name, [0.0, 0.0])
-        entry[0] += value
-        entry[1] += 1
+    def _add_stat(self, name: str, value: torch.Tensor, count: int = 1) -> None:
+        value = value.detach().to(torch.float64)
+        self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._counts[name] = self._counts.get(name, 0) + count
+
+    def _count_tokens(self, routing_map: torch.Tensor) -> None:
+        counts = routing_map.sum(dim=0, dtype=torch.float64)
+        previous = self._tokens_per_expert
+        self._tokens_per_expert = counts if previous is None else previous + counts
+        self._step_tokens += routing_map.shape[0]
+
+    def _global_load(self, counts: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+        """``counts`` summed over the ranks that routed other tokens of the step (TP under
+        sequence parallelism, data and context parallelism)."""
+        if not dist.is_initialized():
+            return counts
+        groups = (ps.tp_group if self.sequence_parallel else None, ps.dp_cp_group)
+        groups = [g for g in groups if g is not None and dist.get_world_size(g) > 1]
+        if not groups:
+            return counts
+        reduced = counts.to(_collective_device())
+        for group in groups:
+            dist.all_reduce(reduced, group=group)
+        return reduced.to(counts.device)
+
+    def _reduce_loads(self) -> None:
+        """Sum the waiting per-step expert loads over ranks (one collective) and record their
+        imbalance."""
+        if self._unreduced_loads:
+            loads = self._global_load(torch.stack(self._unreduced_loads), self.parallel_state)
+            self._unreduced_loads = []
+            self._add_imbalance(loads)
+
+    def _add_imbalance(self, loads: torch.Tensor) -> None:
+        """Record max / mean tokens per expert of each row of ``loads`` ``[steps, E]``."""
+        imbalance = loads.amax(dim=-1) / loads.mean(dim=-1)
+        self._add_stat("expert_load_imbalance", imbalance.sum(), count=loads.shape[0])
 
     @torch.no_grad()
-    def finalize_step(self, parallel_state=None) -> None:
-        """After the step's backward: sum the expert load over the ranks that routed other
-        tokens, move the aux-loss-free bias toward balance and record the load imbalance."""
-        ps = parallel_state or self.parallel_state
-        counts = self._tokens_per_expert
-        if dist.is_initialized():
-            device = _collective_device()
-            counts = counts.to(device)
-            for group in (ps.tp_group if self.sequence_parallel else None, ps.dp_cp_group):
-                if group is not None and dist.get_world_size(group) > 1:
-                    dist.all_reduce(counts, group=group)
-            counts = counts.cpu()
-        if counts.sum() > 0:
-            self._add_stat("expert_load_imbalance", float(counts.max() / counts.mean()))
-            bias = getattr(self.router, "expert_bias", None)
-            if bias is not None:
-                # DeepSeek-V3: raise the bias of under-loaded experts, lower the over-loaded.
-                step = torch.sign(counts.mean() - counts).to(bias.device, bias.dtype)
-                bias.add_(self.moe.router_bias_update_rate * step)
-        self._last_counts = counts
-        self._tokens_per_expert = torch.zeros_like(self._tokens_per_expert)
+    def finalize_step(self, parallel_state: ParallelState | None = None) -> None:
+        """After the step's backward: move the aux-loss-free bias toward balance, which needs
+        the expert load summed over the ranks that routed other tokens (a collective of those
+        ranks). Without the bias the load waits, unreduced, for :meth:`read_statistics`."""
+        counts, routed = self._tokens_per_expert, self._step_tokens
+        self._tokens_per_expert, self._step_tokens = None, 0
+        if counts is None or routed == 0:
+            return  # no training forward routed tokens this step
+        bias = getattr(self.router, "expert_bias", None)
+        if bias is None:
+            self._unreduced_loads.append(counts)
+            if len(self._unreduced_loads) == _MAX_UNREDUCED_STEPS:
+                self._reduce_loads()
+            return
+        counts = self._global_load(counts, parallel_state or self.parallel_state)
+        self._add_imbalance(counts.unsqueeze(0))
+        # DeepSeek-V3: raise the bias of under-loaded experts, lower the over-loaded.
+        step = torch.sign(counts.mean() - counts).to(bias.device, bias.dtype)
+        bias.add_(self.moe.router_bias_update_rate * step)
 
-    def step_metrics(self) -> dict[str, tuple[float, float]]:
-        """This step's statistics as ``{name: (sum, count)}``, cleared after reading."""
-        out: dict[str, tuple[float, float]] = {}
-        for name, (total, count) in self._stats.items():
+    def statistic_names(self) -> list[str]:
+        """Every name :meth:`read_statistics` may report, from the config alone, so that all
+        ranks agree on them before any value is read."""
+        moe = self.moe
+        names = ["expert_load_imbalance"]
+        if moe.router_load_balancing_type != "none" and moe.aux_loss_coeff > 0:
+            names.append("load_balancing_loss")
+        if moe.z_loss_coeff:
+            names.append("z_loss")
+        out = [f"moe/{name}" for name in names]
+        if moe.per_layer_logging:
+            out += [f"moe/layer{self.layer_number}/{name}" for name in names]
+        return out
+
+    @torch.no_grad()
+    def read_statistics(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """The statistics since the last read as ``{name: (sum, count)}``, then cleared: each
+        sum a 0-d float64 tensor on the device, each count how many values it holds.
+
+        Call it on every rank at the same steps: the expert loads of steps without the bias
+        update are summed over the ranks that routed other tokens here, in one collective.
+        """
+        self._reduce_loads()
+        out: dict[str, tuple[torch.Tensor, int]] = {}
+        for name, total in self._sums.items():
+            count = self._counts[name]
             out[f"moe/{name}"] = (total, count)
             if self.moe.per_layer_logging:
                 out[f"moe/layer{self.layer_number}/{name}"] = (total, count)
-        self._stats = {}
+        self._sums, self._counts = {}, {}
         return out
 
 

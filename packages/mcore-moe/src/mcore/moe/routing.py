@@ -11,10 +11,13 @@ gradient into backward without changing the forward.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from mcore.moe.config import MoEConfig
 
 
 def routing_map_from_topk(
@@ -32,6 +35,24 @@ def routing_map_from_topk(
 def expert_capacity(num_tokens: int, topk: int, num_experts: int, factor: float) -> int:
     """Tokens one expert may take: ``factor`` times the even share, rounded up."""
     return math.ceil(num_tokens * topk / num_experts * factor)
+
+
+def max_routes(num_tokens: int, num_experts: int, moe: MoEConfig) -> int:
+    """At most how many (token, expert) routes ``num_tokens`` tokens send into a block of
+    ``num_experts`` of the ``moe`` layer's experts, known without reading the routing.
+
+    Top-k routes per token at most, or one block of ``capacity`` rows per expert when padding to
+    capacity, plus up to ``alignment - 1`` zero-probability rows per expert when padding for
+    quantised GEMMs. A dispatcher sizes its buffers by it so that no count is read on the host.
+    """
+    rows = num_tokens * min(moe.router_topk, num_experts)
+    factor = moe.expert_capacity_factor
+    if factor is not None and moe.pad_expert_input_to_capacity:
+        capacity = expert_capacity(num_tokens, moe.router_topk, moe.num_experts, factor)
+        rows = max(rows, num_experts * min(capacity, num_tokens))
+    if moe.padding_alignment is not None:
+        rows += num_experts * (moe.padding_alignment - 1)
+    return min(rows, num_tokens * num_experts)
 
 
 def apply_capacity(
@@ -93,7 +114,7 @@ def load_balancing_loss(
     num_sequences: int = 1,
     per_sequence: bool = False,
     token_counts: torch.Tensor | None = None,
-    total_tokens: int | None = None,
+    total_tokens: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (unscaled).
 
@@ -121,16 +142,19 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
-def global_token_counts(routing_map: torch.Tensor, groups: list[Any]) -> tuple[torch.Tensor, int]:
-    """Tokens per expert and the token count summed over ``groups`` (the ranks holding other
-    parts of the global batch), for the global-batch load-balancing loss."""
+def global_token_counts(
+    routing_map: torch.Tensor, groups: list[Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens per expert and the token count (a 0-d tensor: no host read) summed over
+    ``groups`` (the ranks holding other parts of the global batch), for the global-batch
+    load-balancing loss."""
     counts = routing_map.float().sum(dim=0)
     total = torch.tensor([float(routing_map.shape[0])], device=counts.device)
     both = torch.cat([counts, total])
     for group in groups:
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(both, group=group)
-    return both[:-1], int(both[-1].item())
+    return both[:-1], both[-1]
 
 
 class AuxLossAutoScaler(torch.autograd.Function):

@@ -29,6 +29,7 @@ class MeshTrainingRuntime:
         self.sequence_parallel = config.parallel.sequence_parallel
         self.device = _device(config)
         self._schedule = get_forward_backward_func(self.parallel_state, vp_size=self.vp_size)
+        self._metric_names: list[str] | None = None  # fixed at the first read_metrics
 
     def build(
         self,
@@ -127,26 +128,53 @@ class MeshTrainingRuntime:
         for module in self._modules_with("finalize_step"):
             module.finalize_step(self.parallel_state)
 
-    def step_metrics(self) -> dict[str, float]:
-        """Statistics modules report through ``step_metrics() -> {name: (sum, count)}``, merged
-        over every rank (each stage holds other layers) and averaged; known on every rank."""
-        local: dict[str, list[float]] = {}
-        for module in self._modules_with("step_metrics"):
-            for name, (total, count) in module.step_metrics().items():
-                entry = local.setdefault(name, [0.0, 0.0])
-                entry[0] += total
-                entry[1] += count
-        merged = [local]
-        if self.parallel_state.world_size > 1 and dist.is_initialized():
-            merged = [None] * self.parallel_state.world_size
-            dist.all_gather_object(merged, local)
-        out: dict[str, list[float]] = {}
-        for part in merged:
-            for name, (total, count) in part.items():
-                entry = out.setdefault(name, [0.0, 0.0])
-                entry[0] += total
-                entry[1] += count
-        return {name: total / count for name, (total, count) in sorted(out.items()) if count}
+    def read_metrics(self, chunks: list[torch.nn.Module]) -> dict[str, float]:
+        """The statistics the modules of ``chunks`` gathered since the last read
+        (``read_statistics()``, e.g. the MoE balancing losses and expert load), each the mean
+        of its values over the steps in between and over every rank; known on every rank.
+
+        Call it on every rank at the same steps, the log intervals: it reads the device and,
+        when any module reports statistics, all-reduces them once over the world; the training
+        step itself reads nothing back.
+        """
+        modules = [m for c in chunks for m in c.modules() if hasattr(type(m), "read_statistics")]
+        names = self._statistic_names(modules)
+        if not names:
+            return {}
+        ps, index = self.parallel_state, {name: i for i, name in enumerate(names)}
+        distributed = ps.world_size > 1 and dist.is_initialized()
+        device = _collective_device(ps) if distributed else self.device
+        # (sum, count) per name, in an order every rank shares: one collective merges them.
+        packed = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
+        for module in modules:
+            for name, (total, count) in module.read_statistics().items():
+                if name not in index:
+                    raise RuntimeError(
+                        f"{type(module).__name__} reported the statistic {name!r} that its "
+                        f"statistic_names() did not declare ({sorted(index)}); declare every "
+                        "name it may report"
+                    )
+                packed[index[name], 0] += total.to(device, torch.float64)
+                packed[index[name], 1] += count
+        if distributed:
+            dist.all_reduce(packed)
+        rows = packed.tolist()  # the one host read
+        return {name: s / c for name, (s, c) in zip(names, rows, strict=True) if c}
+
+    def _statistic_names(self, modules: list[torch.nn.Module]) -> list[str]:
+        """The names every rank's :meth:`read_metrics` packs, fixed at the first read: those the
+        modules declare. Pipeline stages hold other layers, so with ``pp > 1`` the stages
+        exchange their names once; otherwise every rank holds the same modules and nothing is
+        exchanged (a model without statistics never runs a collective for them)."""
+        if self._metric_names is None:
+            names = {name for module in modules for name in module.statistic_names()}
+            ps = self.parallel_state
+            if ps.pp_size > 1 and dist.is_initialized():
+                stages: list[list[str] | None] = [None] * ps.pp_size
+                dist.all_gather_object(stages, sorted(names), group=ps.pp_group)
+                names = {name for stage in stages for name in stage or []}
+            self._metric_names = sorted(names)
+        return self._metric_names
 
     def _modules_with(self, attribute: str) -> list[torch.nn.Module]:
         found = []

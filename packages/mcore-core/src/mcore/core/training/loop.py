@@ -196,8 +196,10 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
                 "lr": float(optimizer.param_groups[0]["lr"]),
                 "tokens_per_s": gbs * seq / elapsed,
             }
-            if hasattr(runtime, "step_metrics"):  # e.g. MoE balancing losses and expert load
-                step_metrics.update(runtime.step_metrics())
+            if logger.should_log(step) and hasattr(runtime, "read_metrics"):
+                # e.g. MoE balancing losses and expert load: they wait on the device, summed
+                # over the interval, and are read (one collective) only when logged.
+                step_metrics.update(runtime.read_metrics(chunks))
             if peak:  # MFU per GPU: the step's model FLOPs over what the GPUs could do
                 per_gpu = step_metrics["tokens_per_s"] / ps.world_size
                 step_metrics["mfu"] = mfu(per_gpu, flops_per_token, peak)

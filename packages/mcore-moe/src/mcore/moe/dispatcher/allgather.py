@@ -4,6 +4,12 @@ Tokens, probabilities and routing maps are all-gathered over the ``ep_etp`` grou
 permutes the gathered tokens for its local experts, and ``combine`` reduce-scatters the experts'
 outputs back, which also sums the partial outputs of expert-tensor-parallel shards. Simple and
 robust; it moves ``ep * etp`` times the tokens, so ``alltoall`` is the choice at scale.
+
+It reads nothing data-dependent on the host: the permuted rows are sized by
+:func:`~mcore.moe.routing.max_routes`, a bound known from the token counts and the config, and
+the rows past the routed ones are padding (zero tokens at probability zero) whose expert
+outputs ``combine`` discards. Under expert parallelism the ranks' token counts (shapes, not
+data) are still exchanged per layer, which on NCCL waits for the device.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 from mcore.moe.dispatcher.base import DispatchOutput, TokenDispatcher
 from mcore.moe.dispatcher.comm import all_gather_v, gather_sizes, reduce_scatter_v
 from mcore.moe.permute import permute, unpermute
+from mcore.moe.routing import max_routes
 
 
 class AllGatherDispatcher(TokenDispatcher):
@@ -28,13 +35,21 @@ class AllGatherDispatcher(TokenDispatcher):
         routing_map = all_gather_v(routing_map.to(torch.uint8), self._sizes, group).bool()
         local = slice(self.local_expert_indices[0], self.local_expert_indices[-1] + 1)
         local_map, local_probs = routing_map[:, local], probs[:, local]
-        fused = self.moe.permute_fusion
-        rows, row_probs, self._sorted = permute(hidden, local_map, local_probs, fused=fused)
+        nl, fused = self.num_local_experts, self.moe.permute_fusion
+        rows_bound = sum(max_routes(n, nl, self.moe) for n in self._sizes)
+        rows, row_probs, self._sorted = permute(
+            hidden, local_map, local_probs, num_out_tokens=rows_bound, fused=fused
+        )
         self._row_probs, self._num_tokens = row_probs, hidden.shape[0]
-        counts = local_map.sum(dim=0).cpu()
+        counts = local_map.sum(dim=0)
+        self._routed_rows = counts.sum()
         return DispatchOutput(tokens=rows, tokens_per_expert=counts, probs=row_probs)
 
     def combine(self, expert_output: torch.Tensor, *, probs_applied: bool = False) -> torch.Tensor:
+        # The experts leave the padding rows undefined (possibly inf or nan): where, not a
+        # multiply, so they cannot reach the tokens.
+        row = torch.arange(expert_output.shape[0], device=expert_output.device)
+        expert_output = torch.where((row < self._routed_rows).unsqueeze(1), expert_output, 0)
         probs = None if probs_applied else self._row_probs
         out = unpermute(
             expert_output,
@@ -43,5 +58,5 @@ class AllGatherDispatcher(TokenDispatcher):
             probs=probs,
             fused=self.moe.permute_fusion,
         )
-        self._row_probs = self._sorted = None
+        self._row_probs = self._sorted = self._routed_rows = None
         return reduce_scatter_v(out, self._sizes, self.parallel_state.ep_etp_group)

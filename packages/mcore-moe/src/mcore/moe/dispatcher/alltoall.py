@@ -5,8 +5,13 @@ EP rank receives the rows for its experts from every rank), all-gather them over
 when experts are tensor-parallel, and regroup the received chunks from (ETP rank, source rank,
 expert) order into (expert, ETP rank, source rank) order so each local expert's rows are
 contiguous. Combine runs the same steps backwards (a reduce-scatter over ETP sums the shards'
-partial outputs) and un-permutes with the routing probabilities. The token counts are exchanged
-first, which costs one host synchronisation per layer, as in Megatron-Core.
+partial outputs) and un-permutes with the routing probabilities.
+
+Host reads: the split sizes are the one this dispatcher keeps, as Megatron-Core's does. The
+all-to-all needs every rank's token count per expert on the host before it can start, so
+``dispatch`` copies this rank's counts to the CPU (a sync with the device) and exchanges them,
+once per layer and micro-batch (even when padding to capacity makes them static); everything
+else it sizes comes from those counts. The ``allgather`` dispatcher reads nothing back.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class AllToAllDispatcher(TokenDispatcher):
         ps, nl, fused = self.parallel_state, self.num_local_experts, self.moe.permute_fusion
         ep, etp = ps.ep_size, ps.etp_size
         self._num_tokens = hidden.shape[0]
+        # The split sizes: this dispatcher's one host read (see the module docstring).
         counts = routing_map.sum(dim=0).cpu()  # [num_experts]
         rows, row_probs, self._sorted = permute(
             hidden, routing_map, probs, num_out_tokens=int(counts.sum()), fused=fused

@@ -27,9 +27,12 @@ class DispatchOutput:
     """Tokens for this rank's experts, expert by expert."""
 
     tokens: torch.Tensor
-    """``[rows, hidden]``: the rows of local expert 0, then of local expert 1, ..."""
+    """``[rows, hidden]``: the rows of local expert 0, then of local expert 1, ...; rows past
+    ``tokens_per_expert.sum()`` are padding (a dispatcher that sizes its buffers without a host
+    read) whose expert outputs may be anything: ``combine`` discards them."""
     tokens_per_expert: torch.Tensor
-    """``[num_local_experts]`` int64 on the CPU: how many rows each local expert gets."""
+    """``[num_local_experts]`` int64, on the CPU or the tokens' device: how many rows each local
+    expert gets."""
     probs: torch.Tensor
     """``[rows]``: each row's routing probability (fp32)."""
 
