@@ -17,6 +17,7 @@ def manager() -> PluginManager:
 def test_parallel_components_are_registered(manager) -> None:
     assert manager.components_of("mcore-parallel") == {
         "config_section": ["ddp", "parallel"],
+        "cli_command": ["plan"],
         "data_parallel": ["ddp"],
         "optimizer": ["adam", "sgd"],
     }
