@@ -51,6 +51,14 @@ LAYOUTS = {
     "pp2_1f1b": (2, {"parallel.pp": "2"}),
     "cp2": (2, {"parallel.cp": "2"}),
     "pp2_interleaved": (2, {"parallel.pp": "2", "parallel.vpp": "2", "model.num-layers": "4"}),
+    "pp2_uneven": (
+        2,
+        {
+            "parallel.pp": "2",
+            "model.num-layers": "3",
+            "model.num-layers-in-first-pipeline-stage": "2",
+        },
+    ),
     "dp2_tp2": (4, {"parallel.tp": "2"}),
     "dp2_distributed_optimizer": (2, {"optimizer.use-distributed-optimizer": "true"}),
 }

@@ -41,6 +41,29 @@ def test_layers_that_do_not_divide_name_every_size() -> None:
         stage_layers(8, pp_size=2, pp_rank=0, vp_size=2, vp_stage=2)
 
 
+def test_end_stages_may_hold_their_own_number_of_layers() -> None:
+    # DeepSeek-V3: 61 layers over 16 stages, four on the first and one on the last.
+    held = [
+        list(stage_layers(61, pp_size=16, pp_rank=r, first_stage_layers=4, last_stage_layers=1))
+        for r in range(16)
+    ]
+    assert [len(h) for h in held] == [4] + [4] * 14 + [1]
+    assert sum(held, []) == list(range(61))
+    two = [list(stage_layers(3, pp_size=2, pp_rank=r, first_stage_layers=2)) for r in range(2)]
+    assert two == [[0, 1], [2]]
+    # One stage: the whole model, whatever the end counts say.
+    assert list(stage_layers(3, pp_size=1, pp_rank=0, first_stage_layers=2)) == [0, 1, 2]
+
+
+def test_end_stage_counts_that_leave_an_uneven_rest_name_the_fields() -> None:
+    with pytest.raises(ParallelLayoutError, match=r"num_layers_in_first_pipeline_stage=3.*leaves"):
+        stage_layers(8, pp_size=3, pp_rank=0, first_stage_layers=3)
+    with pytest.raises(ParallelLayoutError, match="num_layers_in_last_pipeline_stage must be"):
+        stage_layers(8, pp_size=2, pp_rank=0, last_stage_layers=0)
+    with pytest.raises(ParallelLayoutError, match="virtual_pipeline_model_parallel_size"):
+        stage_layers(8, pp_size=2, pp_rank=0, vp_size=2, first_stage_layers=2)
+
+
 def test_exchanged_shape_is_sequence_first_and_split_by_sp_and_cp() -> None:
     assert pipeline_tensor_shape(16, 2, 64) == (16, 2, 64)
     assert pipeline_tensor_shape(16, 2, 64, tp_size=2) == (16, 2, 64)  # TP alone: full sequence

@@ -33,6 +33,11 @@ class TransformerConfig:
     """MLP width; unset means 4 x hidden_size."""
     vocab_size: int | None = None
     """Vocabulary size; unset means the tokenizer's."""
+    num_layers_in_first_pipeline_stage: int | None = None
+    """Layers on the first pipeline stage; the stages between the ends split the rest equally.
+    Unset: every stage holds num_layers / pipeline_model_parallel_size."""
+    num_layers_in_last_pipeline_stage: int | None = None
+    """Layers on the last pipeline stage (see num_layers_in_first_pipeline_stage)."""
     max_position_embeddings: int = 4096
     """Longest sequence the position embedding supports."""
     normalization: str = component("norm", "RMSNorm")

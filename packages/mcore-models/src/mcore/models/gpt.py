@@ -130,6 +130,8 @@ class GPTModel(torch.nn.Module):
             pp_rank=ps.pp_rank,
             vp_size=vp_size,
             vp_stage=vp_stage,
+            first_stage_layers=config.num_layers_in_first_pipeline_stage,
+            last_stage_layers=config.num_layers_in_last_pipeline_stage,
         )
         ctx = ModelContext(config, ps, sequence_parallel, registries, _sections(sections))
         self.config, self.parallel_state = config, ps
