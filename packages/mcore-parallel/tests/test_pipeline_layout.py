@@ -48,7 +48,7 @@ def test_end_stages_may_hold_their_own_number_of_layers() -> None:
         for r in range(16)
     ]
     assert [len(h) for h in held] == [4] + [4] * 14 + [1]
-    assert sum(held, []) == list(range(61))
+    assert [i for h in held for i in h] == list(range(61))
     two = [list(stage_layers(3, pp_size=2, pp_rank=r, first_stage_layers=2)) for r in range(2)]
     assert two == [[0, 1], [2]]
     # One stage: the whole model, whatever the end counts say.

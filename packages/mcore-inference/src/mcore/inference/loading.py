@@ -142,6 +142,7 @@ def _load_mcore(
     path: Path, config_file: str | Path | None
 ) -> tuple[torch.nn.Module, TextTokenizer]:
     from mcore.parallel import ParallelState
+    from mcore.parallel.init import materialize
 
     folder, common = _checkpoint(path)
     config = _run_config(path, common, config_file)
@@ -152,7 +153,11 @@ def _load_mcore(
         model_config = dataclasses.replace(model_config, vocab_size=vocab)
     registries = get_plugin_manager().registries
     build = registries.get("model", model_config.name)
-    model = build(model_config, ParallelState(), sections=config)
+    device = torch.get_default_device()
+    with torch.device("meta"):  # every weight is about to be read: draw none
+        model = build(model_config, ParallelState(), sections=config)
+    materialize(model, device=device, seed=getattr(model, "init_seed", 0), initialize=False)
+    model = model.to(device)  # derived buffers (rotary frequencies) are built on the CPU
     _load_with_format(folder, common, model, registries)
     return model.eval(), tokenizer
 

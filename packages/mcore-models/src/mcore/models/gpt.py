@@ -97,6 +97,8 @@ class GPTModel(torch.nn.Module):
         super().__init__()
         device = torch.get_default_device()
         seed = _peek_seed() if init_seed is None else init_seed
+        # The layout's groups are made outside the meta context: they hold real rank tables.
+        parallel_state = parallel_state or ParallelState()
         with torch.device("meta"):
             self._build(
                 config, parallel_state, sequence_parallel, spec, registries, vp_stage, vp_size,

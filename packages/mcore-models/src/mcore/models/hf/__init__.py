@@ -25,6 +25,7 @@ from mcore.models.gpt import GPTModel
 from mcore.models.hf.architectures import Deinterleave, HFArchitecture, ParamMap, RowTransform
 from mcore.models.layer import gpt_layer_spec
 from mcore.parallel import ParallelState
+from mcore.parallel.init import materialize
 
 __all__ = [
     "Deinterleave",
@@ -214,7 +215,10 @@ def load_hf(
             )
         sections[name] = dataclasses.replace(sections[name], **changes)
     ps = parallel_state or ParallelState()
-    model = GPTModel(config, ps, sections=sections, **model_kwargs)
+    device = torch.get_default_device()
+    with torch.device("meta"):  # every weight is about to be read: draw none
+        model = GPTModel(config, ps, sections=sections, **model_kwargs)
+    materialize(model, device=device, seed=model.init_seed, initialize=False)
     reader = _SafetensorsReader(path)
     state = model.state_dict()
     loaded: set[str] = set()
