@@ -46,7 +46,7 @@ from mcore.parallel import (
     stage_layers,
     vocab_parallel_cross_entropy,
 )
-from mcore.parallel.init import materialize, set_init
+from mcore.parallel.init import materialize, peek_seed, set_init
 
 
 class GPTModel(torch.nn.Module):
@@ -96,7 +96,7 @@ class GPTModel(torch.nn.Module):
     ) -> None:
         super().__init__()
         device = torch.get_default_device()
-        seed = _peek_seed() if init_seed is None else init_seed
+        seed = peek_seed() if init_seed is None else init_seed
         # The layout's groups are made outside the meta context: they hold real rank tables.
         parallel_state = parallel_state or ParallelState()
         with torch.device("meta"):
@@ -366,12 +366,6 @@ def _virtual_stage(vp_size: int | None, vp_stage: int | None, pp_size: int) -> t
             "pipeline_model_parallel_size > 1"
         )
     return vp_size, vp_stage
-
-
-def _peek_seed() -> int:
-    """The next number torch's global generator would draw, leaving it where it was."""
-    with torch.random.fork_rng(devices=[]):
-        return int(torch.randint(0, 2**62, (), device="cpu"))
 
 
 def build_gpt_model(config: TransformerConfig, parallel_state: ParallelState | None = None, **kw):

@@ -223,6 +223,13 @@ def init_tensor(
     return tensor
 
 
+def peek_seed() -> int:
+    """The next number torch's global generator would draw, leaving it where it was: the
+    default base seed of a model's weights, so ``torch.manual_seed(s)`` picks them."""
+    with torch.random.fork_rng(devices=[]):
+        return int(torch.randint(0, 2**62, (), device="cpu"))
+
+
 def draw_seed() -> int:
     """A seed drawn from torch's global generator (advancing it), for a module built alone."""
     return int(torch.randint(0, 2**62, (), device="cpu"))

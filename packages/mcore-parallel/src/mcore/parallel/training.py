@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mcore.parallel.context_parallel import split_for_context_parallel
-from mcore.parallel.init import materialize
+from mcore.parallel.init import materialize, peek_seed
 from mcore.parallel.optimizer.scheduler import build_lr_scheduler
 from mcore.parallel.pipeline import allreduce_embedding_grads, get_forward_backward_func
 from mcore.parallel.state import ParallelState
@@ -56,7 +56,7 @@ class MeshTrainingRuntime:
         # wrapper keeps the fp32 weights as its shards and computes on low-precision copies.
         build_model = registries.get("model", model_config.name)
         wrap = registries.get("data_parallel", config.train.data_parallel)
-        seed = _peek_seed()
+        seed = peek_seed()
         with torch.device("meta"):
             chunks = [
                 build_model(
@@ -199,12 +199,6 @@ class MeshTrainingRuntime:
                 t.zero_()
             dist.all_reduce(t, group=ps.pp_group)
         return float(t.item())
-
-
-def _peek_seed() -> int:
-    """The next number torch's global generator would draw, leaving it where it was."""
-    with torch.random.fork_rng(devices=[]):
-        return int(torch.randint(0, 2**62, (), device="cpu"))
 
 
 def _device(config: Any) -> torch.device:
