@@ -54,7 +54,9 @@ def mcore_training_runtime(config: Config) -> Any:
     loaded, so the model's weights need storage but no initial values),
     ``prepare_batch(batch) -> batch`` (this rank's part of a
     micro-batch), ``forward_backward(...)`` (Megatron's schedule arguments),
-    ``finalize_grads(chunks)`` and ``reduce_loss(losses) -> float``.
+    ``finalize_grads(chunks)`` and ``reduce_loss(losses) -> float``; optionally
+    ``read_metrics(chunks) -> dict[str, float]``, which the loop calls on every rank at log
+    steps only (statistics gathered on the device since the last read).
     """
 
 

@@ -54,28 +54,16 @@ class MeshTrainingRuntime:
         # Mixed precision is the data-parallel wrapper's to apply (train.bf16 / train.fp16):
         # DDP casts the model and the optimizer keeps fp32 main weights; a fully sharded
         # wrapper keeps the fp32 weights as its shards and computes on low-precision copies.
-        build_model = registries.get("model", model_config.name)
         wrap = registries.get("data_parallel", config.train.data_parallel)
         seed = peek_seed()
-        with torch.device("meta"):
-            chunks = [
-                build_model(
-                    model_config,
-                    ps,
-                    sequence_parallel=self.sequence_parallel,
-                    sections=config,
-                    registries=registries,
-                    **({} if self.vp_size is None else {"vp_stage": c, "vp_size": self.vp_size}),
-                )
-                for c in range(self.vp_size or 1)
-            ]
+        chunks = build_meta_chunks(config, model_config, registries, ps)
         # The weights' base seed: the builder's own (GPTModel keeps it), else the run's.
         seed = getattr(chunks[0], "init_seed", seed)
         shards_meta = getattr(wrap, "accepts_meta_model", False)
         if not shards_meta:
             materialize(chunks, device=self.device, seed=seed, initialize=initialize)
-        # Derived buffers (rotary frequencies) are computed on the CPU at build time.
-        chunks = [chunk.to(self.device) if not shards_meta else chunk for chunk in chunks]
+            # Derived buffers (rotary frequencies) are computed on the CPU at build time.
+            chunks = [chunk.to(self.device) for chunk in chunks]
         if self.vp_size is None:
             self._wrapped = wrap(chunks[0], ps, config)
             chunks = [self._wrapped]
@@ -199,6 +187,29 @@ class MeshTrainingRuntime:
                 t.zero_()
             dist.all_reduce(t, group=ps.pp_group)
         return float(t.item())
+
+
+def build_meta_chunks(
+    config: Any, model_config: Any, registries: Any, parallel_state: ParallelState
+) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), built by the ``model``
+    registry's builder on the ``meta`` device: what ``mcore train`` materialises, and what
+    ``mcore plan`` measures."""
+    build_model = registries.get("model", model_config.name)
+    vpp = config.parallel.virtual_pipeline_model_parallel_size
+    vp_size = vpp if vpp and vpp > 1 else None
+    with torch.device("meta"):
+        return [
+            build_model(
+                model_config,
+                parallel_state,
+                sequence_parallel=config.parallel.sequence_parallel,
+                sections=config,
+                registries=registries,
+                **({} if vp_size is None else {"vp_stage": c, "vp_size": vp_size}),
+            )
+            for c in range(vp_size or 1)
+        ]
 
 
 def _device(config: Any) -> torch.device:

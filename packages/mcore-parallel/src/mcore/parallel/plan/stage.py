@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mcore.parallel.state import ParallelState
+from mcore.parallel.training import build_meta_chunks
 
 
 @contextlib.contextmanager
@@ -54,18 +55,4 @@ def build_stage(config: Any, model_config: Any, registries: Any) -> Stage:
     """This (fake) rank's model chunks, on ``meta``, as ``MeshTrainingRuntime.build`` makes
     them (one per virtual pipeline stage). Call inside :func:`fake_world`."""
     ps = ParallelState.from_config(config.parallel)
-    vpp = config.parallel.virtual_pipeline_model_parallel_size
-    vp_size = vpp if vpp and vpp > 1 else None
-    build_model = registries.get("model", model_config.name)
-    kwargs = dict(sequence_parallel=config.parallel.sequence_parallel, sections=config)
-    with torch.device("meta"):
-        if vp_size is None:
-            chunks = [build_model(model_config, ps, registries=registries, **kwargs)]
-        else:
-            chunks = [
-                build_model(
-                    model_config, ps, vp_stage=c, vp_size=vp_size, registries=registries, **kwargs
-                )
-                for c in range(vp_size)
-            ]
-    return Stage(ps, chunks)
+    return Stage(ps, build_meta_chunks(config, model_config, registries, ps))
