@@ -100,6 +100,10 @@ def main() -> None:
         print(f"model state on this rank: {footprint.params_grads_optimizer / 2**20:.2f} MiB")
     if args.checkpoint:
         megatron_fsdp.save_checkpoint(args.checkpoint, model, optimizer)
+    # Rank 0 still writes the checkpoint's metadata after the others return from the save:
+    # tearing the group down only once every rank is here keeps gloo from aborting a rank
+    # whose peer already closed its connections.
+    dist.barrier()
     dist.destroy_process_group()
 
 
