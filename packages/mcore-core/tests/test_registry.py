@@ -26,8 +26,8 @@ class MyTopK:
 
 def test_every_kind_the_design_names_has_a_registry() -> None:
     expected = {
-        "router", "token_dispatcher", "flex_backend", "mlp", "norm", "attention", "layer", "model",
-        "attention_backend", "linear_backend", "data_parallel", "optimizer",
+        "router", "token_dispatcher", "flex_backend", "mlp", "norm", "attention", "mixer", "layer",
+        "model", "attention_backend", "linear_backend", "data_parallel", "optimizer",
         "checkpoint_format", "hf_architecture", "dataset", "tokenizer", "rl_env", "rl_agent",
         "cli_command", "config_section",
     }  # fmt: skip

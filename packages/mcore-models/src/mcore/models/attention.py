@@ -89,12 +89,15 @@ class SelfAttention(torch.nn.Module):
         self.local_heads = cfg.num_attention_heads // ps.tp_size
         self.local_groups = cfg.query_groups // ps.tp_size
         q_size, kv_size = cfg.num_attention_heads * d, cfg.query_groups * d
+        # With an output gate the query block holds, per head, the query then its gate.
+        self.output_gate = cfg.attention_output_gate
+        q_block = 2 * q_size if self.output_gate else q_size
         self.linear_qkv = ColumnParallelLinear(
             cfg.hidden_size,
-            q_size + 2 * kv_size,
+            q_block + 2 * kv_size,
             tp_group=ctx.tp_group,
             bias=cfg.add_qkv_bias,
-            partitions=[q_size, kv_size, kv_size],
+            partitions=[q_block, kv_size, kv_size],
             sequence_parallel=ctx.sequence_parallel,
             init_method=ctx.init_method(),
         )
@@ -128,9 +131,12 @@ class SelfAttention(torch.nn.Module):
     ):
         qkv = self.linear_qkv(x)
         d = self.head_dim
-        q, k, v = qkv.split(
-            [self.local_heads * d, self.local_groups * d, self.local_groups * d], dim=-1
-        )
+        q_block = self.local_heads * d * (2 if self.output_gate else 1)
+        q, k, v = qkv.split([q_block, self.local_groups * d, self.local_groups * d], dim=-1)
+        gate = None
+        if self.output_gate:
+            q, gate = q.unflatten(-1, (self.local_heads, 2 * d)).split([d, d], dim=-1)
+            q, gate = q.flatten(-2), gate.flatten(-2)
         q, k, v = (
             _heads_first(t, n)
             for t, n in ((q, self.local_heads), (k, self.local_groups), (v, self.local_groups))
@@ -143,7 +149,10 @@ class SelfAttention(torch.nn.Module):
             out = paged.attend(self.layer_number, q, k, v, self.softmax_scale)
         else:
             out = self.core_attention(q, k, v, self.softmax_scale, attn_mask)
-        return self.linear_proj(_sequence_first(out))
+        out = _sequence_first(out)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.linear_proj(out)
 
 
 class MLASelfAttention(torch.nn.Module):

@@ -7,10 +7,11 @@ through properties, so an unset field never needs to be filled in by hand.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mcore.core import Config, ConfigErrors, component
+from mcore.models.hybrid import HybridPattern, PatternError, parse_hybrid_pattern
 
 
 @dataclass(kw_only=True)
@@ -52,8 +53,16 @@ class TransformerConfig:
     """Bias in the query/key/value projection (Qwen2 style)."""
     qk_layernorm: bool = False
     """Normalise queries and keys per head before rotary (Qwen3 style)."""
+    attention_output_gate: bool = False
+    """Gate each head's attention output by ``sigmoid`` of a per-head projection of the input
+    (Qwen3-Next's gated attention); the query projection then also produces the gate."""
+    layernorm_zero_centered_gamma: bool = False
+    """Norm weights are stored as ``gamma - 1`` (zero at init), so weight decay pulls the
+    scale to 1 rather than 0 (Qwen3-Next's norms)."""
     position_embedding_type: Literal["rope", "learned_absolute", "none"] = "rope"
     """Position encoding."""
+    rotary_percent: float = 1.0
+    """Share of each head's channels that rotary rotates (the leading ones; Qwen3-Next 0.25)."""
     rotary_base: float = 10000.0
     """Base of the rotary embedding frequencies."""
     rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
@@ -98,9 +107,13 @@ class TransformerConfig:
     """Dropout on attention probabilities."""
     recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recompute: whole layers, the core attention only, or none."""
-    hybrid_override_pattern: str | None = None
+    hybrid_override_pattern: str | None = field(
+        default=None, metadata={"aliases": ("hybrid_layer_pattern",)}
+    )
     """One symbol per layer from the ``layer`` registry: ``*`` attention, ``-`` MLP, ``E`` MoE
-    (mcore-moe); unset builds GPT layers (attention and MLP each)."""
+    (mcore-moe), ``M`` Mamba-2 and ``G`` gated delta net (mcore-ssm); ``|`` ends a pipeline
+    stage, each ``/`` starts a multi-token-prediction block (Megatron's grammar, also accepted
+    as hybrid_layer_pattern). Unset builds GPT layers (attention and MLP each)."""
 
     # --- derived sizes ---------------------------------------------------------------------
 
@@ -119,6 +132,24 @@ class TransformerConfig:
     @property
     def gated_mlp(self) -> bool:
         return self.activation == "swiglu"
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that rotary rotates (head_dim x rotary_percent)."""
+        return int(self.head_dim * self.rotary_percent)
+
+    @property
+    def layer_pattern(self) -> HybridPattern | None:
+        """The parsed ``hybrid_override_pattern`` (None without one)."""
+        pattern = self.hybrid_override_pattern
+        return None if pattern is None else parse_hybrid_pattern(pattern)
+
+    @property
+    def pipeline_stage_layer_counts(self) -> tuple[int, ...] | None:
+        """Layers per pipeline segment that the pattern's ``|`` fix (None: no ``|``). They
+        apply under pipeline parallelism; a single stage holds every layer."""
+        pattern = self.layer_pattern
+        return None if pattern is None else pattern.stage_layer_counts
 
     def validate(self, errors: ConfigErrors) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
@@ -153,15 +184,40 @@ class TransformerConfig:
             )
         if self.rope_scaling != "none" and self.rope_scaling_factor <= 0:
             errors.add("rope_scaling_factor", f"must be > 0, got {self.rope_scaling_factor}")
-        pattern = self.hybrid_override_pattern
-        if pattern is not None and len(pattern) != self.num_layers:
+        if self.hybrid_override_pattern is not None:
+            self._validate_pattern(errors)
+        if not 0.0 < self.rotary_percent <= 1.0:
+            errors.add("rotary_percent", f"must lie in (0, 1], got {self.rotary_percent}")
+        elif self.position_embedding_type == "rope" and int(self.rotary_dim) % 2:
             errors.add(
-                "hybrid_override_pattern",
-                f"has {len(pattern)} symbols but num_layers is {self.num_layers}; give one "
-                "symbol per layer",
+                "rotary_percent",
+                f"rotates {self.head_dim * self.rotary_percent:g} channels of head_dim "
+                f"{self.head_dim}; rotary needs an even whole number",
             )
+        if self.attention_output_gate and self.multi_latent_attention:
+            errors.add("attention_output_gate", "is not supported with multi_latent_attention")
         if self.multi_latent_attention and self.position_embedding_type != "rope":
             errors.add("multi_latent_attention", "needs position_embedding_type = 'rope'")
+
+    def _validate_pattern(self, errors: ConfigErrors) -> None:
+        try:
+            pattern = parse_hybrid_pattern(self.hybrid_override_pattern)
+        except PatternError as error:
+            errors.add("hybrid_override_pattern", str(error))
+            return
+        if len(pattern.layers) != self.num_layers:
+            errors.add(
+                "hybrid_override_pattern",
+                f"has {len(pattern.layers)} layer symbols but num_layers is {self.num_layers}; "
+                f"give one symbol per layer or set num_layers = {len(pattern.layers)}",
+            )
+        ends = (self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage)
+        if pattern.stage_layer_counts is not None and any(n is not None for n in ends):
+            errors.add(
+                "hybrid_override_pattern",
+                "splits pipeline stages with '|' and num_layers_in_first/last_pipeline_stage "
+                "are set too: use one of the two",
+            )
 
     def checked(self) -> TransformerConfig:
         """Raise ``ConfigError`` if the config is invalid; returns ``self`` for chaining."""
@@ -186,10 +242,31 @@ def validate_against_parallel(config: Config, errors: ConfigErrors) -> None:
             f"{model.num_attention_heads} heads do not divide over "
             f"parallel.tensor_model_parallel_size={tp}",
         )
+    _validate_stage_splits(config, errors)
     groups = model.num_query_groups
     if groups is not None and groups % tp:
         errors.add(
             "model.num_query_groups",
             f"{groups} key/value groups do not divide over "
             f"parallel.tensor_model_parallel_size={tp}",
+        )
+
+
+def _validate_stage_splits(config: Config, errors: ConfigErrors) -> None:
+    """A pattern's ``|`` segments must be one per (virtual) pipeline stage (without pipeline
+    parallelism they are ignored: one stage holds every layer)."""
+    try:
+        counts = config.model.pipeline_stage_layer_counts
+    except PatternError:
+        return  # reported by the model section itself
+    if counts is None:
+        return
+    pp = config.parallel.pipeline_model_parallel_size
+    vp = getattr(config.parallel, "virtual_pipeline_model_parallel_size", None) or 1
+    if pp > 1 and len(counts) != pp * vp:
+        stages = f"{pp} pipeline stages" + (f" x {vp} virtual stages" if vp > 1 else "")
+        errors.add(
+            "model.hybrid_override_pattern",
+            f"has {len(counts)} '|'-separated segments but the layout has {stages}: give one "
+            f"segment per stage (or drop the '|' to split the layers evenly)",
         )

@@ -63,4 +63,15 @@ class ModelContext:
         return self.registries.get(kind, name)(*args, **kwargs)
 
     def norm(self, size: int) -> torch.nn.Module:
-        return self.build("norm", self.config.normalization, size, self.config.norm_epsilon)
+        cfg = self.config
+        if not cfg.layernorm_zero_centered_gamma:
+            return self.build("norm", cfg.normalization, size, cfg.norm_epsilon)
+        try:
+            return self.build(
+                "norm", cfg.normalization, size, cfg.norm_epsilon, zero_centered_gamma=True
+            )
+        except TypeError as error:
+            raise ValueError(
+                f"model.layernorm_zero_centered_gamma is set, but norm {cfg.normalization!r} "
+                f"takes no zero_centered_gamma argument ({error})"
+            ) from error

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mcore.models.config import TransformerConfig
 from mcore.models.context import ModelContext
-from mcore.models.inference import KVCacheSpec, PagedBatch
+from mcore.models.inference import KVCacheSpec, PagedBatch, RecurrentStateSpec
 from mcore.models.layer import LayerSpec, TransformerLayer, layer_specs
 from mcore.models.packing import PackedSeqParams
 from mcore.models.rope import RotaryEmbedding
@@ -134,6 +134,7 @@ class GPTModel(torch.nn.Module):
             vp_stage=vp_stage,
             first_stage_layers=config.num_layers_in_first_pipeline_stage,
             last_stage_layers=config.num_layers_in_last_pipeline_stage,
+            stage_counts=config.pipeline_stage_layer_counts if ps.pp_size > 1 else None,
         )
         ctx = ModelContext(config, ps, sequence_parallel, registries, _sections(sections))
         self.config, self.parallel_state = config, ps
@@ -162,7 +163,7 @@ class GPTModel(torch.nn.Module):
         self.rotary = None
         if config.position_embedding_type == "rope":
             rope_dim = (
-                config.qk_pos_emb_head_dim if config.multi_latent_attention else config.head_dim
+                config.qk_pos_emb_head_dim if config.multi_latent_attention else config.rotary_dim
             )
             self.rotary = RotaryEmbedding(rope_dim, config)
         specs = (
@@ -267,9 +268,9 @@ class GPTModel(torch.nn.Module):
             mask = packed_seq_params.attention_mask(x.device)
         for layer in self.layers.values():
             if self.recompute_layers and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rotary, None, mask, use_reentrant=False)
+                x = checkpoint(layer, x, rotary, None, mask, packed_seq_params, use_reentrant=False)
             elif mask is not None:
-                x = layer(x, rotary, attn_mask=mask)
+                x = layer(x, rotary, attn_mask=mask, packed_seq_params=packed_seq_params)
             else:
                 x = layer(x, rotary)
         if not self.post_process:
@@ -301,6 +302,15 @@ class GPTModel(torch.nn.Module):
                 )
             specs[layer.layer_number] = spec()
         return specs
+
+    def recurrent_state_specs(self) -> dict[int, RecurrentStateSpec]:
+        """What each sequence-mixer layer (Mamba-2, gated delta net) keeps per request at
+        inference, by layer number (other layers keep no recurrent state)."""
+        return {
+            layer.layer_number: layer.mixer.recurrent_state_spec()
+            for layer in self.layers.values()
+            if layer.mixer is not None
+        }
 
     def forward_paged(self, batch: PagedBatch) -> torch.Tensor:
         """Logits ``[len(batch.logits_rows), vocab]`` of the inference engine's flat token

@@ -28,7 +28,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KVCacheSpec", "PagedBatch", "paged_attention", "prepare_for_inference"]
+__all__ = [
+    "KVCacheSpec",
+    "PagedBatch",
+    "RecurrentStateSpec",
+    "paged_attention",
+    "prepare_for_inference",
+]
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,30 @@ class KVCacheSpec:
         """Cache elements one token costs in this layer."""
         per_head = self.key_dim + (0 if self.values_in_keys else self.value_dim)
         return self.heads * per_head
+
+
+@dataclass(frozen=True)
+class RecurrentStateSpec:
+    """What one sequence-mixer layer (Mamba-2, gated delta net) keeps per request at inference,
+    this TP rank's share: a fixed-size state, however long the request, in one *slot* of the
+    engine's state tensors ``[num_slots, *shape]``."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    """Per-request shape of each state tensor (e.g. the conv state ``[channels, k - 1]`` and the
+    SSM state ``[heads, head_dim, state_dim]``)."""
+    float32: tuple[bool, ...]
+    """Whether each tensor is kept in fp32 whatever the model dtype (recurrent states are:
+    they accumulate over the whole request)."""
+
+    def elements_per_request(self) -> int:
+        """State elements one request costs in this layer."""
+        total = 0
+        for shape in self.shapes:
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
 
 
 @dataclass
@@ -96,6 +126,15 @@ class PagedBatch:
     """``[R]`` rows whose logits the forward returns, in this order."""
     caches: Mapping[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     """This rank's cache tensors by layer number (see :class:`KVCacheSpec`)."""
+    decode_state_slots: torch.Tensor | None = None
+    """``[num_decode]`` the recurrent-state slot of each decode request (padding: slot 0, a
+    scratch slot the engine never hands out). Only for models with sequence mixers."""
+    prefill_state_slots: torch.Tensor | None = None
+    """``[num_prefill]`` the recurrent-state slot of each prefill request. A request's slot
+    holds zeros before its first chunk and its state after each later one."""
+    states: Mapping[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    """This rank's recurrent-state tensors ``[num_slots, *shape]`` by layer number (see
+    :class:`RecurrentStateSpec`)."""
     _masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     def begin_forward(self) -> None:
@@ -134,6 +173,20 @@ class PagedBatch:
                 f"the paged batch holds no KV cache for layer {layer_number}; the engine "
                 "allocates one per layer listed by model.kv_cache_specs()"
             ) from None
+
+    def layer_states(self, layer_number: int) -> tuple[torch.Tensor, ...]:
+        try:
+            return self.states[layer_number]
+        except KeyError:
+            raise KeyError(
+                f"the paged batch holds no recurrent state for layer {layer_number}; the engine "
+                "allocates one per layer listed by model.recurrent_state_specs()"
+            ) from None
+
+    def prefill_rows_valid(self) -> torch.Tensor:
+        """``[num_prefill, max_query]`` True where ``prefill_query_rows`` is a real token (the
+        chunks are right-padded with the scratch row ``T``)."""
+        return self.prefill_query_rows < self.num_tokens
 
     def write(self, cache: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``values`` ``[T, heads, dim]`` at the batch's slots of ``cache``."""

@@ -4,7 +4,8 @@
 one by registering a module and naming it in the spec, without subclassing anything.
 
 Which spec each layer gets: with ``hybrid_override_pattern`` one symbol per layer, looked up in
-the ``layer`` registry (``*`` attention, ``-`` MLP; mcore-moe adds ``E``, an MoE MLP). Otherwise
+the ``layer`` registry (``*`` attention, ``-`` MLP; mcore-moe adds ``E``, an MoE MLP; mcore-ssm
+adds ``M`` and ``G``, whose layers hold a sequence *mixer* from the ``mixer`` registry). Otherwise
 a GPT layer (attention and MLP), whose MLP a config section of another package may choose per
 layer through a ``mlp_for_layer(layer_number) -> str | None`` method (mcore-moe's ``[moe]``
 section picks ``moe`` for its MoE layers).
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from mcore.models.config import TransformerConfig
 from mcore.models.context import ModelContext, mark_tp_partial_grad
 from mcore.models.inference import PagedBatch
+from mcore.models.packing import PackedSeqParams
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,18 @@ class LayerSpec:
     """``attention`` registry: self_attention (MHA/GQA) or mla; None for an MLP-only layer."""
     mlp: str | None = "mlp"
     """``mlp`` registry: mlp (dense); mcore-moe adds moe. None for an attention-only layer."""
+    mixer: str | None = None
+    """``mixer`` registry: a sequence mixer in place of attention (mcore-ssm's mamba and
+    gated_delta_net). A mixer is built as ``Mixer(ctx, layer_number=...)`` and called as
+    ``mixer(x, paged=..., packed_seq_params=...)`` on ``[s, b, h]``; see
+    :class:`mcore.models.inference.RecurrentStateSpec` for what it keeps at inference."""
+
+    def __post_init__(self) -> None:
+        if self.mixer is not None and self.attention is not None:
+            raise ValueError(
+                f"LayerSpec(attention={self.attention!r}, mixer={self.mixer!r}): a layer holds "
+                "attention or a sequence mixer, not both"
+            )
 
 
 def _attention_name(config: TransformerConfig) -> str:
@@ -71,14 +85,14 @@ def layer_specs(
 ) -> dict[int, LayerSpec]:
     """The spec of each of ``layer_numbers``: from the hybrid pattern when there is one (symbols
     from the ``layer`` registry), else GPT layers."""
-    pattern = config.hybrid_override_pattern
-    if not pattern:
+    pattern = config.layer_pattern
+    if pattern is None:
         return {i: gpt_layer_spec(config, i, sections) for i in layer_numbers}
     if registries is None:
         from mcore.core import get_plugin_manager
 
         registries = get_plugin_manager().registries
-    return {i: registries.get("layer", pattern[i])(config) for i in layer_numbers}
+    return {i: registries.get("layer", pattern.layers[i])(config) for i in layer_numbers}
 
 
 class TransformerLayer(torch.nn.Module):
@@ -88,8 +102,11 @@ class TransformerLayer(torch.nn.Module):
         super().__init__()
         cfg = ctx.config
         self.layer_number = layer_number
-        self.input_layernorm = self.self_attention = None
+        self.input_layernorm = self.self_attention = self.mixer = None
         self.pre_mlp_layernorm = self.mlp = None
+        if spec.mixer is not None:
+            self.input_layernorm = ctx.norm(cfg.hidden_size)
+            self.mixer = ctx.build("mixer", spec.mixer, ctx, layer_number=layer_number)
         if spec.attention is not None:
             self.input_layernorm = ctx.norm(cfg.hidden_size)
             self.self_attention = ctx.build(
@@ -110,10 +127,17 @@ class TransformerLayer(torch.nn.Module):
         rotary=None,
         paged: PagedBatch | None = None,
         attn_mask: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
         """``paged``: at inference, the engine's batch over the paged KV cache (see
         ``mcore.models.inference``); ``x`` is then the flat token row ``[T, 1, h]``.
-        ``attn_mask``: packed sequences' block-diagonal causal mask (``mcore.models.packing``)."""
+        ``attn_mask``: packed sequences' block-diagonal causal mask (``mcore.models.packing``);
+        ``packed_seq_params``: the same packing, for a sequence mixer."""
+        if self.mixer is not None:
+            h = self.mixer(
+                self.input_layernorm(x), paged=paged, packed_seq_params=packed_seq_params
+            )
+            x = x + F.dropout(h, self.dropout, self.training)
         if self.self_attention is not None:
             normed = self.input_layernorm(x)
             if paged is not None:

@@ -8,16 +8,25 @@ from mcore.parallel.init import ONES, ZEROS, set_init
 
 
 class RMSNorm(torch.nn.Module):
-    """Root-mean-square normalisation, computed in fp32 whatever the input dtype."""
+    """Root-mean-square normalisation, computed in fp32 whatever the input dtype.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+    ``zero_centered_gamma``: the weight holds ``gamma - 1`` (zeros at init) and the scale is
+    ``1 + weight``, applied in fp32 (Qwen3-Next's norms)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, *, zero_centered_gamma: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = set_init(torch.nn.Parameter(torch.ones(hidden_size)), ONES)
+        self.zero_centered_gamma = zero_centered_gamma
+        init = ZEROS if zero_centered_gamma else ONES
+        self.weight = set_init(torch.nn.Parameter(torch.empty(hidden_size)), init)
+        if not self.weight.is_meta:
+            init.fill(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centered_gamma:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -27,7 +36,17 @@ class RMSNorm(torch.nn.Module):
 class LayerNorm(torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` with the ``(hidden_size, eps)`` signature every norm here shares."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-5, *, zero_centered_gamma: bool = False):
         super().__init__(hidden_size, eps=eps)
-        set_init(self.weight, ONES)
+        self.zero_centered_gamma = zero_centered_gamma
+        set_init(self.weight, ZEROS if zero_centered_gamma else ONES)
         set_init(self.bias, ZEROS)
+        if zero_centered_gamma and not self.weight.is_meta:
+            torch.nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.zero_centered_gamma:
+            return super().forward(x)
+        return torch.nn.functional.layer_norm(
+            x, self.normalized_shape, 1.0 + self.weight, self.bias, self.eps
+        )

@@ -39,3 +39,29 @@ def mcore_register(registry: PluginRegistrar) -> None:
 @hookimpl
 def mcore_validate_config(config: Config, errors: ConfigErrors) -> None:
     validate_against_parallel(config, errors)
+    _validate_layer_symbols(config, errors)
+
+
+def _validate_layer_symbols(config: Config, errors: ConfigErrors) -> None:
+    """Every symbol of the layer pattern names a registered layer; a symbol of a known package
+    that is not installed says which to install."""
+    from mcore.core import get_plugin_manager
+    from mcore.core.registry import provider_of
+    from mcore.models.hybrid import PatternError
+
+    if "model" not in config:
+        return
+    try:
+        pattern = config.model.layer_pattern
+    except PatternError:
+        return  # reported by the model section
+    if pattern is None:
+        return
+    known = get_plugin_manager().registries.names("layer")
+    for symbol in sorted(pattern.symbols - set(known)):
+        package = provider_of("layer", symbol)
+        fix = f"install {package}" if package else f"use one of {' '.join(sorted(known))}"
+        errors.add(
+            "model.hybrid_override_pattern",
+            f"layer symbol {symbol!r} is not registered by any installed package: {fix}",
+        )

@@ -101,6 +101,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [b, heads, s, dim] by the position tables, computing in fp32."""
+    """Rotate ``x`` [b, heads, s, dim] by the position tables, computing in fp32.
+
+    Tables narrower than ``dim`` (partial rotary, ``rotary_percent < 1``) rotate the leading
+    channels of each head and pass the rest through."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
     out = x.float() * cos + _rotate_half(x.float()) * sin
     return out.to(x.dtype)

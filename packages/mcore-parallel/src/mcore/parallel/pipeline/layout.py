@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from mcore.parallel.errors import ParallelLayoutError
 
 
@@ -14,6 +16,7 @@ def stage_layers(
     vp_stage: int = 0,
     first_stage_layers: int | None = None,
     last_stage_layers: int | None = None,
+    stage_counts: Sequence[int] | None = None,
 ) -> range:
     """Global indices of the layers that model chunk ``vp_stage`` of stage ``pp_rank`` holds.
 
@@ -35,6 +38,16 @@ def stage_layers(
         raise ParallelLayoutError(
             f"vp_stage {vp_stage} is outside virtual_pipeline_model_parallel_size {vp_size}"
         )
+    if stage_counts is not None:
+        virtual = vp_stage * pp_size + pp_rank
+        if len(stage_counts) != pp_size * vp_size or sum(stage_counts) != num_layers:
+            raise ParallelLayoutError(
+                f"the layer pattern splits {sum(stage_counts)} layers into {len(stage_counts)} "
+                f"segments, but the layout has {pp_size * vp_size} (virtual) pipeline stages "
+                f"and {num_layers} layers: give one '|' segment per stage"
+            )
+        first = sum(stage_counts[:virtual])
+        return range(first, first + stage_counts[virtual])
     if pp_size > 1 and (first_stage_layers is not None or last_stage_layers is not None):
         if vp_size > 1:
             raise ParallelLayoutError(

@@ -16,8 +16,9 @@ def layer_kinds(model: Any, moe: Any) -> list[tuple[bool, str | None]]:
 
     Follows ``model.hybrid_override_pattern`` (``*`` attention, ``-`` MLP, ``E`` MoE; other
     symbols are counted as no matmul work) or else GPT layers, MoE where ``[moe]`` says."""
-    pattern = model.hybrid_override_pattern
-    if pattern is not None:
+    parsed = getattr(model, "layer_pattern", None)  # separators removed
+    if parsed is not None:
+        pattern = parsed.layers
         table = {"*": (True, None), "-": (False, "dense"), "E": (False, "moe")}
         return [table.get(symbol, (False, None)) for symbol in pattern]
     kinds = []

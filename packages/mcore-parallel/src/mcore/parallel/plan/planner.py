@@ -82,11 +82,13 @@ class Plan:
         return asdict(self)
 
 
-def _stage_ends(model: Any) -> dict[str, int | None]:
-    """``stage_layers``' end-stage counts from the model config."""
+def _stage_ends(model: Any, pp: int) -> dict[str, Any]:
+    """``stage_layers``' stage counts from the model config: the end stages' counts, or every
+    stage's from a layer pattern's ``|`` segments."""
     return {
         "first_stage_layers": model.num_layers_in_first_pipeline_stage,
         "last_stage_layers": model.num_layers_in_last_pipeline_stage,
+        "stage_counts": getattr(model, "pipeline_stage_layer_counts", None) if pp > 1 else None,
     }
 
 
@@ -111,7 +113,7 @@ def check_layout(config: Any, world_size: int) -> dict[str, int]:
             f"gives {dp}; leave it unset to derive it"
         )
     vpp = par.virtual_pipeline_model_parallel_size or 1
-    stage_layers(model.num_layers, pp_size=pp, pp_rank=0, vp_size=vpp, **_stage_ends(model))
+    stage_layers(model.num_layers, pp_size=pp, pp_rank=0, vp_size=vpp, **_stage_ends(model, pp))
     if model.vocab_size is None:
         raise McoreError(
             "model.vocab_size: mcore plan builds no tokenizer; set the (padded) vocabulary size"
@@ -163,7 +165,7 @@ def make_plan(
     kinds = layer_kinds(model, moe)
     per_token = model_flops_per_token(model, moe, seq)
     pp, vpp = layout["pp"], layout["vpp"]
-    ends = _stage_ends(model)
+    ends = _stage_ends(model, pp)
     measured: dict[Any, list] = {}
     roles = []
     for s in range(pp):

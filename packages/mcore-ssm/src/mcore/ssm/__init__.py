@@ -1,0 +1,1 @@
+"""Mamba-2 (``M``) and gated-delta-net (``G``) layers for mcore's hybrid layer patterns."""
