@@ -38,6 +38,11 @@ def moe(make_venv):
     return make_venv("mcore-moe")
 
 
+@pytest.fixture(scope="module")
+def ssm(make_venv):
+    return make_venv("mcore-ssm")
+
+
 def test_our_wheels_win_over_pypi_namesakes(fsdp_only, wheels) -> None:
     # PyPI has an unrelated megatron-fsdp 0.6.x; the overrides must install our wheel instead.
     assert fsdp_only.distributions()["megatron-fsdp"].version == "0.1.0"
@@ -126,3 +131,50 @@ def test_mcore_moe_plugins_and_moe_config(moe) -> None:
 
     config = moe.mcore_json("config", "show", "--json", "--moe.num-experts", "8")
     assert config["moe"]["num_experts"] == 8
+
+
+def test_mcore_ssm_pulls_its_chain_and_nothing_else(ssm, wheels, ours_installed) -> None:
+    chain = {"mcore-core", "mcore-parallel", "mcore-models", "mcore-ssm"}
+
+    assert ours_installed(ssm) == chain  # MoE layers are the [moe] extra's
+    for name in chain:
+        assert ssm.source_of(name) == wheels[name].as_uri()
+    # The Triton kernels are the [triton] extra's; torch's own CUDA build may bring Triton.
+    assert "triton" not in ssm.distributions() or "triton" in ssm.requirement_closure("torch")
+
+
+def test_mcore_ssm_plugins_list_its_layer_symbols_and_a_hybrid_model_runs(ssm) -> None:
+    report = ssm.mcore_json("plugins", "--json")
+
+    plugins = {p["name"]: p for p in report["plugins"]}
+    assert set(plugins) == {"mcore-core", "mcore-parallel", "mcore-models", "mcore-ssm"}
+    assert report["failed"] == []
+    components = plugins["mcore-ssm"]["components"]
+    assert components["layer"] == ["G", "M"]
+    assert components["mixer"] == ["gated_delta_net", "mamba"]
+    assert "ssm" in components["config_section"]
+
+    code = """
+import torch
+from mcore.models import TransformerConfig
+from mcore.models.gpt import GPTModel
+from mcore.ssm.config import SSMConfig
+cfg = TransformerConfig(num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=64,
+                        hybrid_override_pattern="MG*")
+ssm = SSMConfig(mamba_head_dim=8, mamba_num_groups=2, mamba_state_dim=4,
+                linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
+                linear_value_head_dim=8)
+ids = torch.randint(0, 64, (1, 8))
+print(tuple(GPTModel(cfg, sections={"ssm": ssm})(ids).shape))
+"""
+    result = ssm.python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 8, 64)"
+
+    # An MoE layer without mcore-moe installed: the error names the package to install.
+    config = ssm.run("mcore", "config", "show", "--model.num-layers", "2",
+                     "--model.hybrid-override-pattern", "ME")  # fmt: skip
+    assert config.returncode != 0
+    assert "layer symbol 'E' is not registered by any installed package: install mcore-moe" in (
+        config.stderr
+    )

@@ -18,6 +18,7 @@ FAMILY = [
     "mcore-parallel",
     "mcore-models",
     "mcore-moe",
+    "mcore-ssm",
     "mcore-ckpt",
     "mcore-inference",
     "megatron-rl",
@@ -33,7 +34,7 @@ def run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 
 
-def test_mcore_plugins_lists_all_eight_packages() -> None:
+def test_mcore_plugins_lists_all_nine_packages() -> None:
     result = run(str(BIN / "mcore"), "plugins", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -43,7 +44,8 @@ def test_mcore_plugins_lists_all_eight_packages() -> None:
         name for p in report["plugins"] for name in p["components"].get("config_section", [])
     }
     assert sections >= {"model", "parallel", "train", "optimizer", "data", "checkpoint",
-                        "logger", "straggler", "moe", "fsdp", "inference", "rl"}  # fmt: skip
+                        "logger", "straggler", "moe", "ssm", "fsdp", "inference",
+                        "rl"}  # fmt: skip
 
 
 def test_loading_every_plugin_does_not_import_torch() -> None:
