@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mcore.core import McoreError
+from mcore.core.testing import run_ranks
 from mcore.models import GPTModel
 from mcore.models.hf import (
     Deinterleave,
@@ -103,6 +104,38 @@ def test_expert_map_reads_this_ranks_experts_and_shard(tmp_path) -> None:
     fc2 = ParamMap("fc2", ("x.{e}.down",), "row", experts=4, group="etp")
     local = _local_tensor(reader, fc2, fc2.hf, ps)
     torch.testing.assert_close(local, torch.stack([tensors[f"x.{e}.down"][:, 2:] for e in (2, 3)]))
+
+
+def test_parts_split_each_block_of_one_tensor_on_its_own(tmp_path) -> None:
+    """One HF tensor of blocks [4, 4, 2] rows (Mamba's in_proj is [z, x, B, C, dt]): TP rank r
+    of 2 holds the r-th half of every block, in block order."""
+    from safetensors.torch import save_file
+
+    whole = torch.arange(10.0)[:, None].repeat(1, 3)
+    save_file({"w": whole, "odd": torch.zeros(9, 3)}, str(tmp_path / "model.safetensors"))
+    reader = _SafetensorsReader(tmp_path)
+    pm = ParamMap("w", ("w",), "column", parts=(4, 4, 2))
+    for rank, rows in ((0, [0, 1, 4, 5, 8]), (1, [2, 3, 6, 7, 9])):
+        ps = SimpleNamespace(tp_rank=rank, tp_size=2, tp_group=None)
+        torch.testing.assert_close(_local_tensor(reader, pm, pm.hf, ps), whole[rows])
+    ps = SimpleNamespace(tp_rank=0, tp_size=2, tp_group=None)
+    with pytest.raises(McoreError, match="blocks"):
+        _local_tensor(reader, ParamMap("w", ("odd",), "column", parts=(4, 3, 2)), ("odd",), ps)
+    with pytest.raises(ValueError, match="parts"):
+        ParamMap("w", ("w",), "row", parts=(4, 4, 2))
+    with pytest.raises(ValueError, match="parts"):
+        ParamMap("w", ("a", "b"), "column", parts=(4, 4, 2))
+    # Saving regroups the ranks' shares block by block back into HF's order.
+    shards = run_ranks(_gather_blocks, 2, whole, backend="gloo")
+    for full in shards:
+        torch.testing.assert_close(full, whole)
+
+
+def _gather_blocks(rank: int, world: int, whole: torch.Tensor) -> torch.Tensor:
+    from mcore.models.hf import _gather_shards
+
+    rows = [[0, 1, 4, 5, 8], [2, 3, 6, 7, 9]][rank]
+    return _gather_shards(whole[rows], "column", [4, 4, 2], None, world, 0)
 
 
 def test_yarn_follows_transformers_use_of_mscale() -> None:

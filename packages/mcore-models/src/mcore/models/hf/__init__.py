@@ -139,6 +139,22 @@ class _SafetensorsReader:
         size = n // parts
         return sl[rank * size : (rank + 1) * size]
 
+    def blocks(self, name: str, rank: int, parts: int, sizes: tuple[int, ...]) -> torch.Tensor:
+        """This rank's share of each dim-0 block of ``sizes`` rows, concatenated in order."""
+        sl = self._slice(name)
+        n = sl.get_shape()[0]
+        if n != sum(sizes) or any(size % parts for size in sizes):
+            raise McoreError(
+                f"{name}: dim 0 of size {n} is not made of blocks {list(sizes)} that each split "
+                f"into {parts} shards"
+            )
+        out, start = [], 0
+        for size in sizes:
+            share = size // parts
+            out.append(sl[start + rank * share : start + (rank + 1) * share])
+            start += size
+        return torch.cat(out, dim=0)
+
     def cols(self, name: str, rank: int, parts: int) -> torch.Tensor:
         sl = self._slice(name)
         n = sl.get_shape()[1]
@@ -157,7 +173,9 @@ def _read_shard(
     """This rank's shard of the fused tensor made of HF tensors ``names``."""
     parts = []
     for name in names:
-        if pm.split in ("column", "vocab"):
+        if pm.parts is not None:
+            part = reader.blocks(name, rank, size, pm.parts)
+        elif pm.split in ("column", "vocab"):
             part = reader.rows(name, rank, size)
         elif pm.split == "row":
             part = reader.cols(name, rank, size)
@@ -330,17 +348,23 @@ def hf_state_dict(
                     continue
                 local = state[name]
                 rows = local.shape[dim] * (size if pm.split in ("column", "vocab") else 1)
-                sizes = (
-                    [rows // len(hf_names)] * len(hf_names)
-                    if stacked
-                    else _part_sizes(model, name, len(hf_names), rows)
-                )
+                if pm.parts is not None:
+                    if rows != sum(pm.parts):
+                        raise McoreError(
+                            f"{name}: {rows} rows do not make the blocks {list(pm.parts)}"
+                        )
+                    # Every block is regrouped from the ranks' shares; HF has one tensor.
+                    sizes, out_sizes = list(pm.parts), [rows]
+                elif stacked:
+                    sizes = out_sizes = [rows // len(hf_names)] * len(hf_names)
+                else:
+                    sizes = out_sizes = _part_sizes(model, name, len(hf_names), rows)
                 full = _gather_shards(local, pm.split, sizes, group, size, dim)
                 if not stacked:
-                    _emit(tensors, pm, hf_names, full, sizes)
+                    _emit(tensors, pm, hf_names, full, out_sizes)
                     continue
                 for e, expert in enumerate(_gather_experts(full, ps)):
-                    _emit(tensors, pm, tuple(_fill(h, e=e) for h in hf_names), expert, sizes)
+                    _emit(tensors, pm, tuple(_fill(h, e=e) for h in hf_names), expert, out_sizes)
     return tensors
 
 

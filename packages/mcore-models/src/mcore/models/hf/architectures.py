@@ -119,10 +119,19 @@ class ParamMap:
     """The group ``split`` is over: ``tp`` for dense weights, ``etp`` for routed experts."""
     rows: RowTransform | None = None
     """A reordering of each HF tensor's rows on the way in (and back out)."""
+    parts: tuple[int, ...] | None = None
+    """Dim-0 block sizes of a single HF tensor made of blocks that are each split over the
+    group on their own (Mamba's ``in_proj`` rows ``[z, x, B, C, dt]``): a rank holds its share
+    of every block, in order. None: the HF tensor is split as a whole."""
 
     def __post_init__(self) -> None:
         if self.split in ("row", "replicated") and len(self.hf) != 1:
             raise ValueError(f"{self.mcore}: a {self.split} parameter maps to one HF tensor")
+        if self.parts is not None and (self.split != "column" or len(self.hf) != 1):
+            raise ValueError(
+                f"{self.mcore}: parts splits the blocks of one column-parallel HF tensor; got "
+                f"split={self.split!r} with {len(self.hf)} HF tensors"
+            )
         has_e = ["{e}" in h for h in self.hf]
         if (self.experts is not None) != all(has_e) or any(has_e) != all(has_e):
             raise ValueError(

@@ -1,0 +1,813 @@
+"""Hugging Face hybrid architectures: Nemotron-H and Qwen3-Next.
+
+Both become layer-pattern ``GPTModel``s (``hybrid_override_pattern``) with an ``[ssm]`` section
+sizing their Mamba-2 (``M``) or gated-delta-net (``G``) layers, plus a ``[moe]`` section
+(mcore-moe) when they have MoE layers.
+
+- Nemotron-H: HF block ``i`` (one pre-norm and one mixer) is mcore layer ``i``;
+  ``layers_block_type`` gives the symbols (``linear_attention`` M, ``full_attention`` *, ``mlp``
+  -, ``moe`` E). Attention has no rope, MLPs and experts are non-gated (``relu2``), the router
+  takes sigmoid scores with a score-correction bias and group-limited top-k.
+- Qwen3-Next: HF layer ``i`` (a token mixer and an MLP) is mcore layers ``2i`` (``G`` or ``*``)
+  and ``2i + 1`` (``E`` or ``-``). Norms are zero-centred, attention has an output gate, qk-norm
+  and partial rope; MoE blocks have a softmax router and a gated shared expert.
+
+transformers is the oracle of what a config.json means: where it ignores a field (Nemotron-H's
+``time_step_limit``, ``attention_bias``, ``residual_in_fp32``) so does this mapping; what
+mcore cannot express is refused with ``NotImplementedError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+from mcore.core import ConfigError, ConfigErrors, McoreError
+from mcore.models.config import TransformerConfig
+from mcore.models.hf.architectures import (
+    HFArchitecture,
+    ParamMap,
+    Sections,
+    Split,
+    attention_params,
+    gated_mlp_params,
+    outer_params,
+    rope_from_hf,
+    rope_to_hf,
+)
+from mcore.ssm.config import SSMConfig
+
+__all__ = ["NEMOTRON_H", "QWEN3_NEXT"]
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+
+
+def _checked(section: Any, name: str) -> Any:
+    """``section`` after its own validation (a ``ConfigError`` naming ``[name]`` fields)."""
+    errors = ConfigErrors(f"{name}.")
+    section.validate(errors)
+    if errors:
+        raise ConfigError(errors.messages)
+    return section
+
+
+def _moe_config(arch: str, **fields: Any) -> Any:
+    """A checked ``MoEConfig``; MoE layers need mcore-moe, which mcore-ssm does not require."""
+    try:
+        from mcore.moe.config import MoEConfig
+    except ImportError:
+        raise McoreError(
+            f"this {arch} model has MoE layers, which need mcore-moe: pip install mcore-moe"
+        ) from None
+    return _checked(MoEConfig(**fields), "moe")
+
+
+def _refuse_unless(checks: dict[str, bool], arch: str) -> None:
+    """Raise naming every mcore setting ``arch`` cannot express (those mapped to False)."""
+    bad = [what for what, ok in checks.items() if not ok]
+    if bad:
+        raise NotImplementedError(f"{arch} cannot express: {'; '.join(bad)}")
+
+
+def _layers_of(cfg: TransformerConfig, symbols: str) -> tuple[int, ...]:
+    """The mcore layers whose pattern symbol is one of ``symbols``."""
+    pattern = cfg.layer_pattern
+    assert pattern is not None
+    return tuple(i for i, s in enumerate(pattern.layers) if s in symbols)
+
+
+def _at(params: list[ParamMap], layers: tuple[int, ...]) -> list[ParamMap]:
+    """``params`` (per-layer maps) restricted to ``layers``."""
+    return [dataclasses.replace(pm, layers=layers) for pm in params]
+
+
+def _renumber(params: list[ParamMap], hf_layer: Callable[[int], int], n: int) -> list[ParamMap]:
+    """Per-layer maps whose HF layer differs from the mcore one, written out layer by layer:
+    ``{i}`` in mcore names is mcore layer ``j``, in HF names HF layer ``hf_layer(j)``."""
+    out = []
+    for pm in params:
+        if not pm.per_layer():
+            out.append(pm)
+            continue
+        for j in pm.layer_numbers(n):
+            hf = tuple(h.replace("{i}", str(hf_layer(j))) for h in pm.hf)
+            out.append(
+                dataclasses.replace(pm, mcore=pm.mcore.replace("{i}", str(j)), hf=hf, layers=None)
+            )
+    return out
+
+
+def _plain_mlp_params(mcore: str, hf: str, layers: tuple[int, ...]) -> list[ParamMap]:
+    """A non-gated TP-split MLP: ``{mcore}.linear_fc1/fc2`` from HF ``{hf}.up_proj/down_proj``."""
+    return [
+        ParamMap(f"{mcore}.linear_fc1.weight", (f"{hf}.up_proj.weight",), "column", layers=layers),
+        ParamMap(f"{mcore}.linear_fc2.weight", (f"{hf}.down_proj.weight",), "row", layers=layers),
+    ]
+
+
+def _common_checks(cfg: TransformerConfig) -> dict[str, bool]:
+    """What neither architecture has."""
+    return {
+        "normalization other than RMSNorm": cfg.normalization == "RMSNorm",
+        "multi_latent_attention": not cfg.multi_latent_attention,
+        "add_qkv_bias": not cfg.add_qkv_bias,
+        "add_bias_linear": not cfg.add_bias_linear,
+    }
+
+
+# --- Nemotron-H -------------------------------------------------------------------------------
+
+# What transformers' NemotronHConfig assumes for fields a config.json leaves out.
+_NEMOTRON_H_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 131072,
+    "hidden_size": 4096,
+    "tie_word_embeddings": False,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 4096,
+    "attention_dropout": 0.0,
+    "sliding_window": None,
+    "intermediate_size": 21504,
+    "mlp_hidden_act": "relu2",
+    "mlp_bias": False,
+    "ssm_state_size": 128,
+    "mamba_num_heads": 128,
+    "mamba_head_dim": 64,
+    "mamba_hidden_act": "silu",
+    "n_groups": 8,
+    "conv_kernel": 4,
+    "expand": 2,
+    "time_step_min": 0.001,
+    "time_step_max": 0.1,
+    "time_step_floor": 1e-4,
+    "use_conv_bias": True,
+    "chunk_size": 128,
+    "mamba_proj_bias": False,
+    "n_routed_experts": 8,
+    "moe_intermediate_size": 7688,
+    "moe_shared_expert_intermediate_size": 7688,
+    "moe_latent_size": None,
+    "num_experts_per_tok": 2,
+    "routed_scaling_factor": 1.0,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+    "use_bias": False,
+    "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-5,
+}
+# Older config.json files use Megatron-style names; transformers renames them on load.
+_NEMOTRON_H_LEGACY = {
+    "mamba_n_groups": "n_groups",
+    "mamba_d_conv": "conv_kernel",
+    "mamba_expand": "expand",
+    "mamba_dt_min": "time_step_min",
+    "mamba_dt_max": "time_step_max",
+    "mamba_dt_init_floor": "time_step_floor",
+    "mamba_conv_bias": "use_conv_bias",
+    "mamba_chunk_size": "chunk_size",
+    "num_local_experts": "n_routed_experts",
+    "layer_types": "layers_block_type",
+}
+# Layer type names older files use, renamed as transformers does.
+_LEGACY_LAYER_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
+_NEMOTRON_H_SYMBOLS = {"linear_attention": "M", "full_attention": "*", "mlp": "-", "moe": "E"}
+_NEMOTRON_H_TYPES = {symbol: kind for kind, symbol in _NEMOTRON_H_SYMBOLS.items()}
+_NEMOTRON_H_ACTIVATIONS = {"relu2": "squared_relu", "gelu": "gelu"}
+
+
+def _nemotron_h_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """config.json with legacy names renamed and transformers' defaults filled in."""
+    hf = dict(hf)
+    for old, new in _NEMOTRON_H_LEGACY.items():
+        if old in hf and new not in hf:
+            hf[new] = hf.pop(old)
+    if "layers_block_type" not in hf:
+        legacy = hf.get("hybrid_override_pattern")
+        if legacy is not None:
+            try:
+                hf["layers_block_type"] = [_NEMOTRON_H_TYPES[s] for s in legacy]
+            except KeyError as error:
+                raise NotImplementedError(
+                    f"hybrid_override_pattern {legacy!r}: unknown layer symbol {error}"
+                ) from None
+        else:
+            hf["layers_block_type"] = ["linear_attention", "moe", "full_attention", "mlp"]
+    hf["layers_block_type"] = [_LEGACY_LAYER_TYPES.get(t, t) for t in hf["layers_block_type"]]
+    if "head_dim" not in hf and "attention_head_dim" in hf:  # the name early files used
+        hf["head_dim"] = hf["attention_head_dim"]
+    return {**_NEMOTRON_H_DEFAULTS, **hf}
+
+
+def _nemotron_h_pattern(hf: dict[str, Any]) -> str:
+    kinds = hf["layers_block_type"]
+    unknown = sorted(set(kinds) - set(_NEMOTRON_H_SYMBOLS))
+    if unknown:
+        raise NotImplementedError(f"layers_block_type holds unknown layer types {unknown}")
+    return "".join(_NEMOTRON_H_SYMBOLS[k] for k in kinds)
+
+
+def _nemotron_h_config(hf: dict[str, Any]) -> TransformerConfig:
+    hf = _nemotron_h_fields(hf)
+    if hf["sliding_window"] is not None:
+        raise NotImplementedError("sliding_window (sliding-window attention) is not supported")
+    act = hf["mlp_hidden_act"]
+    if act not in _NEMOTRON_H_ACTIVATIONS:
+        raise NotImplementedError(f"mlp_hidden_act {act!r} is not supported (relu2, gelu)")
+    if hf["mlp_bias"]:
+        # mcore's add_bias_linear would also give attention's o_proj a bias, which HF never has.
+        raise NotImplementedError("mlp_bias = true is not supported for Nemotron-H")
+    pattern = _nemotron_h_pattern(hf)
+    heads, head_dim = hf["num_attention_heads"], hf["head_dim"]
+    return TransformerConfig(
+        num_layers=len(pattern),
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf["num_key_value_heads"] or heads,
+        kv_channels=head_dim if head_dim and head_dim != hf["hidden_size"] // heads else None,
+        ffn_hidden_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        normalization="RMSNorm",
+        norm_epsilon=float(hf["layer_norm_epsilon"]),
+        activation=_NEMOTRON_H_ACTIVATIONS[act],
+        add_qkv_bias=False,  # transformers builds q/k/v/o without biases, whatever attention_bias
+        add_bias_linear=False,
+        position_embedding_type="none",
+        # transformers never ties Nemotron-H's lm_head (its _tied_weights_keys is empty).
+        untie_embeddings_and_output_weights=True,
+        init_method_std=float(hf["initializer_range"]),
+        attention_dropout=float(hf["attention_dropout"]),
+        hybrid_override_pattern=pattern,
+    )
+
+
+def _nemotron_h_sections(hf: dict[str, Any]) -> dict[str, Any]:
+    hf = _nemotron_h_fields(hf)
+    if hf["mamba_hidden_act"] != "silu":
+        raise NotImplementedError(f"mamba_hidden_act {hf['mamba_hidden_act']!r} (only silu)")
+    if bool(hf["mamba_proj_bias"]) != bool(hf["use_bias"]):
+        raise NotImplementedError(
+            f"mamba_proj_bias = {hf['mamba_proj_bias']} differs from use_bias = {hf['use_bias']} "
+            "(transformers gives the Mamba projections biases by use_bias): ambiguous"
+        )
+    pattern = _nemotron_h_pattern(hf)
+    ssm = SSMConfig(
+        mamba_state_dim=hf["ssm_state_size"],
+        mamba_head_dim=hf["mamba_head_dim"],
+        mamba_num_groups=hf["n_groups"],
+        mamba_num_heads=hf["mamba_num_heads"],
+        mamba_expand=hf["expand"],
+        mamba_conv_kernel=hf["conv_kernel"],
+        mamba_conv_bias=bool(hf["use_conv_bias"]),
+        mamba_proj_bias=bool(hf["use_bias"]),
+        mamba_chunk_size=hf["chunk_size"],
+        mamba_dt_min=float(hf["time_step_min"]),
+        mamba_dt_max=float(hf["time_step_max"]),
+        mamba_dt_init_floor=float(hf["time_step_floor"]),
+        # transformers clamps the time step at time_step_min (time_step_limit is not read).
+        mamba_dt_limit_min=float(hf["time_step_min"]),
+        mamba_dt_limit_max=math.inf,
+    )
+    sections: dict[str, Any] = {"ssm": _checked(ssm, "ssm")}
+    if "E" not in pattern:
+        return sections
+    if hf["moe_latent_size"] is not None:
+        raise NotImplementedError("moe_latent_size (latent MoE projections) is not supported")
+    shared = hf["moe_shared_expert_intermediate_size"]
+    if not shared or shared < 1:
+        raise NotImplementedError("moe_shared_expert_intermediate_size must be >= 1")
+    groups, group_topk = hf["n_group"], hf["topk_group"]
+    if not groups or groups == 1:  # one group limits nothing
+        groups = group_topk = None
+    # Sigmoid scores, chosen with a score-correction bias among the best groups, optionally
+    # renormalised, then scaled; one non-gated shared expert.
+    sections["moe"] = _moe_config(
+        NEMOTRON_H.name,
+        num_experts=hf["n_routed_experts"],
+        ffn_hidden_size=hf["moe_intermediate_size"],
+        router_topk=hf["num_experts_per_tok"],
+        router_score_function="sigmoid",
+        router_pre_softmax=False,
+        router_norm_topk_prob=bool(hf["norm_topk_prob"]),
+        router_num_groups=groups,
+        router_group_topk=group_topk,
+        router_topk_scaling_factor=float(hf["routed_scaling_factor"]),
+        router_enable_expert_bias=True,
+        shared_expert_intermediate_size=shared,
+        shared_expert_gate=False,
+    )
+    return sections
+
+
+def _ssm_section(sections: Sections | None) -> SSMConfig:
+    return (sections or {}).get("ssm") or SSMConfig()
+
+
+def _pattern_of(cfg: TransformerConfig, arch: str) -> str:
+    pattern = cfg.layer_pattern
+    if pattern is None:
+        raise NotImplementedError(f"{arch} needs a hybrid_override_pattern (a hybrid model)")
+    if pattern.mtp_layers:
+        raise NotImplementedError(f"{arch}: multi-token-prediction blocks ('/') are not mapped")
+    return pattern.layers
+
+
+def _moe_section(sections: Sections | None, arch: str) -> Any:
+    moe = (sections or {}).get("moe")
+    if moe is None or moe.num_experts is None:
+        raise NotImplementedError(
+            f"{arch}: the pattern has MoE (E) layers, so the model needs a [moe] section"
+        )
+    return moe
+
+
+def _nemotron_h_hf(cfg: TransformerConfig, sections: Sections) -> dict[str, Any]:
+    name = NEMOTRON_H.name
+    pattern = _pattern_of(cfg, name)
+    ssm = _ssm_section(sections)
+    act = {v: k for k, v in _NEMOTRON_H_ACTIVATIONS.items()}
+    _refuse_unless(
+        {
+            **_common_checks(cfg),
+            "layer symbols other than M * - E": set(pattern) <= set(_NEMOTRON_H_TYPES),
+            "activation other than squared_relu or gelu": cfg.activation in act,
+            "qk_layernorm": not cfg.qk_layernorm,
+            "attention_output_gate": not cfg.attention_output_gate,
+            "layernorm_zero_centered_gamma": not cfg.layernorm_zero_centered_gamma,
+            "position embeddings (Nemotron-H attention has none)": cfg.position_embedding_type
+            == "none",
+            "tied embeddings (transformers never ties Nemotron-H's lm_head)": (
+                cfg.untie_embeddings_and_output_weights
+            ),
+            "ssm.mamba_dt_limit_max (transformers clamps only from below)": math.isinf(
+                ssm.mamba_dt_limit_max
+            ),
+            "ssm.mamba_dt_limit_min other than ssm.mamba_dt_min (HF's time_step_min is both)": (
+                ssm.mamba_dt_limit_min == ssm.mamba_dt_min
+            ),
+        },
+        name,
+    )
+    out: dict[str, Any] = {
+        "architectures": [name],
+        "model_type": NEMOTRON_H.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "layers_block_type": [_NEMOTRON_H_TYPES[s] for s in pattern],
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.query_groups,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "attention_bias": False,
+        "attention_dropout": cfg.attention_dropout,
+        "sliding_window": None,
+        "intermediate_size": cfg.ffn_size,
+        "mlp_hidden_act": act[cfg.activation],
+        "mlp_bias": False,
+        "ssm_state_size": ssm.mamba_state_dim,
+        "mamba_num_heads": ssm.mamba_heads(cfg.hidden_size),
+        "mamba_head_dim": ssm.mamba_head_dim,
+        "mamba_hidden_act": "silu",
+        "n_groups": ssm.mamba_num_groups,
+        "conv_kernel": ssm.mamba_conv_kernel,
+        "expand": ssm.mamba_expand,
+        "time_step_min": ssm.mamba_dt_min,
+        "time_step_max": ssm.mamba_dt_max,
+        "time_step_floor": ssm.mamba_dt_init_floor,
+        "use_conv_bias": ssm.mamba_conv_bias,
+        "chunk_size": ssm.mamba_chunk_size,
+        "mamba_proj_bias": ssm.mamba_proj_bias,
+        "use_bias": ssm.mamba_proj_bias,
+        "num_nextn_predict_layers": 0,
+        "residual_in_fp32": False,
+        "tie_word_embeddings": False,
+        "layer_norm_epsilon": cfg.norm_epsilon,
+        "initializer_range": cfg.init_method_std,
+        "torch_dtype": "float32",
+    }
+    if "E" in pattern:
+        out.update(_nemotron_h_moe_hf(cfg, _moe_section(sections, name)))
+    return out
+
+
+def _nemotron_h_moe_hf(cfg: TransformerConfig, moe: Any) -> dict[str, Any]:
+    name = NEMOTRON_H.name
+    _refuse_unless(
+        {
+            "scores other than sigmoid": moe.router_score_function == "sigmoid",
+            "no expert bias (Nemotron-H always has e_score_correction_bias)": (
+                moe.router_enable_expert_bias
+            ),
+            "MoE layers without a shared expert": moe.shared_expert_intermediate_size is not None,
+            "shared_expert_gate": not moe.shared_expert_gate,
+        },
+        name,
+    )
+    return {
+        "n_routed_experts": moe.num_experts,
+        "moe_intermediate_size": moe.ffn_hidden_size or cfg.ffn_size,
+        "moe_shared_expert_intermediate_size": moe.shared_expert_intermediate_size,
+        "n_shared_experts": 1,
+        "moe_latent_size": None,
+        "num_experts_per_tok": moe.router_topk,
+        "n_group": moe.router_num_groups or 1,
+        "topk_group": moe.router_group_topk or 1,
+        "norm_topk_prob": moe.router_norm_topk_prob,
+        "routed_scaling_factor": moe.router_topk_scaling_factor or 1.0,
+    }
+
+
+def mamba_params(
+    cfg: TransformerConfig, ssm: SSMConfig, layers: tuple[int, ...], hf: str
+) -> list[ParamMap]:
+    """Mamba-2 mixers of ``layers`` from HF module ``hf`` (``{i}`` for the layer).
+
+    HF's ``in_proj`` rows ``[z, x, B, C, dt]`` and conv channels ``[x, B, C]`` are each one
+    tensor whose blocks mcore splits over TP on their own (``parts``); the per-head vectors and
+    the gated norm's weight split by heads.
+    """
+    inner = ssm.mamba_heads(cfg.hidden_size) * ssm.mamba_head_dim
+    gn = ssm.mamba_num_groups * ssm.mamba_state_dim
+    heads = ssm.mamba_heads(cfg.hidden_size)
+    proj_parts = (inner, inner, gn, gn, heads)
+    conv_parts = (inner, gn, gn)
+    m = "layers.{i}.mixer"
+
+    def column(name: str, parts: tuple[int, ...] | None = None) -> ParamMap:
+        return ParamMap(f"{m}.{name}", (f"{hf}.{name}",), "column", layers=layers, parts=parts)
+
+    params = [
+        column("in_proj.weight", proj_parts),
+        column("conv1d.weight", conv_parts),
+        column("dt_bias"),
+        column("A_log"),
+        column("D"),
+        column("norm.weight"),
+        ParamMap(f"{m}.out_proj.weight", (f"{hf}.out_proj.weight",), "row", layers=layers),
+    ]
+    if ssm.mamba_conv_bias:
+        params.append(column("conv1d.bias", conv_parts))
+    if ssm.mamba_proj_bias:
+        params += [
+            column("in_proj.bias", proj_parts),
+            ParamMap(f"{m}.out_proj.bias", (f"{hf}.out_proj.bias",), "replicated", layers=layers),
+        ]
+    return params
+
+
+def _nemotron_h_experts(moe: Any, layers: tuple[int, ...], hf: str) -> list[ParamMap]:
+    """Nemotron-H's MoE layers: router with score bias, non-gated experts, shared expert."""
+    e, m = f"{hf}.experts.{{e}}", "layers.{i}.mlp"
+    return [
+        ParamMap(f"{m}.router.weight", (f"{hf}.gate.weight",), "replicated", layers=layers),
+        ParamMap(
+            f"{m}.router.expert_bias",
+            (f"{hf}.gate.e_score_correction_bias",),
+            "replicated",
+            layers=layers,
+        ),
+        ParamMap(
+            f"{m}.experts.linear_fc1.weight",
+            (f"{e}.up_proj.weight",),
+            "column",
+            layers=layers,
+            experts=moe.num_experts,
+            group="etp",
+        ),
+        ParamMap(
+            f"{m}.experts.linear_fc2.weight",
+            (f"{e}.down_proj.weight",),
+            "row",
+            layers=layers,
+            experts=moe.num_experts,
+            group="etp",
+        ),
+        *_plain_mlp_params(f"{m}.shared_experts", f"{hf}.shared_experts", layers),
+    ]
+
+
+def _nemotron_h_params(cfg: TransformerConfig, sections: Sections) -> list[ParamMap]:
+    hf = "backbone.layers.{i}"
+    mixers, mlps = _layers_of(cfg, "M*"), _layers_of(cfg, "-E")
+    params = [
+        ParamMap("embedding.weight", ("backbone.embeddings.weight",), "vocab"),
+        ParamMap("final_layernorm.weight", ("backbone.norm_f.weight",), "replicated"),
+        ParamMap("output_layer.weight", ("lm_head.weight",), "vocab"),
+        ParamMap(
+            "layers.{i}.input_layernorm.weight", (f"{hf}.norm.weight",), "replicated", layers=mixers
+        ),
+        ParamMap(
+            "layers.{i}.pre_mlp_layernorm.weight", (f"{hf}.norm.weight",), "replicated", layers=mlps
+        ),
+        *mamba_params(cfg, _ssm_section(sections), _layers_of(cfg, "M"), f"{hf}.mixer"),
+        *_at(attention_params(cfg, f"{hf}.mixer"), _layers_of(cfg, "*")),
+        *_plain_mlp_params("layers.{i}.mlp", f"{hf}.mixer", _layers_of(cfg, "-")),
+    ]
+    experts = _layers_of(cfg, "E")
+    if experts:
+        moe = _moe_section(sections, NEMOTRON_H.name)
+        params += _nemotron_h_experts(moe, experts, f"{hf}.mixer")
+    return params
+
+
+NEMOTRON_H = HFArchitecture(
+    "NemotronHForCausalLM",
+    "nemotron_h",
+    to_config=_nemotron_h_config,
+    from_config=_nemotron_h_hf,
+    params=_nemotron_h_params,
+    sections_from_hf=_nemotron_h_sections,
+)
+
+
+# --- Qwen3-Next -------------------------------------------------------------------------------
+
+# What transformers' Qwen3NextConfig assumes for fields a config.json leaves out.
+_QWEN3_NEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "head_dim": 256,
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32,
+    "decoder_sparse_step": 1,
+    "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512,
+    "num_experts_per_tok": 10,
+    "num_experts": 512,
+    "norm_topk_prob": True,
+    "mlp_only_layers": [],
+}
+_QWEN3_NEXT_MIXERS = {"linear_attention": "G", "full_attention": "*"}
+
+
+def _qwen3_next_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    hf = {**_QWEN3_NEXT_DEFAULTS, **hf}
+    hf["mlp_only_layers"] = hf["mlp_only_layers"] or []
+    if "layer_types" not in hf:
+        interval = hf.get("full_attention_interval", 4)
+        hf["layer_types"] = [
+            "linear_attention" if (i + 1) % interval else "full_attention"
+            for i in range(hf["num_hidden_layers"])
+        ]
+    hf["layer_types"] = [_LEGACY_LAYER_TYPES.get(t, t) for t in hf["layer_types"]]
+    return hf
+
+
+def _qwen3_next_sparse(hf: dict[str, Any], i: int) -> bool:
+    """Whether HF layer ``i`` has a sparse MoE block (transformers' rule)."""
+    step = hf["decoder_sparse_step"]
+    return i not in hf["mlp_only_layers"] and hf["num_experts"] > 0 and (i + 1) % step == 0
+
+
+def _qwen3_next_pattern(hf: dict[str, Any]) -> str:
+    kinds = hf["layer_types"]
+    if len(kinds) != hf["num_hidden_layers"]:
+        raise NotImplementedError(
+            f"layer_types has {len(kinds)} entries but num_hidden_layers is "
+            f"{hf['num_hidden_layers']}"
+        )
+    unknown = sorted(set(kinds) - set(_QWEN3_NEXT_MIXERS))
+    if unknown:
+        raise NotImplementedError(f"layer_types holds unknown layer types {unknown}")
+    return "".join(
+        _QWEN3_NEXT_MIXERS[kind] + ("E" if _qwen3_next_sparse(hf, i) else "-")
+        for i, kind in enumerate(kinds)
+    )
+
+
+def _partial_rotary_factor(hf: dict[str, Any]) -> float:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25))
+    return float(factor)
+
+
+def _qwen3_next_config(hf: dict[str, Any]) -> TransformerConfig:
+    hf = _qwen3_next_fields(hf)
+    if hf["hidden_act"] not in ("silu", "swish"):
+        # Also the activation of the gated delta net's convolution.
+        raise NotImplementedError(f"hidden_act {hf['hidden_act']!r} is not supported (silu)")
+    if hf["attention_bias"]:
+        # q/k/v and o_proj get biases but the MLPs none: mcore ties o_proj's to the MLPs'.
+        raise NotImplementedError("attention_bias = true is not supported for Qwen3-Next")
+    pattern = _qwen3_next_pattern(hf)
+    heads, head_dim = hf["num_attention_heads"], hf["head_dim"]
+    return TransformerConfig(
+        num_layers=len(pattern),
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf["num_key_value_heads"] or heads,
+        kv_channels=head_dim if head_dim and head_dim != hf["hidden_size"] // heads else None,
+        ffn_hidden_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        normalization="RMSNorm",
+        norm_epsilon=float(hf["rms_norm_eps"]),
+        activation="swiglu",
+        qk_layernorm=True,
+        attention_output_gate=True,
+        layernorm_zero_centered_gamma=True,
+        rotary_percent=_partial_rotary_factor(hf),
+        untie_embeddings_and_output_weights=not hf["tie_word_embeddings"],
+        init_method_std=float(hf["initializer_range"]),
+        attention_dropout=float(hf["attention_dropout"]),
+        hybrid_override_pattern=pattern,
+        **rope_from_hf(hf),
+    )
+
+
+def _qwen3_next_sections(hf: dict[str, Any]) -> dict[str, Any]:
+    hf = _qwen3_next_fields(hf)
+    pattern = _qwen3_next_pattern(hf)
+    ssm = SSMConfig(
+        linear_conv_kernel_dim=hf["linear_conv_kernel_dim"],
+        linear_key_head_dim=hf["linear_key_head_dim"],
+        linear_value_head_dim=hf["linear_value_head_dim"],
+        linear_num_key_heads=hf["linear_num_key_heads"],
+        linear_num_value_heads=hf["linear_num_value_heads"],
+    )
+    sections: dict[str, Any] = {"ssm": _checked(ssm, "ssm")}
+    if "E" not in pattern:
+        return sections
+    shared = hf["shared_expert_intermediate_size"]
+    if not shared or shared < 1:
+        raise NotImplementedError("shared_expert_intermediate_size must be >= 1")
+    # Softmax over all experts, then the top k, renormalised with norm_topk_prob; a shared
+    # expert scaled by its sigmoid gate.
+    sections["moe"] = _moe_config(
+        QWEN3_NEXT.name,
+        num_experts=hf["num_experts"],
+        ffn_hidden_size=hf["moe_intermediate_size"],
+        router_topk=hf["num_experts_per_tok"],
+        router_score_function="softmax",
+        router_pre_softmax=True,
+        router_norm_topk_prob=bool(hf["norm_topk_prob"]),
+        shared_expert_intermediate_size=shared,
+        shared_expert_gate=True,
+    )
+    return sections
+
+
+def _qwen3_next_hf(cfg: TransformerConfig, sections: Sections) -> dict[str, Any]:
+    name = QWEN3_NEXT.name
+    pattern = _pattern_of(cfg, name)
+    pairs = [pattern[j : j + 2] for j in range(0, len(pattern), 2)]
+    ssm = _ssm_section(sections)
+    _refuse_unless(
+        {
+            **_common_checks(cfg),
+            "layer patterns other than pairs of (G or *) and (E or -)": all(
+                len(p) == 2 and p[0] in "G*" and p[1] in "E-" for p in pairs
+            ),
+            "activation other than swiglu": cfg.activation == "swiglu",
+            "attention without qk_layernorm": cfg.qk_layernorm,
+            "attention without attention_output_gate": cfg.attention_output_gate,
+            "norms without layernorm_zero_centered_gamma": cfg.layernorm_zero_centered_gamma,
+            "position embeddings other than rope": cfg.position_embedding_type == "rope",
+        },
+        name,
+    )
+    rope = rope_to_hf(cfg)["rope_parameters"]
+    rope["partial_rotary_factor"] = cfg.rotary_percent
+    out: dict[str, Any] = {
+        "architectures": [name],
+        "model_type": QWEN3_NEXT.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_size,
+        "num_hidden_layers": len(pairs),
+        "layer_types": ["linear_attention" if p[0] == "G" else "full_attention" for p in pairs],
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.query_groups,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": cfg.attention_dropout,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "tie_word_embeddings": not cfg.untie_embeddings_and_output_weights,
+        "initializer_range": cfg.init_method_std,
+        "linear_conv_kernel_dim": ssm.linear_conv_kernel_dim,
+        "linear_key_head_dim": ssm.linear_key_head_dim,
+        "linear_value_head_dim": ssm.linear_value_head_dim,
+        "linear_num_key_heads": ssm.linear_num_key_heads,
+        "linear_num_value_heads": ssm.linear_num_value_heads,
+        # Listing every dense layer expresses any mix of MoE and dense MLPs.
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i, p in enumerate(pairs) if p[1] == "-"],
+        "rope_parameters": rope,
+        "torch_dtype": "float32",
+    }
+    if "E" not in pattern:
+        out["num_experts"] = 0
+        return out
+    moe = _moe_section(sections, name)
+    _refuse_unless(
+        {
+            "scores other than softmax": moe.router_score_function == "softmax",
+            "group-limited routing": moe.router_num_groups is None,
+            "router_topk_scaling_factor": moe.router_topk_scaling_factor in (None, 1.0),
+            "router_enable_expert_bias": not moe.router_enable_expert_bias,
+            "MoE layers without a shared expert": moe.shared_expert_intermediate_size is not None,
+            "a shared expert without its gate": moe.shared_expert_gate,
+        },
+        name,
+    )
+    out.update(
+        num_experts=moe.num_experts,
+        moe_intermediate_size=moe.ffn_hidden_size or cfg.ffn_size,
+        shared_expert_intermediate_size=moe.shared_expert_intermediate_size,
+        num_experts_per_tok=moe.router_topk,
+        # Softmax over the chosen k (no pre-softmax) is already renormalised.
+        norm_topk_prob=moe.router_norm_topk_prob or not moe.router_pre_softmax,
+    )
+    return out
+
+
+def gated_delta_net_params(ssm: SSMConfig, layers: tuple[int, ...], hf: str) -> list[ParamMap]:
+    """Gated delta nets of ``layers`` from HF module ``hf`` (``{i}`` for the layer).
+
+    ``in_proj_qkvz``/``in_proj_ba`` keep HF's per-key-head grouping, so TP splits them evenly
+    by rows; the conv splits its ``[q, k, v]`` channel blocks on their own, ``dt_bias`` and
+    ``A_log`` by value heads; the norm weight (one head's width) is replicated.
+    """
+    key_dim = ssm.linear_num_key_heads * ssm.linear_key_head_dim
+    value_dim = ssm.linear_num_value_heads * ssm.linear_value_head_dim
+    m = "layers.{i}.mixer"
+
+    def pm(name: str, split: Split, parts: tuple[int, ...] | None = None) -> ParamMap:
+        return ParamMap(f"{m}.{name}", (f"{hf}.{name}",), split, layers=layers, parts=parts)
+
+    return [
+        pm("in_proj_qkvz.weight", "column"),
+        pm("in_proj_ba.weight", "column"),
+        pm("conv1d.weight", "column", (key_dim, key_dim, value_dim)),
+        pm("dt_bias", "column"),
+        pm("A_log", "column"),
+        pm("norm.weight", "replicated"),
+        pm("out_proj.weight", "row"),
+    ]
+
+
+def _qwen3_next_params(cfg: TransformerConfig, sections: Sections) -> list[ParamMap]:
+    hf = "model.layers.{i}"
+    mixers, mlps = _layers_of(cfg, "G*"), _layers_of(cfg, "E-")
+    per_layer = [
+        ParamMap(
+            "layers.{i}.input_layernorm.weight",
+            (f"{hf}.input_layernorm.weight",),
+            "replicated",
+            layers=mixers,
+        ),
+        ParamMap(
+            "layers.{i}.pre_mlp_layernorm.weight",
+            (f"{hf}.post_attention_layernorm.weight",),
+            "replicated",
+            layers=mlps,
+        ),
+        *gated_delta_net_params(_ssm_section(sections), _layers_of(cfg, "G"), f"{hf}.linear_attn"),
+        *_at(attention_params(cfg, f"{hf}.self_attn"), _layers_of(cfg, "*")),
+        *gated_mlp_params("layers.{i}.mlp", f"{hf}.mlp", layers=_layers_of(cfg, "-")),
+    ]
+    experts = _layers_of(cfg, "E")
+    if experts:
+        from mcore.moe.hf import moe_params
+
+        moe = _moe_section(sections, QWEN3_NEXT.name)
+        per_layer += moe_params(
+            moe,
+            experts,
+            f"{hf}.mlp",
+            shared="shared_expert",
+            shared_gate="shared_expert_gate",
+        )
+    # mcore layers 2i and 2i + 1 hold HF layer i's token mixer and MLP.
+    return [*outer_params(cfg), *_renumber(per_layer, lambda j: j // 2, cfg.num_layers)]
+
+
+QWEN3_NEXT = HFArchitecture(
+    "Qwen3NextForCausalLM",
+    "qwen3_next",
+    to_config=_qwen3_next_config,
+    from_config=_qwen3_next_hf,
+    params=_qwen3_next_params,
+    sections_from_hf=_qwen3_next_sections,
+)
