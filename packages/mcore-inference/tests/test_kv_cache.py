@@ -74,3 +74,39 @@ def test_prefix_caching_can_be_turned_off() -> None:
     kv = KVCacheManager(16, BLOCK, enable_prefix_caching=False)
     _compute(kv, _request("a", list(range(9))), 9)
     assert kv.match_prefix(_request("b", list(range(9)))) == 0
+
+
+def test_state_slots_follow_admission_preemption_and_finish() -> None:
+    """Hybrid models: a running request holds one recurrent-state slot (never the scratch slot
+    0), handed out lowest first; preemption, finish and abort give it back; admission waits
+    for a free one."""
+    from mcore.inference.recurrent_state import SCRATCH_SLOT, StateSlots
+    from mcore.inference.scheduler import Scheduler
+
+    kv = KVCacheManager(7, BLOCK, enable_prefix_caching=False)  # 6 usable blocks
+    slots = StateSlots(3)  # 2 request slots
+    scheduler = Scheduler(kv, max_requests=8, max_tokens=None, state_slots=slots)
+    a, b, c = (_request(r, list(range(8))) for r in "abc")
+    for request in (a, b, c):
+        scheduler.add(request)
+    out = scheduler.schedule()
+    assert [ch.request for ch in out.chunks] == [a, b]  # c waits: no slot, though blocks fit
+    assert (slots.slot("a"), slots.slot("b")) == (1, 2) and SCRATCH_SLOT not in slots.in_use()
+    assert sorted(slots.take_to_zero()) == [1, 2] and slots.take_to_zero() == []
+    for ch in out.chunks:
+        ch.request.num_computed_tokens += ch.num_tokens
+        ch.request.append_token(1, None, None)
+    scheduler.finish(a)
+    assert slots.get("a") is None and slots.num_free == 1
+    out = scheduler.schedule()  # b decodes, c takes a's slot
+    assert slots.slot("c") == 1 and slots.take_to_zero() == [1]
+    for ch in out.chunks:
+        ch.request.num_computed_tokens += ch.num_tokens
+        ch.request.append_token(1, None, None)
+    # b and c grow until the 6 blocks run out: c (admitted last) is preempted, its slot freed.
+    b.all_token_ids.extend([1] * 12)
+    out = scheduler.schedule()
+    assert out.preempted == [c] and slots.get("c") is None and slots.in_use() == [2]
+    scheduler.finish(b)
+    scheduler.finish(c)
+    assert slots.num_in_use == 0 and slots.num_free == 2 and kv.usage() == 0

@@ -286,4 +286,5 @@ def test_metrics_count_requests_and_tokens(server) -> None:
     assert float(lines['mcore_requests_finished_total{finish_reason="length"}']) >= 1
     assert 'mcore_http_requests_total{path="/v1/completions",status="200"}' in lines
     assert "mcore_kv_cache_usage_ratio" in lines and "mcore_running" in lines
+    assert float(lines["mcore_state_slots_in_use"]) == 0  # no recurrent layers in this model
     assert float(lines["mcore_time_to_first_token_seconds_count"]) >= 1

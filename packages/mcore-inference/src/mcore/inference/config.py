@@ -23,11 +23,13 @@ class InferenceConfig:
     """Tokens per paged KV-cache block."""
     buffer_size_gb: float = 4.0
     """Memory reserved for the KV cache (never more than max_requests full-length
-    sequences need)."""
+    sequences need); a hybrid model's recurrent states (max_requests + 1 slots) come out of it
+    first."""
     kv_cache_blocks: int | None = None
     """Number of KV-cache blocks, overriding buffer_size_gb (tests, tight memory)."""
     enable_prefix_caching: bool = True
-    """Share the cache blocks of identical prompt prefixes between requests."""
+    """Share the cache blocks of identical prompt prefixes between requests (always off for
+    models with recurrent state: Mamba, gated delta net)."""
     suspend_mode: Literal["offload", "recompute"] = "offload"
     """What suspend() does with the KV cache: copy the blocks in use to host memory and back
     on resume (bit-exact), or drop them and recompute on resume (frees host memory too)."""

@@ -7,13 +7,22 @@ grouped-query attention, one latent-plus-rope tensor for multi-latent attention)
 context turns the scheduler's chunks into the :class:`~mcore.models.inference.PagedBatch` the
 model reads, optionally padded to fixed :class:`BatchDims` for a CUDA graph.
 
-Suspend frees the cache tensors: ``offload`` first copies the blocks in use to host memory (and
-resume copies them back to the same block ids, so generation continues bit for bit);
-``recompute`` keeps nothing, the engine having sent every request back to the queue.
+Hybrid models' sequence-mixer layers keep a fixed-size recurrent state per request instead
+(:mod:`mcore.inference.recurrent_state`): the context allocates those tensors next to the cache,
+``[max_requests + 1, *shape]`` each, and a running request owns one slot of them. The batch
+names each request's slot (padding rows: the scratch slot 0); slots handed out since the last
+step are zeroed before the forward. Such models get no prefix caching: a cached KV prefix is
+useless without the recurrent state after it.
+
+Suspend frees the cache tensors: ``offload`` first copies the blocks in use (and the state
+slots in use) to host memory (and resume copies them back to the same ids, so generation
+continues bit for bit); ``recompute`` keeps nothing, the engine having sent every request back
+to the queue.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,9 +31,15 @@ import numpy as np
 import torch
 
 from mcore.inference.config import InferenceConfig
+from mcore.inference.errors import InvalidRequestError
 from mcore.inference.kv_cache import SCRATCH_BLOCK, KVCacheManager
+from mcore.inference.recurrent_state import SCRATCH_SLOT, RecurrentStateConfig, StateSlots
 from mcore.inference.scheduler import ScheduledChunk
 from mcore.models.inference import KVCacheSpec, PagedBatch
+
+log = logging.getLogger(__name__)
+
+_Tensors = dict[int, tuple[torch.Tensor, ...]]
 
 
 @dataclass(frozen=True, order=True)
@@ -61,7 +76,8 @@ def _dtype_size(dtype: torch.dtype) -> int:
 
 
 class DynamicInferenceContext:
-    """Paged KV-cache tensors, their block manager, and step batches built over them."""
+    """Paged KV-cache tensors, their block manager, and step batches built over them; for
+    hybrid models also the recurrent-state tensors and their slots (``state_config``)."""
 
     def __init__(
         self,
@@ -73,9 +89,16 @@ class DynamicInferenceContext:
         device: torch.device | str,
         dtype: torch.dtype,
         enable_prefix_caching: bool = True,
+        state_config: RecurrentStateConfig | None = None,
     ) -> None:
-        if not specs:
-            raise ValueError("the model has no attention layers: nothing to cache")
+        if not specs and state_config is None:
+            raise ValueError("the model has no attention or sequence-mixer layers: nothing to keep")
+        if state_config is not None and enable_prefix_caching:
+            log.info(
+                "prefix caching is off: the model keeps recurrent state (Mamba / gated delta net "
+                "layers), and a cached KV prefix is useless without the state after it"
+            )
+            enable_prefix_caching = False
         self.specs = dict(specs)
         self.block_size = block_size
         self.max_blocks_per_request = max_blocks_per_request
@@ -84,8 +107,14 @@ class DynamicInferenceContext:
         self.kv = KVCacheManager(
             num_blocks, block_size, enable_prefix_caching=enable_prefix_caching
         )
-        self.caches: dict[int, tuple[torch.Tensor, ...]] | None = None
-        self._offloaded: tuple[torch.Tensor, dict[int, tuple[torch.Tensor, ...]]] | None = None
+        self.state_config = state_config
+        self.state_slots = None if state_config is None else StateSlots(state_config.num_slots)
+        self.caches: _Tensors | None = None
+        self.states: _Tensors | None = None
+        """Recurrent-state tensors ``[num_slots, *shape]`` by layer (None: no such layers, or
+        suspended)."""
+        self._offloaded: tuple[torch.Tensor, _Tensors] | None = None
+        self._offloaded_states: tuple[torch.Tensor, _Tensors] | None = None
         self.allocate()
 
     @classmethod
@@ -97,17 +126,30 @@ class DynamicInferenceContext:
         device: torch.device | str,
         dtype: torch.dtype,
         max_sequence_length: int,
+        state_config: RecurrentStateConfig | None = None,
     ) -> DynamicInferenceContext:
         """As many blocks as ``config.buffer_size_gb`` holds (or ``kv_cache_blocks``), never
-        more than ``max_requests`` sequences of ``max_sequence_length`` can use."""
+        more than ``max_requests`` sequences of ``max_sequence_length`` can use. The
+        recurrent states (``state_config``) come out of the same buffer first."""
         bs = config.block_size_tokens
         per_request = math.ceil(max_sequence_length / bs)
+        most = config.max_requests * per_request + 1
         if config.kv_cache_blocks is not None:
             num_blocks = config.kv_cache_blocks
         else:
             per_block = bytes_per_block(specs, bs, dtype)
-            fits = int(config.buffer_size_gb * 2**30 // per_block)
-            num_blocks = max(2, min(fits, config.max_requests * per_request + 1))
+            state_bytes = 0 if state_config is None else state_config.total_bytes()
+            budget = config.buffer_size_gb * 2**30 - state_bytes
+            fits = int(budget // per_block) if per_block else most
+            if state_bytes and fits < 2:
+                raise InvalidRequestError(
+                    f"inference.buffer_size_gb ({config.buffer_size_gb}) leaves no room for the "
+                    f"KV cache once the recurrent states of max_requests "
+                    f"({config.max_requests}) requests take {state_bytes / 2**30:.3f} GiB: raise "
+                    "buffer_size_gb or lower max_requests",
+                    field="buffer_size_gb",
+                )
+            num_blocks = max(2, min(fits, most))
         return cls(
             specs,
             num_blocks=num_blocks,
@@ -116,6 +158,7 @@ class DynamicInferenceContext:
             device=device,
             dtype=dtype,
             enable_prefix_caching=config.enable_prefix_caching,
+            state_config=state_config,
         )
 
     # -- memory -------------------------------------------------------------------------------
@@ -129,27 +172,48 @@ class DynamicInferenceContext:
         return self.caches is not None
 
     def memory_bytes(self) -> int:
-        """Bytes the cache tensors take (0 while suspended)."""
-        if self.caches is None:
-            return 0
-        return sum(t.numel() * t.element_size() for ts in self.caches.values() for t in ts)
+        """Bytes the cache and recurrent-state tensors take (0 while suspended)."""
+        return self.kv_memory_bytes() + self.state_memory_bytes()
+
+    def kv_memory_bytes(self) -> int:
+        """Bytes the KV-cache tensors take (0 while suspended)."""
+        return _bytes(self.caches)
+
+    def state_memory_bytes(self) -> int:
+        """Bytes the recurrent-state tensors take (0 while suspended or without them)."""
+        return _bytes(self.states)
 
     def allocate(self) -> None:
-        """(Re)create the cache tensors, zeroed so masked slots never hold NaN."""
-        if self.caches is not None:
-            return
-        self.caches = {
-            layer: tuple(
-                torch.zeros(shape, dtype=self.dtype, device=self.device)
-                for shape in spec.shapes(self.num_blocks, self.block_size)
-            )
-            for layer, spec in self.specs.items()
-        }
+        """(Re)create the cache tensors, zeroed so masked slots never hold NaN, and the
+        recurrent-state tensors (zeroed)."""
+        if self.caches is None:
+            self.caches = {
+                layer: tuple(
+                    torch.zeros(shape, dtype=self.dtype, device=self.device)
+                    for shape in spec.shapes(self.num_blocks, self.block_size)
+                )
+                for layer, spec in self.specs.items()
+            }
+        if self.state_config is not None and self.states is None:
+            self.states = self.state_config.allocate(self.device)
 
     def suspend(self, *, offload: bool) -> None:
-        """Free the cache tensors; with ``offload``, keep a host copy of the blocks in use."""
+        """Free the cache and state tensors; with ``offload``, keep a host copy of the blocks
+        and state slots in use."""
         if self.caches is None:
             return
+        self._offloaded_states = None
+        if offload and self.states is not None:
+            used = torch.tensor(self.state_slots.in_use(), dtype=torch.long)
+            index = used.to(self.device)
+            self._offloaded_states = (
+                used,
+                {
+                    layer: tuple(t.index_select(0, index).to("cpu") for t in tensors)
+                    for layer, tensors in self.states.items()
+                },
+            )
+        self.states = None
         if offload:
             used = torch.tensor(self.kv.blocks_in_use(), dtype=torch.long)
             index = used.to(self.device)
@@ -169,16 +233,29 @@ class DynamicInferenceContext:
             torch.cuda.empty_cache()
 
     def resume(self) -> None:
-        """Reallocate the cache tensors and restore offloaded blocks to their ids."""
+        """Reallocate the cache and state tensors and restore offloaded blocks and state
+        slots to their ids."""
         self.allocate()
-        if self._offloaded is None:
+        restore = ((self._offloaded, self.caches), (self._offloaded_states, self.states))
+        for saved, tensors in restore:
+            if saved is None:
+                continue
+            used, copies = saved
+            index = used.to(self.device)
+            for layer, host in copies.items():
+                for target, rows in zip(tensors[layer], host, strict=True):
+                    target.index_copy_(0, index, rows.to(self.device))
+        self._offloaded = self._offloaded_states = None
+
+    def _zero_new_slots(self) -> None:
+        """Zero the state slots handed out since the last step (one fill per tensor)."""
+        slots = sorted(set(self.state_slots.take_to_zero()))
+        if not slots:
             return
-        used, saved = self._offloaded
-        index = used.to(self.device)
-        for layer, tensors in saved.items():
-            for target, blocks in zip(self.caches[layer], tensors, strict=True):
-                target.index_copy_(0, index, blocks.to(self.device))
-        self._offloaded = None
+        index = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        for tensors in self.states.values():
+            for t in tensors:
+                t.index_fill_(0, index, 0)
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -192,6 +269,8 @@ class DynamicInferenceContext:
         """
         if self.caches is None:
             raise RuntimeError("the KV cache is suspended: resume() before building batches")
+        if self.states is not None:
+            self._zero_new_slots()
         decode = [c for c in chunks if c.num_tokens == 1]
         prefill = [c for c in chunks if c.num_tokens > 1]
         actual = BatchDims(sum(c.num_tokens for c in chunks), len(prefill), len(decode))
@@ -216,12 +295,15 @@ class DynamicInferenceContext:
         prefill_tables = np.full((P, prefill_width), SCRATCH_BLOCK, dtype=np.int64)
         query_rows = np.full((P, query_len), T, dtype=np.int64)
         query_positions = np.zeros((P, query_len), dtype=np.int64)
+        decode_state = np.full(D, SCRATCH_SLOT, dtype=np.int64)
+        prefill_state = np.full(P, SCRATCH_SLOT, dtype=np.int64)
 
         last_row: list[int] = []  # the last row of each chunk, in row order
         for j, chunk in enumerate(decode):
             blocks = self._fill(chunk, j, ids, positions, slots)
             decode_tables[j, : len(blocks)] = blocks
             decode_lens[j] = chunk.start + 1
+            decode_state[j] = self._state_slot(chunk)
             last_row.append(j)
         row = D
         for j, chunk in enumerate(prefill):
@@ -230,6 +312,7 @@ class DynamicInferenceContext:
             prefill_tables[j, : len(blocks)] = blocks
             query_rows[j, :n] = np.arange(row, row + n)
             query_positions[j, :n] = positions[row : row + n]
+            prefill_state[j] = self._state_slot(chunk)
             row += n
             last_row.append(row - 1)
 
@@ -269,6 +352,10 @@ class DynamicInferenceContext:
             logits_rows=tensor(np.asarray(logits_rows, dtype=np.int64)),
             caches=self.caches,
         )
+        if self.states is not None:
+            paged.decode_state_slots = tensor(decode_state)
+            paged.prefill_state_slots = tensor(prefill_state)
+            paged.states = self.states
         return StepBatch(paged, dims, sample_chunks, sample_rows)
 
     def dummy_batch(self, dims: BatchDims) -> PagedBatch:
@@ -281,7 +368,7 @@ class DynamicInferenceContext:
             return torch.full(shape, fill, dtype=torch.long, device=self.device)
 
         query_rows = zeros(P, query_len, fill=T)
-        return PagedBatch(
+        batch = PagedBatch(
             input_ids=zeros(T),
             positions=zeros(T),
             slot_mapping=zeros(T, fill=SCRATCH_BLOCK * bs),
@@ -296,6 +383,16 @@ class DynamicInferenceContext:
             logits_rows=zeros(D + P),
             caches=self.caches or {},
         )
+        if self.states is not None:
+            batch.decode_state_slots = zeros(D, fill=SCRATCH_SLOT)
+            batch.prefill_state_slots = zeros(P, fill=SCRATCH_SLOT)
+            batch.states = self.states
+        return batch
+
+    def _state_slot(self, chunk: ScheduledChunk) -> int:
+        if self.state_slots is None:
+            return SCRATCH_SLOT
+        return self.state_slots.slot(chunk.request.request_id)
 
     def _width(self, chunks: Sequence[ScheduledChunk]) -> int:
         return max((len(self.kv.block_ids(c.request.request_id)) for c in chunks), default=1)
@@ -318,6 +415,12 @@ class DynamicInferenceContext:
             self.block_size
         ) + (pos % self.block_size)
         return blocks
+
+
+def _bytes(tensors: _Tensors | None) -> int:
+    if tensors is None:
+        return 0
+    return sum(t.numel() * t.element_size() for ts in tensors.values() for t in ts)
 
 
 def bytes_per_block(specs: Mapping[int, KVCacheSpec], block_size: int, dtype: torch.dtype) -> int:

@@ -4,8 +4,9 @@ A graph is captured for each configured shape (token count, prefill requests, de
 decode-only steps for 1, 2, 4, ... decode requests, and steps mixing one prefill chunk with
 decodes. A step is padded to the smallest captured shape it fits (padding tokens write to the
 scratch block), its inputs copied into that graph's static tensors and the graph replayed;
-steps that fit none run eagerly. The graphs read the KV-cache tensors at their captured
-addresses, so they are dropped when the cache is freed (suspend) and captured again on resume.
+steps that fit none run eagerly. The graphs read the KV-cache tensors (and a hybrid model's
+recurrent-state tensors; padding rows use the scratch state slot 0) at their captured addresses,
+so they are dropped when the cache is freed (suspend) and captured again on resume.
 
 Models whose forward synchronises with the host (MoE token dispatch sizes its buffers from the
 routing) cannot be captured: a first forward under CUDA's sync debugging finds that before any
@@ -38,7 +39,10 @@ _INPUTS = (
     "prefill_query_rows",
     "prefill_query_positions",
     "logits_rows",
+    "decode_state_slots",
+    "prefill_state_slots",
 )
+"""The batch tensors copied into a graph's static inputs (the state slots: hybrid models)."""
 
 
 def graph_shapes(
@@ -144,6 +148,8 @@ class CudaGraphRunner:
         returns the graph's logits ``[num_decode + num_prefill, vocab]``."""
         entry = self._graphs[dims]
         for name in _INPUTS:
-            getattr(entry.inputs, name).copy_(getattr(batch, name), non_blocking=True)
+            source = getattr(batch, name)
+            if source is not None:
+                getattr(entry.inputs, name).copy_(source, non_blocking=True)
         entry.graph.replay()
         return entry.logits

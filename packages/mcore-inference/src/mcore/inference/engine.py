@@ -37,6 +37,7 @@ from mcore.inference.errors import (
     RequestId,
 )
 from mcore.inference.model_runner import ModelRunner
+from mcore.inference.recurrent_state import RecurrentStateConfig
 from mcore.inference.request import Request, RequestOutput
 from mcore.inference.sampling import Sampler, SamplingParams
 from mcore.inference.scheduler import Scheduler
@@ -76,6 +77,12 @@ class EngineStats:
     preemptions: int
     prefix_cache_hit_tokens: int
     suspended: bool
+    state_slots_in_use: int = 0
+    """Recurrent-state slots held by running requests (hybrid models)."""
+    recurrent_state_bytes: int = 0
+    """Bytes of the recurrent-state tensors (0 without sequence-mixer layers, or suspended)."""
+    kv_cache_bytes: int = 0
+    """Bytes of the KV-cache tensors (0 while suspended)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -85,11 +92,13 @@ class DynamicInferenceEngine:
     """Serves requests on one model with continuous batching.
 
     ``model`` is a ``GPTModel`` (or anything with ``forward_paged`` and ``kv_cache_specs``); it
-    is moved to the configured device and dtype and put in inference mode. ``tokenizer`` (a
-    :class:`~mcore.inference.tokenizer.TextTokenizer`) is optional: with it, prompts may be
-    text, outputs carry text, stop strings work and its end-of-sequence ids stop requests.
-    ``vocab_size`` limits sampling to the first ids (a vocabulary padded for the model; by
-    default the tokenizer's size when it is smaller than the model's).
+    is moved to the configured device and dtype and put in inference mode. A hybrid model's
+    ``recurrent_state_specs()`` (Mamba-2, gated delta net layers) size the per-request state
+    slots kept next to the KV cache (``state_config``); such models run without prefix caching.
+    ``tokenizer`` (a :class:`~mcore.inference.tokenizer.TextTokenizer`) is optional: with it,
+    prompts may be text, outputs carry text, stop strings work and its end-of-sequence ids stop
+    requests. ``vocab_size`` limits sampling to the first ids (a vocabulary padded for the
+    model; by default the tokenizer's size when it is smaller than the model's).
     """
 
     def __init__(
@@ -119,15 +128,25 @@ class DynamicInferenceEngine:
         if eos_token_ids is None and tokenizer is not None:
             eos = set(tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
+        self.state_config = RecurrentStateConfig.from_model(
+            self.model, max_requests=config.max_requests, dtype=self.dtype
+        )
+        """The recurrent-state memory of a hybrid model (None: no sequence-mixer layers)."""
+        if self.state_config is not None:
+            log.info("recurrent state: %s", self.state_config.describe())
         self.context = DynamicInferenceContext.from_config(
             self.model.kv_cache_specs(),
             config,
             device=self.device,
             dtype=self.dtype,
             max_sequence_length=self.max_sequence_length,
+            state_config=self.state_config,
         )
         self.scheduler = Scheduler(
-            self.context.kv, max_requests=config.max_requests, max_tokens=config.max_tokens
+            self.context.kv,
+            max_requests=config.max_requests,
+            max_tokens=config.max_tokens,
+            state_slots=self.context.state_slots,
         )
         self.runner = ModelRunner(self.model, self.context, config)
         model_vocab = getattr(model_config, "vocab_size", None)
@@ -363,13 +382,13 @@ class DynamicInferenceEngine:
         return self._suspended
 
     def suspend(self, mode: str | None = None) -> None:
-        """Free the KV cache (and the CUDA graphs over it); every request stays, with its
-        tokens, sampling state and generator, until :meth:`resume`.
+        """Free the KV cache and recurrent states (and the CUDA graphs over them); every
+        request stays, with its tokens, sampling state and generator, until :meth:`resume`.
 
-        ``mode`` (default ``inference.suspend_mode``): ``offload`` copies the blocks in use to
-        host memory and back, so generation continues bit for bit; ``recompute`` keeps no KV
-        and recomputes every request's tokens after resume (same tokens, up to the rounding
-        of a batched prefill against token-by-token decoding).
+        ``mode`` (default ``inference.suspend_mode``): ``offload`` copies the blocks and state
+        slots in use to host memory and back, so generation continues bit for bit;
+        ``recompute`` keeps no KV or state and recomputes every request's tokens after resume
+        (same tokens, up to the rounding of a batched prefill against token-by-token decoding).
         """
         mode = mode or self.config.suspend_mode
         if mode not in ("offload", "recompute"):
@@ -402,8 +421,8 @@ class DynamicInferenceEngine:
 
         ``weights`` is a model of the same architecture or its ``state_dict()`` (mcore names;
         fully sharded tensors are gathered). The prefix cache is cleared, so no request reuses
-        keys/values of the old weights; requests in flight keep theirs. CUDA graphs stay
-        valid (the parameters keep their storage).
+        keys/values of the old weights; requests in flight keep theirs, and their recurrent-state
+        slots. CUDA graphs stay valid (the parameters keep their storage).
         """
         state = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
         own = self.model.state_dict()
@@ -434,7 +453,7 @@ class DynamicInferenceEngine:
     # -- introspection ------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        kv = self.context.kv
+        kv, slots = self.context.kv, self.context.state_slots
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
@@ -446,6 +465,9 @@ class DynamicInferenceEngine:
             preemptions=self._preemptions,
             prefix_cache_hit_tokens=kv.prefix_hits,
             suspended=self._suspended,
+            state_slots_in_use=0 if slots is None else slots.num_in_use,
+            recurrent_state_bytes=self.context.state_memory_bytes(),
+            kv_cache_bytes=self.context.kv_memory_bytes(),
         )
 
     def get_request(self, request_id: RequestId) -> Request | None:

@@ -11,6 +11,11 @@ When a running request needs a block and none is free, the most recently admitte
 request is preempted: its blocks are released and it goes back to the front of the queue with
 everything it generated, to be recomputed later. No request is ever dropped; a step that had to
 preempt admits nobody new.
+
+For hybrid models each running request also holds a recurrent-state slot
+(:class:`~mcore.inference.recurrent_state.StateSlots`): taken on admission, kept across prefill
+chunks and decode steps, given back on finish, abort and preemption. A request is admitted
+only while a slot is free.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 
 from mcore.inference.errors import RequestId
 from mcore.inference.kv_cache import KVCacheManager
+from mcore.inference.recurrent_state import StateSlots
 from mcore.inference.request import Request, RequestStatus
 
 
@@ -49,10 +55,19 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Waiting and running requests over one :class:`KVCacheManager`."""
+    """Waiting and running requests over one :class:`KVCacheManager` (and, for hybrid models,
+    the recurrent-state slots)."""
 
-    def __init__(self, kv: KVCacheManager, *, max_requests: int, max_tokens: int | None) -> None:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        *,
+        max_requests: int,
+        max_tokens: int | None,
+        state_slots: StateSlots | None = None,
+    ) -> None:
         self.kv = kv
+        self.state_slots = state_slots
         self.max_requests = max_requests
         self.max_tokens = max_tokens
         self.waiting: deque[Request] = deque()
@@ -84,7 +99,12 @@ class Scheduler:
                 i += 1
         if out.preempted:
             return out
-        while self.waiting and budget > 0 and len(self.running) < self.max_requests:
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.max_requests
+            and (self.state_slots is None or self.state_slots.num_free > 0)
+        ):
             request = self.waiting[0]
             cached = self.kv.match_prefix(request)
             request.num_computed_tokens = cached
@@ -94,6 +114,8 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            if self.state_slots is not None:
+                self.state_slots.assign(request.request_id)  # zeroed before the forward
             request.status = RequestStatus.RUNNING
             metrics = request.metrics
             if metrics.first_scheduled_time is None:
@@ -104,24 +126,30 @@ class Scheduler:
             budget -= n
         return out
 
-    def _preempt(self, request: Request) -> None:
+    def _release(self, request: Request) -> None:
+        """Give back the request's KV blocks and its recurrent-state slot."""
         self.kv.free(request)
+        if self.state_slots is not None:
+            self.state_slots.free(request.request_id)
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
         request.preempt()
         self.waiting.appendleft(request)
 
     def preempt_all(self) -> None:
-        """Release every running request's blocks; all wait, in their admission order, ahead
-        of the requests that were already waiting."""
+        """Release every running request's blocks and state slots; all wait, in their admission
+        order, ahead of the requests that were already waiting."""
         while self.running:
             self._preempt(self.running.pop())
 
     def finish(self, request: Request) -> None:
-        """Forget a finished (or aborted) request and release its blocks."""
+        """Forget a finished (or aborted) request and release its blocks and state slot."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.free(request)
+        self._release(request)
 
     def find(self, request_id: RequestId) -> Request | None:
         for request in (*self.running, *self.waiting):

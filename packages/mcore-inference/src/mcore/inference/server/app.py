@@ -218,6 +218,8 @@ class OpenAIServer:
             "running": "Requests running.",
             "waiting": "Requests waiting.",
             "kv_cache_usage": "Fraction of KV-cache blocks in use.",
+            "state_slots_in_use": "Recurrent-state slots held by running requests (hybrid models).",
+            "recurrent_state_bytes": "Bytes of the recurrent-state tensors (hybrid models).",
             "engines_alive": "Engine ranks alive.",
         }
         for key, help_text in gauges.items():
