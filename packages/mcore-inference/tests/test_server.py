@@ -149,6 +149,23 @@ def test_token_id_prompts_batches_and_n(server) -> None:
     assert body["usage"]["prompt_tokens"] == 5 and body["usage"]["completion_tokens"] == 16
 
 
+def test_return_token_ids_gives_ids_beside_the_text(server) -> None:
+    ids = server.engine.tokenizer.encode("the quick brown")
+    body = {"prompt": ids, "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}  # fmt: skip
+    status, whole = server.post("/v1/completions", body)
+    assert status == 200, whole
+    (choice,) = whole["choices"]
+    assert choice["prompt_token_ids"] == ids
+    assert choice["token_ids"] == server.greedy(ids, 5).token_ids
+    streamed = server.events("/v1/completions", {**body, "stream": True})
+    assert streamed[-1] == "[DONE]"
+    pieces = [t for e in streamed[:-1] if e["choices"] for t in e["choices"][0]["token_ids"]]
+    assert pieces == choice["token_ids"]
+    status, bad = server.post("/v1/completions", {**body, "return_token_ids": "yes"})
+    assert status == 400 and bad["error"]["param"] == "return_token_ids"
+
+
 def test_streamed_completion_equals_the_whole_one(server) -> None:
     body = {"prompt": "hello world", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip

@@ -285,12 +285,17 @@ class OpenAIServer:
             lp = None
             if parsed.want_logprobs and self.tokenizer is not None:
                 lp = protocol.completion_logprobs(self.tokenizer, out, start, offset)
-            return {
+            made = {
                 "index": index,
                 "text": text,
                 "logprobs": lp,
                 "finish_reason": protocol.finish_reason(out),
             }
+            if parsed.return_token_ids:
+                made["token_ids"] = list(out.token_ids[start:])
+                if not parsed.stream:
+                    made["prompt_token_ids"] = list(out.prompt_token_ids)
+            return made
 
         envelope = {"id": base_id, "object": "text_completion", "model": self.model_name}
         if parsed.stream:

@@ -63,6 +63,10 @@ class ParsedRequest:
     model: str | None
     want_logprobs: bool
     top_logprobs: int
+    return_token_ids: bool = False
+    """Completions only: each choice also carries its ``token_ids`` (and, unstreamed, the
+    ``prompt_token_ids``), as vLLM's ``return_token_ids``; clients that tokenise themselves
+    (RL rollouts, servers of tokenizer-less checkpoints) read ids instead of text."""
 
 
 def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | None):
@@ -171,6 +175,7 @@ def parse_completion(body: Any) -> ParsedRequest:
         body.get("model"),
         logprobs is not None,
         logprobs or 0,
+        _field(body, "return_token_ids", lambda v: isinstance(v, bool), "must be a bool", False),
     )
 
 
