@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("mcore.moe")
 
-from mcore.ssm.testing import make_hf  # noqa: E402
+from mcore.ssm.testing import make_hf
 
 BIN = Path(sys.executable).parent
 NEW_TOKENS = 8
