@@ -54,6 +54,11 @@ def test_megatron_newer_name_is_accepted_and_pattern_checked_against_num_layers(
         TransformerConfig(num_layers=4, hybrid_override_pattern="*-|*").checked()
 
 
+def test_mtp_blocks_are_parsed_but_refused_until_mtp_layers_exist() -> None:
+    with pytest.raises(ConfigError, match="multi-token-prediction block"):
+        TransformerConfig(num_layers=2, hybrid_override_pattern="*-/*-").checked()
+
+
 def test_pipe_segments_follow_the_pipeline_or_are_refused() -> None:
     base = {"model.num-layers": "4", "model.hybrid-override-pattern": "*-*|-"}
     assert load_config(overrides=base).model.pipeline_stage_layer_counts == (3, 1)

@@ -211,6 +211,12 @@ class TransformerConfig:
                 f"has {len(pattern.layers)} layer symbols but num_layers is {self.num_layers}; "
                 f"give one symbol per layer or set num_layers = {len(pattern.layers)}",
             )
+        if pattern.mtp_layers:
+            errors.add(
+                "hybrid_override_pattern",
+                f"has {len(pattern.mtp_layers)} multi-token-prediction block(s) after '/', but "
+                "mcore builds no MTP layers yet: remove the '/' parts",
+            )
         ends = (self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage)
         if pattern.stage_layer_counts is not None and any(n is not None for n in ends):
             errors.add(
