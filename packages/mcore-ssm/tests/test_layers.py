@@ -124,3 +124,20 @@ def test_triton_kernels_give_the_torch_model_under_the_interpreter() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("same")
+
+
+def test_plan_counts_the_mixers_matmuls() -> None:
+    from mcore.parallel.plan.flops import mixer_flops
+
+    net = model("MG")
+    cfg, seq = net.config, 64
+    for symbol, layer in (("M", net.layers["0"]), ("G", net.layers["1"])):
+        mixer = layer.mixer
+        weights = sum(
+            m.weight.numel() for m in mixer.modules() if isinstance(m, torch.nn.Module)
+            and type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear")
+        )  # fmt: skip
+        conv = mixer.conv1d.weight.numel()
+        extra = mixer_flops(cfg, SSM, symbol, seq) / 2 - weights - conv  # the scan's share
+        assert 0 < extra < weights, symbol
+    assert mixer_flops(cfg, SSM, "*", seq) == 0.0 and mixer_flops(cfg, None, "M", seq) == 0.0

@@ -14,8 +14,8 @@ from typing import Any
 def layer_kinds(model: Any, moe: Any) -> list[tuple[bool, str | None]]:
     """``(has attention, mlp kind)`` per layer; the MLP kind is ``"dense"``, ``"moe"`` or None.
 
-    Follows ``model.hybrid_override_pattern`` (``*`` attention, ``-`` MLP, ``E`` MoE; other
-    symbols are counted as no matmul work) or else GPT layers, MoE where ``[moe]`` says."""
+    Follows ``model.hybrid_override_pattern`` (``*`` attention, ``-`` MLP, ``E`` MoE; sequence
+    mixers such as ``M`` and ``G`` have neither: :func:`mixer_flops` counts them) or else GPT layers, MoE where ``[moe]`` says."""
     parsed = getattr(model, "layer_pattern", None)  # separators removed
     if parsed is not None:
         pattern = parsed.layers
@@ -58,12 +58,48 @@ def mlp_flops(model: Any, moe: Any, kind: str | None) -> float:
     return 0.0
 
 
-def layer_flops(model: Any, moe: Any, seq_length: int) -> list[float]:
-    """Training FLOPs per token of each layer (3 x forward)."""
+def mixer_flops(model: Any, ssm: Any, symbol: str, seq_length: int) -> float:
+    """Forward FLOPs per token of a sequence-mixer layer: ``M`` (Mamba-2) or ``G`` (gated delta
+    net) sized by the ``[ssm]`` section; other symbols have none.
+
+    Projections and the depthwise conv exactly; the chunked scan as its per-token state work
+    (the chunk-state update and the output read from the state, each ``heads x state`` MACs)
+    plus the quadratic term within a chunk (``chunk x (key + value width)`` per head).
+    """
+    if ssm is None or symbol not in ("M", "G"):
+        return 0.0
+    h = model.hidden_size
+    if symbol == "M":
+        heads = ssm.mamba_heads(h)
+        p, n, g = ssm.mamba_head_dim, ssm.mamba_state_dim, ssm.mamba_num_groups
+        inner, bc = heads * p, 2 * g * n
+        proj = h * (2 * inner + bc + heads) + inner * h
+        conv = ssm.mamba_conv_kernel * (inner + bc)
+        chunk = min(ssm.mamba_chunk_size, seq_length)
+        scan = 2 * heads * p * n + heads * chunk * (n + p)
+    else:
+        nk, nv = ssm.linear_num_key_heads, ssm.linear_num_value_heads
+        dk, dv = ssm.linear_key_head_dim, ssm.linear_value_head_dim
+        proj = h * (2 * nk * dk + 2 * nv * dv + 2 * nv) + nv * dv * h
+        conv = ssm.linear_conv_kernel_dim * (2 * nk * dk + nv * dv)
+        chunk = min(ssm.linear_chunk_size, seq_length)
+        scan = 3 * nv * dk * dv + nv * chunk * (dk + dv)
+    return 2.0 * (proj + conv + scan)
+
+
+def layer_flops(model: Any, moe: Any, seq_length: int, ssm: Any = None) -> list[float]:
+    """Training FLOPs per token of each layer (3 x forward); ``ssm`` sizes ``M``/``G`` layers."""
     attention = attention_flops(model, seq_length)
+    parsed = getattr(model, "layer_pattern", None)
+    symbols = parsed.layers if parsed is not None else [None] * model.num_layers
     return [
-        3.0 * ((attention if has_attention else 0.0) + mlp_flops(model, moe, kind))
-        for has_attention, kind in layer_kinds(model, moe)
+        3.0
+        * (
+            (attention if has_attention else 0.0)
+            + mlp_flops(model, moe, kind)
+            + mixer_flops(model, ssm, symbol, seq_length)
+        )
+        for (has_attention, kind), symbol in zip(layer_kinds(model, moe), symbols, strict=True)
     ]
 
 
@@ -72,6 +108,6 @@ def head_flops(model: Any) -> float:
     return 3.0 * 2.0 * model.hidden_size * model.vocab_size
 
 
-def model_flops_per_token(model: Any, moe: Any, seq_length: int) -> float:
+def model_flops_per_token(model: Any, moe: Any, seq_length: int, ssm: Any = None) -> float:
     """Training model FLOPs per token of the whole model."""
-    return sum(layer_flops(model, moe, seq_length)) + head_flops(model)
+    return sum(layer_flops(model, moe, seq_length, ssm)) + head_flops(model)

@@ -157,13 +157,14 @@ def make_plan(
         registries = get_plugin_manager().registries
     model, train = config.model, config.train
     moe = getattr(config, "moe", None)
+    ssm = getattr(config, "ssm", None)
     mbs, seq = train.micro_batch_size, train.seq_length
     gbs = train.global_batch_size or mbs * layout["dp"]
     micro = gbs // (mbs * layout["dp"])
     dtype = compute_dtype(config) or torch.float32
-    per_layer = layer_flops(model, moe, seq)
+    per_layer = layer_flops(model, moe, seq, ssm)
     kinds = layer_kinds(model, moe)
-    per_token = model_flops_per_token(model, moe, seq)
+    per_token = model_flops_per_token(model, moe, seq, ssm)
     pp, vpp = layout["pp"], layout["vpp"]
     ends = _stage_ends(model, pp)
     measured: dict[Any, list] = {}
