@@ -15,7 +15,8 @@ def layer_kinds(model: Any, moe: Any) -> list[tuple[bool, str | None]]:
     """``(has attention, mlp kind)`` per layer; the MLP kind is ``"dense"``, ``"moe"`` or None.
 
     Follows ``model.hybrid_override_pattern`` (``*`` attention, ``-`` MLP, ``E`` MoE; sequence
-    mixers such as ``M`` and ``G`` have neither: :func:`mixer_flops` counts them) or else GPT layers, MoE where ``[moe]`` says."""
+    mixers such as ``M`` and ``G`` have neither: :func:`mixer_flops` counts them) or else GPT
+    layers, MoE where ``[moe]`` says."""
     parsed = getattr(model, "layer_pattern", None)  # separators removed
     if parsed is not None:
         pattern = parsed.layers
