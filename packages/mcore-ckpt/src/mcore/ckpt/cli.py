@@ -252,6 +252,7 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
         "config": json.loads(json.dumps(sections, default=str)),
         "layout": {"world_size": 1},
         "imported_from": str(hf_dir),
+        "hf_architecture": model.hf_architecture,
     }
     final = _write_checkpoint(out, tensors, common)
     _copy_tokenizer(hf_dir, final)
@@ -260,7 +261,8 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
 
 
 def export_hf(ckpt: Path, out: Path, architecture: str | None = None) -> Path:
-    """The weights of checkpoint ``ckpt`` as a Hugging Face folder ``out``."""
+    """The weights of checkpoint ``ckpt`` as a Hugging Face folder ``out``, in ``architecture``
+    (default: the one the checkpoint was imported from, else inferred from the model)."""
     from mcore.ckpt.checkpointer import read_common
     from mcore.ckpt.formats import get_format
 
@@ -269,7 +271,7 @@ def export_hf(ckpt: Path, out: Path, architecture: str | None = None) -> Path:
     save_hf = _hf("export-hf").save_hf
     model = _build_model(common)
     get_format(common["format"]).load_model(folder, model)
-    save_hf(model, out, architecture=architecture)
+    save_hf(model, out, architecture=architecture or common.get("hf_architecture"))
     _copy_tokenizer(folder, out)
     print(f"exported {folder} -> {out}")
     return out
