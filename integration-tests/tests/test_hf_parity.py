@@ -167,3 +167,26 @@ def test_parallel_layouts_match_transformers(case, layout) -> None:
     assert (our_logits - logits).abs().max().item() < 1e-4
     torch.testing.assert_close(our_loss, loss, rtol=1e-5, atol=1e-5)
     compare_grads(our_grads, grads)
+
+
+def _pp_logits(rank, world, folder, ids):
+    """Forward through two stages, each loading only its own weights from the HF files."""
+    stage = load_hf(folder, ParallelState(pp=world))
+    if rank == 0:
+        torch.distributed.send(stage(ids).contiguous(), 1)
+        return None
+    hidden = torch.empty(ids.shape[1], ids.shape[0], SMALL["hidden_size"])
+    torch.distributed.recv(hidden, 0)
+    stage.set_input_tensor(hidden)
+    with torch.no_grad():
+        return stage(ids), stage.output_layer.weight.detach().clone()
+
+
+@pytest.mark.parametrize("case", ["llama_tied", "qwen2_qkv_bias"], indirect=True)
+def test_pipeline_stages_load_their_own_weights(case) -> None:
+    name, folder, (ids, _), (logits, _, _) = case
+    our_logits, output_weight = run_ranks(_pp_logits, 2, folder, ids, backend="gloo")[1]
+    assert (our_logits - logits).abs().max().item() < 1e-4
+    if name == "llama_tied":  # the last stage's copy of the tied table came from embed_tokens
+        embedding = load_hf(folder).embedding.weight.detach()
+        torch.testing.assert_close(output_weight, embedding, rtol=0, atol=0)

@@ -146,15 +146,10 @@ def test_tensor_parallel_matches_transformers(case, tmp_path) -> None:
 
 
 def _pp_run(rank, world, folder, ids, labels):
-    """Two pipeline stages holding the single-process model's weights; activations and their
-    gradients pass between them point to point."""
-    whole = load_hf(folder)
-    ps = ParallelState(pp=world)
-    with torch.device("meta"):
-        stage = GPTModel(whole.config, ps, sections=whole.sections)
-    full = whole.state_dict()
-    stage.load_state_dict({k: full[k] for k in stage.state_dict()}, assign=True)
-    shape = (S, B, whole.config.hidden_size)
+    """Two pipeline stages, each loading only its own weights from the HF files; activations
+    and their gradients pass between them point to point."""
+    stage = load_hf(folder, ParallelState(pp=world))
+    shape = (S, B, stage.config.hidden_size)
     if rank == 0:
         hidden = stage(ids)
         dist.send(hidden.detach().contiguous(), 1)

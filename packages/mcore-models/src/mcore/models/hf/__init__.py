@@ -26,6 +26,7 @@ from mcore.models.hf.architectures import Deinterleave, HFArchitecture, ParamMap
 from mcore.models.layer import gpt_layer_spec
 from mcore.parallel import ParallelState
 from mcore.parallel.init import materialize
+from mcore.parallel.sharding import checkpoint_key
 
 __all__ = [
     "Deinterleave",
@@ -238,27 +239,46 @@ def load_hf(
         model = GPTModel(config, ps, sections=sections, **model_kwargs)
     materialize(model, device=device, seed=model.init_seed, initialize=False)
     reader = _SafetensorsReader(path)
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)
+    # A tensor stored under another's name (the last stage's copy of tied embeddings) loads
+    # from that name's HF tensor.
+    targets: dict[str, list[str]] = {}
+    for key, tensor in state.items():
+        targets.setdefault(checkpoint_key(key, tensor), []).append(key)
     loaded: set[str] = set()
     with torch.no_grad():
         for pm in arch.params(config, sections):
             for name, hf_names in _expand(pm, config.num_layers):
-                if name not in state:
+                if name not in targets:
+                    if ps.pp_size > 1 and _on_another_stage(model, name):
+                        continue
                     raise McoreError(f"{arch.name} maps to {name!r}, which the model does not have")
                 tensor = _local_tensor(reader, pm, hf_names, ps)
-                if tensor.shape != state[name].shape:
-                    raise McoreError(
-                        f"{name}: checkpoint gives shape {tuple(tensor.shape)} for this rank, "
-                        f"the model expects {tuple(state[name].shape)}; does config.json match "
-                        f"the weights?"
-                    )
-                state[name].copy_(tensor)
-                loaded.add(name)
+                for key in targets[name]:
+                    if tensor.shape != state[key].shape:
+                        raise McoreError(
+                            f"{key}: checkpoint gives shape {tuple(tensor.shape)} for this rank, "
+                            f"the model expects {tuple(state[key].shape)}; does config.json "
+                            "match the weights?"
+                        )
+                    state[key].copy_(tensor)
+                    loaded.add(key)
     missing = [k for k in state if k not in loaded and not k.endswith("inv_freq")]
     if missing:
         raise McoreError(f"{arch.name} mapping left parameters unloaded: {missing[:5]}")
     model.hf_architecture = arch.name
     return model
+
+
+def _on_another_stage(model: GPTModel, name: str) -> bool:
+    """Whether ``name`` lives on another pipeline stage: a layer this stage does not hold, or
+    the embedding, final norm or output layer of a stage without them."""
+    module: Any = model
+    for atom in name.split(".")[:-1]:
+        module = module._modules.get(atom) if isinstance(module, torch.nn.Module) else None
+        if module is None:
+            return True
+    return False
 
 
 def _part_sizes(model: GPTModel, name: str, parts: int, rows: int) -> list[int]:
