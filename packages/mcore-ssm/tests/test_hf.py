@@ -27,7 +27,6 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("mcore.moe")
 
 from mcore.core.testing import run_ranks  # noqa: E402
-from mcore.models import GPTModel  # noqa: E402
 from mcore.models.hf import hf_state_dict, load_hf, read_hf_config, save_hf  # noqa: E402
 from mcore.parallel import ParallelState  # noqa: E402
 from mcore.ssm.hf import NEMOTRON_H, QWEN3_NEXT  # noqa: E402
