@@ -185,8 +185,12 @@ INTERPRETED = is_interpreted(_ssd_scan_fwd_kernel)
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 products for fp32/fp64 inputs; tf32 (ample for bf16/fp16 inputs) otherwise."""
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    """How ``tl.dot`` multiplies its fp32 operands on the GPU.
+
+    For fp32/fp64 inputs, three tf32 products (near-fp32 accuracy on the tensor cores; plain fp32
+    "ieee" products compile to far slower code); for 16-bit inputs, one tf32 product is ample.
+    """
+    return "tf32x3" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def _scan_forward(
@@ -208,7 +212,9 @@ def _scan_forward(
     if s == 0:
         final.copy_(initial_state if initial_state is not None else torch.zeros_like(final))
         return y, final
-    block_p = block_size(p, high=64)
+    # Sized for the state [BLOCK_P, n] and the [BLOCK_L, BLOCK_L] scores to stay in registers
+    # and the dots' operands in shared memory (~64 KiB at n = 128 on sm_90).
+    block_p = block_size(p, high=64 if n <= 128 else 32)
     grid = (b * h, triton.cdiv(p, block_p))
     _ssd_scan_fwd_kernel[grid](
         x.contiguous(),
@@ -230,10 +236,14 @@ def _scan_forward(
         HAS_D=D is not None,
         HAS_INIT=initial_state is not None,
         HAS_SEQ=seq_idx is not None,
-        BLOCK_L=block_size(min(chunk_size, s), high=128),
+        BLOCK_L=block_size(min(chunk_size, s), high=64),
         BLOCK_P=block_p,
         BLOCK_N=block_size(n),
         PRECISION=_precision(x.dtype),
+        num_warps=4,
+        # The chunks are sequential through the state: prefetching the next one would cost
+        # shared memory that pipelining stages multiply (over 200 KiB at n = 128).
+        num_stages=1,
     )
     return y, final
 
@@ -313,9 +323,11 @@ def ssd_scan_triton(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`mcore.ssm.ssd.ssd_scan` with a Triton forward (:class:`SsdScanFunction`).
 
-    The kernel walks the sequence in blocks of ``chunk_size`` tokens rounded up to a power of two
-    in ``[16, 128]`` (``tl.arange`` needs one); the result does not depend on the chunking beyond
-    rounding. The backward recomputes through the torch reference (see :class:`SsdScanFunction`).
+    The kernel walks the sequence in blocks of ``chunk_size`` tokens, rounded to a power of two
+    in ``[16, 64]`` (``tl.arange`` needs a power of two and ``tl.dot`` 16; above 64 the scores
+    and operands outgrow registers and shared memory); the result does not depend on the
+    chunking beyond rounding. The backward recomputes through the torch reference (see
+    :class:`SsdScanFunction`).
     """
     if x.dim() != 4:
         raise ValueError(f"x must be [batch, seqlen, heads, headdim], got shape {tuple(x.shape)}")
