@@ -10,13 +10,13 @@ machine with CUDA, ``TestKernelsOnCuda`` runs the same checks compiled, in this 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 import torch
 
+from mcore.core.testing import check_pytest_child, pytest_in_child
 from mcore.moe.activations import weighted_squared_relu
 from mcore.moe.permute import permute, sort_chunks_by_index, unpermute
 
@@ -213,20 +213,11 @@ class TestKernelsOnCuda(_KernelChecks):
 
 
 @pytest.mark.skipif(_INTERPRET, reason="TRITON_INTERPRET is set: the checks run in this process")
-def test_kernels_under_the_interpreter(pytestconfig: pytest.Config) -> None:
+def test_kernels_under_the_interpreter(pytestconfig: pytest.Config, tmp_path) -> None:
     pytest.importorskip("triton")
-    # The child reads the same configuration as this run (markers, import mode, conftest).
-    config = ["-c", str(pytestconfig.inipath)] if pytestconfig.inipath else []
-    command = [
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-        "--rootdir", str(pytestconfig.rootpath), *config,
-        f"{__file__}::TestKernelsUnderInterpreter",
-    ]  # fmt: skip
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    report = child.stdout[-6000:] + child.stderr[-2000:]
-    assert child.returncode == 0, f"the interpreter run failed:\n{report}"
-    assert " passed" in child.stdout and "skipped" not in child.stdout, report
+    log = tmp_path / "log.txt"
+    node = f"{__file__}::TestKernelsUnderInterpreter"
+    check_pytest_child(pytest_in_child(pytestconfig, node, log, TRITON_INTERPRET="1"), log)
 
 
 @pytest.fixture

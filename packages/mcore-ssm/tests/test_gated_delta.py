@@ -10,13 +10,13 @@ interpreted when a kernel module is imported), and compiled on CUDA where a GPU 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 import torch
 
+from mcore.core.testing import check_pytest_child, pytest_in_child
 from mcore.ssm.gated_delta import gated_delta_rule, gated_delta_step
 
 # Recorded before any test runs: in the child process nothing else imported them yet.
@@ -383,19 +383,11 @@ class TestTritonOnCuda(_TritonChecks):
 
 
 @pytest.mark.skipif(_INTERPRET, reason="TRITON_INTERPRET is set: the checks run in this process")
-def test_triton_under_the_interpreter(pytestconfig: pytest.Config) -> None:
+def test_triton_under_the_interpreter(pytestconfig: pytest.Config, tmp_path) -> None:
     pytest.importorskip("triton")
-    config = ["-c", str(pytestconfig.inipath)] if pytestconfig.inipath else []
-    command = [
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-        "--rootdir", str(pytestconfig.rootpath), *config,
-        f"{__file__}::TestTritonUnderInterpreter",
-    ]  # fmt: skip
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    report = child.stdout[-6000:] + child.stderr[-2000:]
-    assert child.returncode == 0, f"the interpreter run failed:\n{report}"
-    assert " passed" in child.stdout and "skipped" not in child.stdout, report
+    log = tmp_path / "log.txt"
+    node = f"{__file__}::TestTritonUnderInterpreter"
+    check_pytest_child(pytest_in_child(pytestconfig, node, log, TRITON_INTERPRET="1"), log)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mcore.core.testing import check_pytest_child, pytest_in_child
 from mcore.ssm.ssd import ssd_scan, ssd_step
 
 # Recorded before any test runs: in the child nothing else imported Triton yet.
@@ -394,17 +395,9 @@ def interpreter_child(
     if _INTERPRET or not selected or importlib.util.find_spec("triton") is None:
         yield None
         return
-    config = request.config
-    inifile = ["-c", str(config.inipath)] if config.inipath else []
-    command = [
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-        "--rootdir", str(config.rootpath), *inifile,
-        f"{__file__}::TestKernelsUnderInterpreter",
-    ]  # fmt: skip
     log = tmp_path_factory.mktemp("interpreter") / "log.txt"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    with log.open("w") as out:
-        child = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    node = f"{__file__}::TestKernelsUnderInterpreter"
+    child = pytest_in_child(request.config, node, log, TRITON_INTERPRET="1")
     try:
         yield child, log
     finally:
@@ -419,11 +412,7 @@ def test_kernels_under_the_interpreter(
 ) -> None:
     pytest.importorskip("triton")
     assert interpreter_child is not None
-    child, log = interpreter_child
-    returncode = child.wait(timeout=600)
-    report = log.read_text()[-8000:]
-    assert returncode == 0, f"the interpreter run failed:\n{report}"
-    assert " passed" in report and "skipped" not in report, report
+    check_pytest_child(*interpreter_child)
 
 
 @pytest.fixture

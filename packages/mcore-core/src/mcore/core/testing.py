@@ -4,6 +4,10 @@ distributed tests use (gloo on CPU, NCCL when there is a GPU per rank).
 ``run_ranks(fn, 4, x)`` starts four processes, calls ``fn(rank, world_size, x)`` in each after
 ``init_process_group``, and returns the four results in rank order; an exception on any rank is
 raised here with that rank's traceback.
+
+``pytest_in_child`` / ``check_pytest_child`` run some of a test file's tests in a fresh
+interpreter with extra environment variables, for settings a library reads once at import
+(Triton's ``TRITON_INTERPRET``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import subprocess
 import sys
 import tempfile
 import time
@@ -167,3 +172,36 @@ def _collect(procs: list, results: Any, world_size: int, timeout_s: float) -> li
             raise RankError(f"rank {rank} of {world_size} raised:\n{value}")
         out[rank] = pickle.loads(value)
     return [out[r] for r in range(world_size)]
+
+
+def pytest_in_child(config: Any, node: str, log: Path, **env: str) -> subprocess.Popen:
+    """Start ``pytest node`` in a new process with this run's configuration (ini file, root
+    directory) and ``env`` added to the environment; its output goes to the file ``log``.
+
+    ``config`` is pytest's ``Config`` (``request.config`` or the ``pytestconfig`` fixture).
+    Start it early and check it late to overlap it with other tests."""
+    inifile = ["-c", str(config.inipath)] if config.inipath else []
+    command = [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        "--rootdir", str(config.rootpath), *inifile, node,
+    ]  # fmt: skip
+    with Path(log).open("w") as out:
+        return subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+
+
+def check_pytest_child(child: subprocess.Popen, log: Path, timeout_s: float = 600) -> None:
+    """Wait for a :func:`pytest_in_child` run; fail with its output unless every test it
+    collected passed (a skip counts as a failure: the child exists to run them)."""
+    try:
+        returncode = child.wait(timeout=timeout_s)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    report = Path(log).read_text()[-8000:]
+    if returncode != 0:
+        raise AssertionError(f"the child pytest run failed:\n{report}")
+    if " passed" not in report or "skipped" in report:
+        raise AssertionError(f"the child pytest run passed nothing or skipped:\n{report}")

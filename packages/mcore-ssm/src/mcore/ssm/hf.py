@@ -221,7 +221,22 @@ def _nemotron_h_config(hf: dict[str, Any]) -> TransformerConfig:
     if hf["mlp_bias"]:
         # mcore's add_bias_linear would also give attention's o_proj a bias, which HF never has.
         raise NotImplementedError("mlp_bias = true is not supported for Nemotron-H")
-    pattern = _nemotron_h_pattern(hf)
+    return _hybrid_config(
+        hf,
+        _nemotron_h_pattern(hf),
+        norm_epsilon=float(hf["layer_norm_epsilon"]),
+        activation=_NEMOTRON_H_ACTIVATIONS[act],
+        add_qkv_bias=False,  # transformers builds q/k/v/o without biases, whatever attention_bias
+        add_bias_linear=False,
+        position_embedding_type="none",
+        # transformers never ties Nemotron-H's lm_head (its _tied_weights_keys is empty).
+        untie_embeddings_and_output_weights=True,
+    )
+
+
+def _hybrid_config(hf: dict[str, Any], pattern: str, **fields: Any) -> TransformerConfig:
+    """The ``TransformerConfig`` fields both hybrids read alike from config.json, plus
+    ``fields``."""
     heads, head_dim = hf["num_attention_heads"], hf["head_dim"]
     return TransformerConfig(
         num_layers=len(pattern),
@@ -233,16 +248,10 @@ def _nemotron_h_config(hf: dict[str, Any]) -> TransformerConfig:
         vocab_size=hf["vocab_size"],
         max_position_embeddings=hf["max_position_embeddings"],
         normalization="RMSNorm",
-        norm_epsilon=float(hf["layer_norm_epsilon"]),
-        activation=_NEMOTRON_H_ACTIVATIONS[act],
-        add_qkv_bias=False,  # transformers builds q/k/v/o without biases, whatever attention_bias
-        add_bias_linear=False,
-        position_embedding_type="none",
-        # transformers never ties Nemotron-H's lm_head (its _tied_weights_keys is empty).
-        untie_embeddings_and_output_weights=True,
         init_method_std=float(hf["initializer_range"]),
         attention_dropout=float(hf["attention_dropout"]),
         hybrid_override_pattern=pattern,
+        **fields,
     )
 
 
@@ -608,18 +617,9 @@ def _qwen3_next_config(hf: dict[str, Any]) -> TransformerConfig:
     if hf["attention_bias"]:
         # q/k/v and o_proj get biases but the MLPs none: mcore ties o_proj's to the MLPs'.
         raise NotImplementedError("attention_bias = true is not supported for Qwen3-Next")
-    pattern = _qwen3_next_pattern(hf)
-    heads, head_dim = hf["num_attention_heads"], hf["head_dim"]
-    return TransformerConfig(
-        num_layers=len(pattern),
-        hidden_size=hf["hidden_size"],
-        num_attention_heads=heads,
-        num_query_groups=hf["num_key_value_heads"] or heads,
-        kv_channels=head_dim if head_dim and head_dim != hf["hidden_size"] // heads else None,
-        ffn_hidden_size=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf["max_position_embeddings"],
-        normalization="RMSNorm",
+    return _hybrid_config(
+        hf,
+        _qwen3_next_pattern(hf),
         norm_epsilon=float(hf["rms_norm_eps"]),
         activation="swiglu",
         qk_layernorm=True,
@@ -627,9 +627,6 @@ def _qwen3_next_config(hf: dict[str, Any]) -> TransformerConfig:
         layernorm_zero_centered_gamma=True,
         rotary_percent=_partial_rotary_factor(hf),
         untie_embeddings_and_output_weights=not hf["tie_word_embeddings"],
-        init_method_std=float(hf["initializer_range"]),
-        attention_dropout=float(hf["attention_dropout"]),
-        hybrid_override_pattern=pattern,
         **rope_from_hf(hf),
     )
 
