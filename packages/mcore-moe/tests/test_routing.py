@@ -334,14 +334,15 @@ def test_first_dense_layers_and_layer_frequency() -> None:
     assert names == ["MLP", "MoELayer", "MLP", "MoELayer", "MLP"]
 
 
-def test_moe_under_tensor_parallelism_needs_sequence_parallelism() -> None:
+def test_moe_under_tensor_parallelism_needs_sequence_parallelism_to_train() -> None:
     from mcore.moe.layer import MoELayer
 
     ps = ParallelState()
     ps.tp_size = 2  # only the check is exercised; no process group is needed
     ctx = ModelContext(_config(), ps, sections={"moe": MoEConfig(num_experts=4)})
-    with pytest.raises(ValueError, match="sequence_parallel = true"):
-        MoELayer(ctx)
+    layer = MoELayer(ctx).train()  # it builds: serving routes each TP rank's share of tokens
+    with pytest.raises(ValueError, match="sequence_parallel = true\\) to train"):
+        layer(torch.randn(4, 1, ctx.config.hidden_size))
 
 
 def test_a_model_without_the_moe_section_says_what_is_missing() -> None:

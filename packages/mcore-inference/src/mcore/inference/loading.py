@@ -62,19 +62,38 @@ def detect_model_kind(path: str | Path) -> ModelKind:
 
 
 def load_model(
-    path: str | Path, *, config_file: str | Path | None = None
+    path: str | Path,
+    *,
+    config_file: str | Path | None = None,
+    parallel_state: Any = None,
 ) -> tuple[torch.nn.Module, TextTokenizer | None]:
     """The model (on the CPU, fp32, evaluation mode) and tokenizer of the directory ``path``.
 
-    The tokenizer is None when a Hugging Face directory has no ``tokenizer.json``.
+    ``parallel_state`` (a ``mcore.parallel.ParallelState``): this rank's shard of a model split
+    over tensor-parallel ranks; each rank reads only its own slices. The tokenizer is None when
+    a Hugging Face directory has no ``tokenizer.json``.
     """
     path = Path(path)
+    _check_inference_layout(parallel_state)
     if detect_model_kind(path) == "hf":
         from mcore.models.hf import load_hf
 
-        model = load_hf(path)
+        model = load_hf(path, parallel_state)
         return model.eval(), load_tokenizer(path)
-    return _load_mcore(path, config_file)
+    return _load_mcore(path, config_file, parallel_state)
+
+
+def _check_inference_layout(ps: Any) -> None:
+    """The engine runs whole models split over TP (and the experts over EP): refuse the rest."""
+    if ps is None:
+        return
+    refused = {"pipeline": ps.pp_size, "context": ps.cp_size}
+    for kind, size in refused.items():
+        if size > 1:
+            raise McoreError(
+                f"the inference engine does not run {kind} parallelism yet ({kind} size "
+                f"{size}): load the model with {kind} size 1"
+            )
 
 
 def load_tokenizer(
@@ -139,7 +158,7 @@ def _run_config(path: Path, common: dict[str, Any], config_file: str | Path | No
 
 
 def _load_mcore(
-    path: Path, config_file: str | Path | None
+    path: Path, config_file: str | Path | None, parallel_state: Any = None
 ) -> tuple[torch.nn.Module, TextTokenizer]:
     from mcore.parallel import ParallelState
     from mcore.parallel.init import materialize
@@ -155,7 +174,7 @@ def _load_mcore(
     build = registries.get("model", model_config.name)
     device = torch.get_default_device()
     with torch.device("meta"):  # every weight is about to be read: draw none
-        model = build(model_config, ParallelState(), sections=config)
+        model = build(model_config, parallel_state or ParallelState(), sections=config)
     materialize(model, device=device, seed=getattr(model, "init_seed", 0), initialize=False)
     model = model.to(device)  # derived buffers (rotary frequencies) are built on the CPU
     _load_with_format(folder, common, model, registries)

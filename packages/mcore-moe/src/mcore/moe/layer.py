@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from mcore.models import ModelContext
 from mcore.moe.experts import GroupedMLP, SharedExpertMLP
@@ -62,11 +63,10 @@ class MoELayer(torch.nn.Module):
         if moe.num_experts is None:
             raise ValueError("the moe MLP needs moe.num_experts to be set")
         ps.check_divisible(num_experts=moe.num_experts)
-        if ps.tp_size > 1 and not ctx.sequence_parallel:
-            raise ValueError(
-                "MoE layers under tensor parallelism need sequence parallelism "
-                "(parallel.sequence_parallel = true), so that every rank routes its own tokens"
-            )
+        # Under TP without sequence parallelism every TP rank holds the same tokens (the
+        # inference engine's flat batch): at inference each rank routes its share of them and
+        # the outputs are gathered; training needs sequence parallelism (see forward).
+        self.replicated_tokens = ps.tp_size > 1 and not ctx.sequence_parallel
         self.moe, self.parallel_state = moe, ps
         self.sequence_parallel = ctx.sequence_parallel
         self.layer_number = 0 if layer_number is None else layer_number
@@ -92,6 +92,37 @@ class MoELayer(torch.nn.Module):
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.replicated_tokens:
+            out = self._routed(x)
+        elif self.training and torch.is_grad_enabled():
+            raise ValueError(
+                "MoE layers under tensor parallelism need sequence parallelism "
+                "(parallel.sequence_parallel = true) to train, so that every rank routes its "
+                "own tokens"
+            )
+        else:
+            out = self._routed_share(x)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    def _routed_share(self, x: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output for tokens that every TP rank holds alike: each rank
+        routes its contiguous share (the tokens padded to a multiple of TP) as under sequence
+        parallelism, and the shares are gathered."""
+        ps = self.parallel_state
+        hidden = x.reshape(-1, x.shape[-1])
+        n, tp = hidden.shape[0], ps.tp_size
+        per = -(-n // tp)
+        padded = F.pad(hidden, (0, 0, 0, per * tp - n))
+        mine = padded[ps.tp_rank * per : (ps.tp_rank + 1) * per].unsqueeze(1)
+        out = self._routed(mine).reshape(per, -1).contiguous()
+        shares = [torch.empty_like(out) for _ in range(tp)]
+        dist.all_gather(shares, out, group=ps.tp_group)
+        return torch.cat(shares)[:n].view(x.shape)
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output for this rank's tokens ``[s, b, h]``."""
         shape = x.shape
         hidden = x.reshape(-1, shape[-1])
         routed = self.router(hidden, replay_indices=self.replay.next_indices())
@@ -118,10 +149,7 @@ class MoELayer(torch.nn.Module):
         dispatched = self.dispatcher.dispatch(hidden, probs, routing_map)
         out = self.experts(dispatched.tokens, dispatched.tokens_per_expert, dispatched.probs)
         out = self.dispatcher.combine(out, probs_applied=self.experts.applies_probs)
-        out = out.view(shape)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        return out.view(shape)
 
     def set_inference_mode(self, enabled: bool) -> None:
         """Serving routes every token to the experts it chose: capacity dropping (a training
