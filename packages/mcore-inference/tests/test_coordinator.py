@@ -22,10 +22,10 @@ import zmq
 import zmq.asyncio
 
 from mcore.inference import (
+    ContextOverflowError,
     DynamicInferenceEngine,
     InferenceClient,
     InferenceCoordinator,
-    InvalidRequestError,
     SamplingParams,
     load_model,
 )
@@ -75,9 +75,13 @@ def test_one_event_loop_routes_controls_and_stops_cleanly(
 
         for signal_name in ("PAUSE", "UNPAUSE", "SUSPEND", "RESUME"):
             assert await client.control(signal_name) == 2
-        # A request refused by its rank raises at submission, as with the engine itself.
-        with pytest.raises(InvalidRequestError, match="max_sequence_length"):
-            await client.submit([5] * 2000, GREEDY)
+        # A request refused by its rank raises at submission, as with the engine itself: the
+        # same error type, naming the request and by how much it overflows.
+        with pytest.raises(ContextOverflowError, match="max_sequence_length") as refused:
+            await client.submit([5] * 2000, GREEDY, request_id="too-long")
+        assert refused.value.request_id == "too-long" and refused.value.field == "prompt"
+        assert refused.value.tokens >= 2000 and 0 < refused.value.limit < 2000
+        assert str(refused.value).count("too-long") == 1
 
         # A frame that is not msgpack (here: a pickle) is refused; the router keeps going.
         raw = zmq.asyncio.Context.instance().socket(zmq.DEALER)
@@ -227,6 +231,8 @@ def test_two_rank_processes_serve_200_requests_and_survive_a_dead_rank(
             True,
             False,
         ]
+        # /health's view: still serving, on one of the two ranks.
+        assert await client.health() == {"status": "ok", "engines_alive": 1, "engines": 2}
 
         # The survivor takes every new request.
         again = await asyncio.gather(*(client.submit(p, GREEDY) for p in prompts[:10]))

@@ -221,7 +221,7 @@ def test_mcore_serve_answers_http_until_interrupted(llama_dir) -> None:
         assert line.startswith("mcore serve: http://127.0.0.1:"), process.stderr.read()
         url = line.split()[2]
         with urllib.request.urlopen(url + "/health", timeout=60) as response:
-            assert json.load(response) == {"status": "ok"}
+            assert json.load(response)["status"] == "ok"
         request = urllib.request.Request(
             url + "/v1/completions",
             data=json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 3}).encode(),

@@ -116,7 +116,8 @@ def server(llama_dir, engine_config):
 
 def test_binds_to_loopback_and_reports_health_and_models(server) -> None:
     assert server.url.startswith("http://127.0.0.1:")
-    assert server.request("GET", "/health", key=None) == (200, {"status": "ok"})
+    status, health = server.request("GET", "/health", key=None)
+    assert status == 200 and health["status"] == "ok" and health["suspended"] is False
     status, body = server.request("GET", "/v1/models")
     assert status == 200 and body["data"][0]["id"] == "tiny"
 
@@ -305,3 +306,35 @@ def test_metrics_count_requests_and_tokens(server) -> None:
     assert "mcore_kv_cache_usage_ratio" in lines and "mcore_running" in lines
     assert float(lines["mcore_state_slots_in_use"]) == 0  # no recurrent layers in this model
     assert float(lines["mcore_time_to_first_token_seconds_count"]) >= 1
+
+
+def test_health_reports_the_engines_real_state(llama_dir, engine_config) -> None:
+    import aiohttp
+
+    model, tokenizer = load_model(llama_dir)
+    engine = DynamicInferenceEngine(model, engine_config(), tokenizer=tokenizer)
+
+    async def main() -> None:
+        served = await AsyncInferenceEngine(engine).start()
+        stop, ready = asyncio.Event(), asyncio.get_running_loop().create_future()
+        front = OpenAIServer(served, tokenizer, model_name="tiny")
+        http_task = asyncio.create_task(run_http_server(front, ready=ready.set_result, stop=stop))
+        url = await asyncio.wait_for(ready, 60)
+
+        async def health() -> tuple[int, dict]:
+            async with aiohttp.ClientSession() as http, http.get(url + "/health") as response:
+                return response.status, await response.json()
+
+        assert await health() == (200, {"status": "ok", "paused": False, "suspended": False,
+                                        "running": 0, "waiting": 0})  # fmt: skip
+        await served.pause()
+        await served.suspend()
+        status, state = await health()
+        assert status == 200 and state["paused"] and state["suspended"]
+        await served.resume()
+        await served.shutdown()  # the stepping thread is gone: not healthy
+        assert await health() == (503, {"status": "stopped"})
+        stop.set()
+        await http_task
+
+    asyncio.run(main())

@@ -166,6 +166,20 @@ class AsyncInferenceEngine:
         stats = await self.call(self.engine.stats)
         return {**stats.to_dict(), "paused": self._paused}
 
+    async def health(self) -> dict[str, Any]:
+        """``status`` ``ok`` while the stepping thread runs (else ``stopped``), with whether
+        the engine is paused or suspended and its request counts."""
+        if not self.running:
+            return {"status": "stopped"}
+        stats = await self.stats()
+        return {
+            "status": "ok",
+            "paused": self._paused,
+            "suspended": bool(self.engine.suspended),
+            "running": stats.get("running", 0),
+            "waiting": stats.get("waiting", 0),
+        }
+
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn()`` on the stepping thread between steps; returns (or raises) its result."""
         if not self.running:

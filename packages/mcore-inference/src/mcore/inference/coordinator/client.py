@@ -41,9 +41,16 @@ class CoordinatorError(InferenceError):
 def _rejection(message: dict[str, Any], rid: RequestId) -> Exception:
     kind = getattr(errors, str(message.get("error_type")), None)
     text = str(message.get("error"))
+    text = text.removeprefix(f"request {rid!r}: ")  # the rebuilt error names it again
     if isinstance(kind, type) and issubclass(kind, errors.ContextOverflowError):
-        return errors.ContextOverflowError(text, request_id=None, tokens=-1, limit=-1)
-    return errors.InvalidRequestError(text, field=message.get("field"))
+        tokens, limit = message.get("tokens"), message.get("limit")
+        return errors.ContextOverflowError(
+            text,
+            request_id=rid,
+            tokens=tokens if isinstance(tokens, int) else -1,
+            limit=limit if isinstance(limit, int) else -1,
+        )
+    return errors.InvalidRequestError(text, field=message.get("field"), request_id=rid)
 
 
 class InferenceClient:
@@ -213,6 +220,17 @@ class InferenceClient:
         await self._socket.send(pack("status", cid=cid))
         message = await self._wait(reply, timeout_s, "no status from the coordinator")
         return {"engines": message.get("engines", []), "pending": message.get("pending", 0)}
+
+    async def health(self) -> dict[str, Any]:
+        """``status`` ``ok`` while at least one engine rank is alive (else ``unavailable``), with
+        the ranks alive out of those that joined."""
+        engines = (await self.status())["engines"]
+        alive = sum(1 for e in engines if e["alive"])
+        return {
+            "status": "ok" if alive else "unavailable",
+            "engines_alive": alive,
+            "engines": len(engines),
+        }
 
     async def stats(self) -> dict[str, Any]:
         status = await self.status()

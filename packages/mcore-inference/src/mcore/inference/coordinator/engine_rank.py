@@ -201,6 +201,9 @@ class EngineRank:
                 error=str(exc),
                 error_type=type(exc).__name__,
                 field=exc.field,
+                # A context overflow says by how much, whichever path it comes back through.
+                tokens=getattr(exc, "tokens", None),
+                limit=getattr(exc, "limit", None),
                 token_ids=[],
             )
         except asyncio.CancelledError:

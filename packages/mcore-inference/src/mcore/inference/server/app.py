@@ -175,7 +175,15 @@ class OpenAIServer:
     # -- simple routes ------------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        """The backend's own state (``status`` ``ok`` with 200, else 503 and why)."""
+        probe = getattr(self.backend, "health", None)
+        if probe is None:
+            return web.json_response({"status": "ok"})
+        try:
+            state = await asyncio.wait_for(probe(), timeout=5.0)
+        except Exception as exc:  # a backend that cannot answer is not healthy
+            state = {"status": "unavailable", "error": str(exc) or type(exc).__name__}
+        return web.json_response(state, status=200 if state.get("status") == "ok" else 503)
 
     async def models(self, request: web.Request) -> web.Response:
         card = {
