@@ -78,7 +78,7 @@ def moe_params(
     hf: str,
     *,
     router: str = "gate",
-    experts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    experts: tuple[str | None, str, str] = ("gate_proj", "up_proj", "down_proj"),
     expert_bias: str | None = None,
     shared: str | None = None,
     shared_gate: str | None = None,
@@ -86,17 +86,19 @@ def moe_params(
     """The MoE layer's weights in ``layers``, from HF module ``hf`` (``{i}`` for the layer).
 
     ``router`` names the router module; ``experts`` the gate, up and down projections of
-    ``{hf}.experts.{e}``; ``expert_bias`` the router's score bias, ``shared`` the shared expert
+    ``{hf}.experts.{e}`` (a ``None`` gate: non-gated experts and shared expert, e.g.
+    Nemotron-H's relu2); ``expert_bias`` the router's score bias, ``shared`` the shared expert
     MLP and ``shared_gate`` its gate (all relative to ``hf``; None where HF has none).
     """
     gate, up, down = experts
+    fc1 = (up,) if gate is None else (gate, up)
     e = f"{hf}.experts.{{e}}"
     mcore = "layers.{i}.mlp"
     params = [
         ParamMap(f"{mcore}.router.weight", (f"{hf}.{router}.weight",), "replicated", layers=layers),
         ParamMap(
             f"{mcore}.experts.linear_fc1.weight",
-            (f"{e}.{gate}.weight", f"{e}.{up}.weight"),
+            tuple(f"{e}.{name}.weight" for name in fc1),
             "column",
             layers=layers,
             experts=moe.num_experts,
@@ -122,7 +124,9 @@ def moe_params(
     if moe.shared_expert_intermediate_size is not None:
         if shared is None:
             raise NotImplementedError("this architecture has no shared experts")
-        params += gated_mlp_params(f"{mcore}.shared_experts", f"{hf}.{shared}", layers=layers)
+        params += gated_mlp_params(
+            f"{mcore}.shared_experts", f"{hf}.{shared}", names=experts, layers=layers
+        )
     if moe.shared_expert_gate:
         if shared_gate is None:
             raise NotImplementedError("this architecture has no shared expert gate")

@@ -38,7 +38,8 @@ class SSMConfig:
     mamba_chunk_size: int = 128
     """Chunk length of the chunked SSD scan (memory/speed trade-off; the result is the same)."""
     mamba_dt_min: float = 0.001
-    """Smallest initial time step (dt_bias is drawn so that softplus gives [dt_min, dt_max])."""
+    """Smallest initial time step: dt_bias (of the Mamba and the gated-delta-net layers) is drawn
+    so that softplus(dt_bias) is log-uniform in [dt_min, dt_max]."""
     mamba_dt_max: float = 0.1
     """Largest initial time step."""
     mamba_dt_init_floor: float = 1e-4

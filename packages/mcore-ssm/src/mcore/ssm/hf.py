@@ -100,12 +100,8 @@ def _renumber(params: list[ParamMap], hf_layer: Callable[[int], int], n: int) ->
     return out
 
 
-def _plain_mlp_params(mcore: str, hf: str, layers: tuple[int, ...]) -> list[ParamMap]:
-    """A non-gated TP-split MLP: ``{mcore}.linear_fc1/fc2`` from HF ``{hf}.up_proj/down_proj``."""
-    return [
-        ParamMap(f"{mcore}.linear_fc1.weight", (f"{hf}.up_proj.weight",), "column", layers=layers),
-        ParamMap(f"{mcore}.linear_fc2.weight", (f"{hf}.down_proj.weight",), "row", layers=layers),
-    ]
+# Nemotron-H's MLPs and experts are not gated (relu2): up and down projections only.
+_PLAIN_MLP = (None, "up_proj", "down_proj")
 
 
 def _common_checks(cfg: TransformerConfig) -> dict[str, bool]:
@@ -469,37 +465,6 @@ def mamba_params(
     return params
 
 
-def _nemotron_h_experts(moe: Any, layers: tuple[int, ...], hf: str) -> list[ParamMap]:
-    """Nemotron-H's MoE layers: router with score bias, non-gated experts, shared expert."""
-    e, m = f"{hf}.experts.{{e}}", "layers.{i}.mlp"
-    return [
-        ParamMap(f"{m}.router.weight", (f"{hf}.gate.weight",), "replicated", layers=layers),
-        ParamMap(
-            f"{m}.router.expert_bias",
-            (f"{hf}.gate.e_score_correction_bias",),
-            "replicated",
-            layers=layers,
-        ),
-        ParamMap(
-            f"{m}.experts.linear_fc1.weight",
-            (f"{e}.up_proj.weight",),
-            "column",
-            layers=layers,
-            experts=moe.num_experts,
-            group="etp",
-        ),
-        ParamMap(
-            f"{m}.experts.linear_fc2.weight",
-            (f"{e}.down_proj.weight",),
-            "row",
-            layers=layers,
-            experts=moe.num_experts,
-            group="etp",
-        ),
-        *_plain_mlp_params(f"{m}.shared_experts", f"{hf}.shared_experts", layers),
-    ]
-
-
 def _nemotron_h_params(cfg: TransformerConfig, sections: Sections) -> list[ParamMap]:
     hf = "backbone.layers.{i}"
     mixers, mlps = _layers_of(cfg, "M*"), _layers_of(cfg, "-E")
@@ -515,12 +480,24 @@ def _nemotron_h_params(cfg: TransformerConfig, sections: Sections) -> list[Param
         ),
         *mamba_params(cfg, _ssm_section(sections), _layers_of(cfg, "M"), f"{hf}.mixer"),
         *_at(attention_params(cfg, f"{hf}.mixer"), _layers_of(cfg, "*")),
-        *_plain_mlp_params("layers.{i}.mlp", f"{hf}.mixer", _layers_of(cfg, "-")),
+        *gated_mlp_params(
+            "layers.{i}.mlp", f"{hf}.mixer", names=_PLAIN_MLP, layers=_layers_of(cfg, "-")
+        ),
     ]
     experts = _layers_of(cfg, "E")
     if experts:
+        from mcore.moe.hf import moe_params
+
         moe = _moe_section(sections, NEMOTRON_H.name)
-        params += _nemotron_h_experts(moe, experts, f"{hf}.mixer")
+        # Router with a score-correction bias, non-gated experts and shared expert.
+        params += moe_params(
+            moe,
+            experts,
+            f"{hf}.mixer",
+            experts=_PLAIN_MLP,
+            expert_bias="gate.e_score_correction_bias",
+            shared="shared_experts",
+        )
     return params
 
 

@@ -428,16 +428,18 @@ def gated_mlp_params(
     mcore: str,
     hf: str,
     *,
-    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    names: tuple[str | None, str, str] = ("gate_proj", "up_proj", "down_proj"),
     bias: bool = False,
     layers: tuple[int, ...] | None = None,
 ) -> list[ParamMap]:
-    """A TP-split gated MLP: mcore ``{mcore}.linear_fc1/fc2`` from HF ``{hf}.{gate,up,down}``."""
+    """A TP-split MLP: mcore ``{mcore}.linear_fc1/fc2`` from HF ``{hf}.{gate,up,down}``; a
+    ``None`` gate name maps a non-gated MLP (fc1 is the up projection alone)."""
     gate, up, down = names
+    fc1 = (up,) if gate is None else (gate, up)
     params = [
         ParamMap(
             f"{mcore}.linear_fc1.weight",
-            (f"{hf}.{gate}.weight", f"{hf}.{up}.weight"),
+            tuple(f"{hf}.{name}.weight" for name in fc1),
             "column",
             layers=layers,
         ),
@@ -447,7 +449,7 @@ def gated_mlp_params(
         params += [
             ParamMap(
                 f"{mcore}.linear_fc1.bias",
-                (f"{hf}.{gate}.bias", f"{hf}.{up}.bias"),
+                tuple(f"{hf}.{name}.bias" for name in fc1),
                 "column",
                 layers=layers,
             ),
