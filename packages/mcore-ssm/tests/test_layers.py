@@ -65,8 +65,9 @@ def test_sizes_and_biases_follow_the_section() -> None:
 
 def test_time_steps_start_in_their_range_and_are_clamped() -> None:
     mixer = model("M", mamba_dt_min=0.01, mamba_dt_max=0.02).layers["0"].mixer
-    dt = F.softplus(mixer.dt_bias.detach())
-    assert bool(((dt >= 0.01 - 1e-6) & (dt <= 0.02 + 1e-6)).all())
+    gdn = model("G", mamba_dt_min=0.01, mamba_dt_max=0.02).layers["0"].mixer
+    for dt in (F.softplus(mixer.dt_bias.detach()), F.softplus(gdn.dt_bias.detach())):
+        assert bool(((dt >= 0.01 - 1e-6) & (dt <= 0.02 + 1e-6)).all())
     raw = torch.full((3, mixer.local_heads), -20.0)
     with torch.no_grad():
         assert float(mixer._time_step(raw).min()) < 1e-6
