@@ -7,12 +7,15 @@ the ``gpu``-marked tests.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import pytest
 import torch
 
 from mcore.inference import DynamicInferenceEngine, SamplingParams, load_model
 from mcore.inference.context import BatchDims
 from mcore.inference.cuda_graphs import graph_shapes
+from mcore.inference.request import OutputCollector
 
 PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
 
@@ -57,14 +60,19 @@ def test_steps_padded_to_captured_shapes_give_the_same_tokens(
 
     runner.execute = execute_padded
     # Requests arrive one by one, so steps mix one prefill chunk with running decodes.
-    done, ids = {}, []
+    collectors, ids = defaultdict(OutputCollector), []
+
+    def step() -> None:
+        for delta in padded.step():
+            collectors[delta.request_id].add(delta)
+
     for prompt in prompts:
         ids.append(padded.add_request(prompt, PARAMS))
         for _ in range(2):
-            done.update((o.request_id, o) for o in padded.step() if o.finished)
+            step()
     while padded.has_unfinished_requests():
-        done.update((o.request_id, o) for o in padded.step() if o.finished)
-    outputs = [done[i] for i in ids]
+        step()
+    outputs = [collectors[i].output() for i in ids]
     assert any(d.num_prefill for d in used) and any(not d.num_prefill for d in used)
     for want, got in zip(expected, outputs, strict=True):
         assert got.token_ids == want.token_ids

@@ -3,6 +3,8 @@ refit, aborts and stops. Reference outputs come from the same model with a roomy
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from mcore.inference import (
     load_model,
 )
 from mcore.inference.errors import EngineStateError
+from mcore.inference.request import OutputCollector
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0)
 
@@ -124,8 +127,14 @@ def test_suspend_and_resume_mid_generation_gives_the_same_tokens(
 
     engine = llama_engine_factory()
     ids = [engine.add_request(p, s) for p, s in zip(prompts, params, strict=True)]
+    collectors = defaultdict(OutputCollector)
+
+    def step() -> None:
+        for delta in engine.step():
+            collectors[delta.request_id].add(delta)
+
     for _ in range(6):
-        engine.step()
+        step()
     assert engine.context.memory_bytes() > 0
     engine.suspend(mode)
     assert engine.suspended and engine.context.memory_bytes() == 0
@@ -133,11 +142,10 @@ def test_suspend_and_resume_mid_generation_gives_the_same_tokens(
         engine.step()
     engine.add_request(prompts[0], GREEDY, request_id="while-suspended")  # queued, not run
     engine.resume()
-    done = {}
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+        step()
+    done = {rid: c.output() for rid, c in collectors.items()}
+    assert all(c.finished for c in collectors.values())
     for rid, want in zip(ids, expected, strict=True):
         assert done[rid].token_ids == want.token_ids
         if mode == "offload":  # the same KV bits: the same log-probabilities, exactly
@@ -175,9 +183,10 @@ def test_update_weights_refits_the_model_and_clears_the_prefix_cache(
 def test_abort_frees_the_request_and_reports_it(llama_engine_factory) -> None:
     engine = llama_engine_factory()
     rid = engine.add_request([5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True))
-    engine.step()
-    out = engine.abort(rid)
-    assert out.finished and out.finish_reason == "abort" and len(out.token_ids) == 1
+    (first,) = engine.step()
+    last = engine.abort(rid)
+    assert last.finished and last.finish_reason == "abort" and last.num_generated == 1
+    assert len(first.token_ids) == 1 and last.token_ids == []  # reported once, by the step
     assert engine.abort(rid) is None
     assert not engine.has_unfinished_requests() and engine.context.kv.usage() == 0.0
 

@@ -11,6 +11,7 @@ step's batch checks the recurrent-state slots: one per running request, never th
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -27,6 +28,7 @@ from mcore.inference.recurrent_state import (
     RecurrentStateConfig,
     StateSlots,
 )
+from mcore.inference.request import OutputCollector
 from mcore.models.config import TransformerConfig
 from mcore.models.gpt import GPTModel
 from mcore.ssm.config import SSMConfig
@@ -190,11 +192,21 @@ class SlotAudit:
         return step
 
 
-def run_to_completion(engine: DynamicInferenceEngine, ids: list) -> list:
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update((o.request_id, o) for o in engine.step() if o.finished)
-    return [done[i] for i in ids]
+class Steps:
+    """Steps an engine by hand, joining each request's deltas into its whole output."""
+
+    def __init__(self, engine: DynamicInferenceEngine) -> None:
+        self.engine = engine
+        self.collectors: dict = defaultdict(OutputCollector)
+
+    def step(self) -> None:
+        for delta in self.engine.step():
+            self.collectors[delta.request_id].add(delta)
+
+    def run_to_completion(self, ids: list) -> list:
+        while self.engine.has_unfinished_requests():
+            self.step()
+        return [self.collectors[i].output() for i in ids]
 
 
 def check_all_returned(engine: DynamicInferenceEngine) -> None:
@@ -251,10 +263,11 @@ def test_a_chunked_prefill_beside_decodes_uses_its_own_slot(model, reference) ->
     engine = make_engine(model, max_requests=4, max_tokens=12)
     audit = SlotAudit(engine)
     ids = [engine.add_request(p, greedy(16)) for p in short]
-    engine.step()
-    engine.step()  # the short prompts are prefilled and decoding
+    steps = Steps(engine)
+    steps.step()
+    steps.step()  # the short prompts are prefilled and decoding
     long_id = engine.add_request(long, greedy())
-    outputs = run_to_completion(engine, [*ids, long_id])
+    outputs = steps.run_to_completion([*ids, long_id])
     mixed = [s for s in audit.steps if long_id in s["prefill"] and len(s["decode"]) == 3]
     assert len(mixed) >= 4  # 50 tokens in 9-token chunks beside 3 decodes
     long_slots = {s["prefill"][long_id] for s in mixed}
@@ -325,8 +338,9 @@ def test_suspend_resume_and_refit_mid_generation(model, reference, mode) -> None
 
     engine = make_engine(model, max_requests=4, max_tokens=12)
     ids = [engine.add_request(p, greedy(10)) for p in prompts]
+    steps = Steps(engine)
     for _ in range(5):
-        engine.step()
+        steps.step()
     held = {rid: engine.context.state_slots.get(rid) for rid in ids}
     if mode == "refit":
         engine.update_weights(model.state_dict())  # the same weights: nothing changes
@@ -336,7 +350,7 @@ def test_suspend_resume_and_refit_mid_generation(model, reference, mode) -> None
         engine.resume()
     if mode != "recompute":  # the requests kept their slots (and states)
         assert {rid: engine.context.state_slots.get(rid) for rid in ids} == held
-    outputs = run_to_completion(engine, ids)
+    outputs = steps.run_to_completion(ids)
     check_matches_reference(outputs, prompts, reference, n=10)
     if mode != "recompute":  # the same states and KV bits: the same log-probabilities
         assert [o.logprobs for o in outputs] == [o.logprobs for o in expected]
@@ -422,11 +436,11 @@ def test_steps_padded_to_graph_shapes_give_the_same_tokens(model, reference) -> 
         return logits.index_select(0, batch.sample_rows), batch.sample_chunks
 
     runner.execute = execute_padded
-    ids = []
+    ids, steps = [], Steps(engine)
     for prompt in prompts:  # one by one: steps mix a prefill chunk with running decodes
         ids.append(engine.add_request(prompt, greedy()))
-        engine.step()
-    outputs = run_to_completion(engine, ids)
+        steps.step()
+    outputs = steps.run_to_completion(ids)
     assert any(d.num_prefill and a.num_decode for d, a in used)
     assert any(d.num_decode > a.num_decode for d, a in used)  # padded decode rows
     assert any(d.num_prefill > a.num_prefill for d, a in used)  # a padded prefill row
@@ -443,11 +457,11 @@ def test_cuda_graphs_replay_hybrid_steps_like_eager_ones() -> None:
         cuda_graph_prefill_tokens=[32, 64],
     )  # fmt: skip
     assert graphs.runner.graphs.disabled_reason is None
-    ids = []
+    ids, steps = [], Steps(graphs)
     for prompt in prompts:
         ids.append(graphs.add_request(prompt, greedy()))
-        graphs.step()
-    outputs = run_to_completion(graphs, ids)
+        steps.step()
+    outputs = steps.run_to_completion(ids)
     assert graphs.runner.graph_steps > 0
     eager = make_engine(build_model(), device="cuda", max_requests=8, max_tokens=64)
     expected = eager.generate(prompts, greedy())

@@ -154,7 +154,8 @@ class EngineHandle:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.generated_tokens = 0
-        self._waiting: dict[Any, asyncio.Future] = {}
+        self._waiting: dict[Any, tuple[asyncio.Future, Any]] = {}
+        """Request id -> (its future, the ``OutputCollector`` joining its deltas)."""
         self._driver: asyncio.Task | None = None
 
     def generate(self, prompt: str | Sequence[int], **generation_args: Any) -> Generation:
@@ -162,10 +163,12 @@ class EngineHandle:
         return _from_output(out, self.tokenizer)
 
     async def agenerate(self, prompt: str | Sequence[int], **generation_args: Any) -> Generation:
+        from mcore.inference.request import OutputCollector
+
         loop = asyncio.get_running_loop()
         rid = self.engine.add_request(prompt, _sampling_params(generation_args))
         future = loop.create_future()
-        self._waiting[rid] = future
+        self._waiting[rid] = (future, OutputCollector())
         if self._driver is None or self._driver.done():
             self._driver = loop.create_task(self._drive())
         return _from_output(await future, self.tokenizer)
@@ -173,15 +176,21 @@ class EngineHandle:
     async def _drive(self) -> None:
         try:
             while self._waiting:
-                outputs = self.engine.step()
-                self.generated_tokens += len(outputs)
-                for out in outputs:
-                    future = self._waiting.pop(out.request_id, None) if out.finished else None
-                    if future is not None and not future.done():
-                        future.set_result(out)
+                deltas = self.engine.step()  # each request's new tokens, not its history
+                self.generated_tokens += sum(len(delta.token_ids) for delta in deltas)
+                for delta in deltas:
+                    waiting = self._waiting.get(delta.request_id)
+                    if waiting is None:
+                        continue
+                    future, collector = waiting
+                    collector.add(delta)
+                    if delta.finished:
+                        del self._waiting[delta.request_id]
+                        if not future.done():
+                            future.set_result(collector.output())
                 await asyncio.sleep(0)  # let agents add turns and the runner look at budgets
         except BaseException as exc:
-            for future in self._waiting.values():
+            for future, _ in self._waiting.values():
                 if not future.done():
                     future.set_exception(exc)
             self._waiting.clear()

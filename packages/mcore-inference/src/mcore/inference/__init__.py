@@ -19,6 +19,9 @@ _EXPORTS = {
     "InferenceCoordinator": "mcore.inference.coordinator.coordinator",
     "InvalidRequestError": "mcore.inference.errors",
     "RequestFailedError": "mcore.inference.errors",
+    "ReplicaEngine": "mcore.inference.replica",
+    "OutputCollector": "mcore.inference.request",
+    "RequestDelta": "mcore.inference.request",
     "RequestOutput": "mcore.inference.request",
     "SamplingParams": "mcore.inference.sampling",
     "load_model": "mcore.inference.loading",
@@ -33,6 +36,9 @@ __all__ = [
     "InferenceConfig",
     "InferenceCoordinator",
     "InvalidRequestError",
+    "OutputCollector",
+    "ReplicaEngine",
+    "RequestDelta",
     "RequestFailedError",
     "RequestOutput",
     "SamplingParams",
@@ -49,5 +55,6 @@ if TYPE_CHECKING:
     from mcore.inference.engine import DynamicInferenceEngine
     from mcore.inference.errors import ContextOverflowError, InvalidRequestError, RequestFailedError
     from mcore.inference.loading import load_model
-    from mcore.inference.request import RequestOutput
+    from mcore.inference.replica import ReplicaEngine
+    from mcore.inference.request import OutputCollector, RequestDelta, RequestOutput
     from mcore.inference.sampling import SamplingParams

@@ -1,13 +1,19 @@
 """``AsyncInferenceEngine``: an engine stepping in its own thread, driven from asyncio.
 
 The engine is touched by one thread only: requests, aborts and control calls are queued as
-commands that the stepping thread runs between steps, and outputs travel back to per-request
-asyncio queues through ``call_soon_threadsafe``. The model's kernels release the GIL, so the
-event loop (an HTTP server, a coordinator connection, heartbeats) keeps running during a step.
+commands that the stepping thread runs between steps, and each step's deltas travel back to
+per-request asyncio queues through one ``call_soon_threadsafe``. The model's kernels release
+the GIL, so the event loop (an HTTP server, a coordinator connection, heartbeats) keeps
+running during a step.
 
     async with AsyncInferenceEngine(engine) as served:
-        async for out in served.generate(prompt_ids, SamplingParams(max_tokens=32)):
-            print(out.token_ids)
+        async for delta in served.generate(prompt_ids, SamplingParams(max_tokens=32)):
+            print(delta.text, end="")                       # what each step added
+        stream = await served.add_request(prompt_ids, params)
+        output = await stream.final()                       # the whole RequestOutput
+
+Streams carry the engine's deltas as they are (see :mod:`mcore.inference.streams`), so the
+work per step stays the same however long a request grows.
 
 Both this class and the coordinator's :class:`~mcore.inference.coordinator.client.InferenceClient`
 implement the same small front-end interface (``add_request`` returning a
@@ -27,12 +33,13 @@ from typing import Any
 
 from mcore.inference.engine import DynamicInferenceEngine
 from mcore.inference.errors import (
+    EngineLostError,
     EngineStateError,
     InvalidRequestError,
     RequestFailedError,
     RequestId,
 )
-from mcore.inference.request import RequestOutput
+from mcore.inference.request import RequestDelta
 from mcore.inference.sampling import SamplingParams
 from mcore.inference.streams import RequestStream
 
@@ -54,6 +61,8 @@ class AsyncInferenceEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._paused = False
+        self.lost: EngineLostError | None = None
+        """Why the stepping thread stopped on its own (a model replica lost a rank)."""
         self._ids = itertools.count()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -97,7 +106,7 @@ class AsyncInferenceEngine:
         *,
         request_id: RequestId | None = None,
     ) -> RequestStream:
-        """Submit a request; returns the stream of its outputs. Raises ``InvalidRequestError``
+        """Submit a request; returns the stream of its deltas. Raises ``InvalidRequestError``
         / ``ContextOverflowError`` at once when the engine refuses it."""
         if not self.running:
             raise EngineStateError("the async engine is not started: await start() first")
@@ -126,22 +135,22 @@ class AsyncInferenceEngine:
         sampling_params: SamplingParams | None = None,
         *,
         request_id: RequestId | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs as tokens arrive, the last one finished;
-        leaving the loop early aborts the request."""
+    ) -> AsyncIterator[RequestDelta]:
+        """Submit a request and yield its deltas (new tokens and text) as they arrive, the
+        last one finished; leaving the loop early aborts the request."""
         stream = await self.add_request(prompt, sampling_params, request_id=request_id)
         async with stream:
-            async for out in stream:
-                yield out
+            async for delta in stream:
+                yield delta
 
     async def abort(self, request_id: RequestId) -> None:
-        """Abort a request; its stream ends with a ``finish_reason == "abort"`` output."""
+        """Abort a request; its stream ends with a ``finish_reason == "abort"`` delta."""
         await self.call(lambda: self._deliver_abort(request_id))
 
     def _deliver_abort(self, request_id: RequestId) -> None:
-        out = self.engine.abort(request_id)
-        if out is not None:
-            self._deliver(out)
+        delta = self.engine.abort(request_id)
+        if delta is not None:
+            self._deliver([delta])
 
     # -- control ------------------------------------------------------------------------------
 
@@ -229,29 +238,37 @@ class AsyncInferenceEngine:
             if self._stopping:
                 break
             if self._paused or engine.suspended or not engine.has_unfinished_requests():
+                engine.idle()
                 self._wake.wait(self.idle_poll_s)
                 continue
             try:
-                outputs = engine.step()
+                deltas = engine.step()
+            except EngineLostError as exc:
+                # A model replica missing a rank cannot step again: stop, and leave the
+                # requests to whoever serves this engine (the coordinator fails them).
+                log.error("the engine is lost: %s", exc)
+                self.lost = exc
+                break
             except Exception as exc:  # a failed step must not leave requests hanging
                 log.exception("engine step failed; failing the requests in flight")
                 self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
                 continue
-            for out in outputs:
-                self._deliver(out)
+            if deltas:
+                self._deliver(deltas)
         self._run_commands()
 
     def _fail_all(self, message: str) -> None:
         for request in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
-            out = self.engine.abort(request.request_id)
-            if out is not None:
-                out.finish_reason, out.error = "error", message
-                self._deliver(out)
+            delta = self.engine.abort(request.request_id)
+            if delta is not None:
+                delta.finish_reason, delta.error = "error", message
+                self._deliver([delta])
 
-    def _deliver(self, out: RequestOutput) -> None:
+    def _deliver(self, deltas: list[RequestDelta]) -> None:
         def put() -> None:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put_nowait(out)
+            for delta in deltas:
+                stream = self._streams.get(delta.request_id)
+                if stream is not None:
+                    stream.put_nowait(delta)
 
         self._loop.call_soon_threadsafe(put)

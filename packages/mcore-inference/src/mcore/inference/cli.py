@@ -91,14 +91,23 @@ def _generate_configure(parser: argparse.ArgumentParser) -> None:
 
 def _generate_run(args: argparse.Namespace) -> int:
     from mcore.inference.engine import DynamicInferenceEngine
-    from mcore.inference.loading import load_model
+    from mcore.inference.loading import check_tensor_parallel, load_model
     from mcore.inference.sampling import SamplingParams
     from mcore.inference.tokenizer import encode_chat
 
     if not args.prompt and not args.prompt_ids:
         raise McoreError("mcore generate needs --prompt TEXT (or --prompt-ids 1,2,3)")
     config = _inference_config(args)
-    model, tokenizer = load_model(args.model, config_file=args.run_config)
+    tp, dp = config.tensor_model_parallel_size, config.data_parallel_size
+    if tp * dp > 1 and "WORLD_SIZE" not in os.environ:
+        check_tensor_parallel(args.model, tp, config_file=args.run_config)
+        from mcore.core.training.cli import launch_local_ranks
+
+        return launch_local_ranks("generate", tp * dp, args.command_argv)
+    parallel_state, config = _join_generate_world(config)
+    model, tokenizer = load_model(
+        args.model, config_file=args.run_config, parallel_state=parallel_state
+    )
     prompts: list[Any] = []
     for text in args.prompt:
         if tokenizer is None:
@@ -126,7 +135,9 @@ def _generate_run(args: argparse.Namespace) -> int:
         logprobs=0 if args.json else None,
     )
     engine = DynamicInferenceEngine(model, config, tokenizer=tokenizer)
-    outputs = engine.generate(prompts, params)
+    outputs = _generate_on_replicas(engine, prompts, params, parallel_state)
+    if outputs is None:  # not the first rank: it printed nothing
+        return 0
     for i, out in enumerate(outputs):
         if args.json:
             print(json.dumps({"index": i, **out.to_dict()}), flush=True)
@@ -135,6 +146,55 @@ def _generate_run(args: argparse.Namespace) -> int:
         else:
             print(f"--- {i} ---\n{out.text if out.text is not None else out.token_ids}", flush=True)
     return 0
+
+
+def _join_generate_world(config: InferenceConfig) -> tuple[Any, InferenceConfig]:
+    """Under ``launch_local_ranks`` (or torchrun): join the world of ``dp x tp`` ranks and
+    return this rank's ``ParallelState`` and config (its own GPU); alone: ``(None, config)``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp, dp = config.tensor_model_parallel_size, config.data_parallel_size
+    if world == 1 and tp * dp == 1:
+        return None, config
+    if world != tp * dp:
+        raise McoreError(
+            f"{world} ranks were launched, but inference.data_parallel_size ({dp}) x "
+            f"inference.tensor_model_parallel_size ({tp}) = {tp * dp}"
+        )
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    from mcore.parallel import ParallelState
+
+    cuda = config.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        config = dataclasses.replace(config, device=f"cuda:{local}")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return ParallelState(tp=tp), config
+
+
+def _generate_on_replicas(engine: Any, prompts: list, params: Any, ps: Any) -> list | None:
+    """Every replica runs its share of the prompts (the TP ranks of one replica the same, in
+    lockstep); the first rank returns all outputs in order, the others None."""
+    if ps is None:
+        return engine.generate(prompts, params)
+    import torch.distributed as dist
+
+    mine = list(range(ps.dp_rank, len(prompts), ps.dp_size))
+    outputs = engine.generate([prompts[i] for i in mine], params) if mine else []
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (mine, outputs) if ps.tp_rank == 0 else ([], []))
+    dist.destroy_process_group()
+    if ps.rank != 0:
+        return None
+    ordered: dict[int, Any] = {}
+    for indices, outs in gathered:
+        ordered.update(zip(indices, outs, strict=True))
+    return [ordered[i] for i in range(len(prompts))]
 
 
 # -- serve -----------------------------------------------------------------------------------
@@ -174,7 +234,7 @@ async def _serve(model_path: str, run_config: str | None, config: InferenceConfi
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     name = config.served_model_name or Path(model_path).resolve().name
-    if config.data_parallel_size > 1:
+    if config.data_parallel_size > 1 or config.tensor_model_parallel_size > 1:
         backend, tokenizer, max_len, cleanup = await _coordinated(model_path, run_config, config)
     else:
         backend, tokenizer, max_len, cleanup = await _in_process(model_path, run_config, config)
@@ -203,32 +263,16 @@ async def _in_process(model_path: str, run_config: str | None, config: Inference
 
 
 async def _coordinated(model_path: str, run_config: str | None, config: InferenceConfig):
-    """A coordinator in a thread of this process and one engine process per rank."""
-    import dataclasses
-
-    import torch
-
+    """A coordinator in a thread of this process and ``dp`` model replicas of ``tp`` engine
+    processes each (see :func:`launch_replicas`)."""
     from mcore.inference.coordinator.client import InferenceClient
     from mcore.inference.coordinator.coordinator import InferenceCoordinator
-    from mcore.inference.loading import load_tokenizer
+    from mcore.inference.loading import check_tensor_parallel, load_tokenizer
 
+    check_tensor_parallel(model_path, config.tensor_model_parallel_size, config_file=run_config)
     coordinator = InferenceCoordinator(heartbeat_timeout_s=config.heartbeat_timeout_s)
     address = coordinator.start()
-    gpus = torch.cuda.device_count() if config.device is None else 0
-    threads = max(1, (os.cpu_count() or 1) // config.data_parallel_size)
-    processes = []
-    for rank in range(config.data_parallel_size):
-        rank_config = dataclasses.asdict(config)
-        if gpus:
-            rank_config["device"] = f"cuda:{rank % gpus}"
-        command = [sys.executable, "-m", "mcore.inference.coordinator.engine_rank"]
-        command += ["--model", model_path, "--coordinator", address, "--rank", str(rank)]
-        command += ["--config-json", json.dumps(rank_config), "--threads", str(threads)]
-        command += ["--parent-pid", str(os.getpid())]
-        if run_config:
-            command += ["--run-config", run_config]
-        # Their own session: Ctrl-C reaches the server, which stops the ranks with STOP.
-        processes.append(subprocess.Popen(command, start_new_session=True))
+    processes = launch_replicas(model_path, run_config, config, address)
     client = InferenceClient(address)
     await client.start(wait_for_engines=config.data_parallel_size, timeout_s=600)
     tokenizer = load_tokenizer(model_path, config_file=run_config)
@@ -245,6 +289,59 @@ async def _coordinated(model_path: str, run_config: str | None, config: Inferenc
         coordinator.stop()
 
     return client, tokenizer, config.max_sequence_length, cleanup
+
+
+def launch_replicas(
+    model_path: str,
+    run_config: str | None,
+    config: InferenceConfig,
+    address: str,
+    *,
+    env: dict[str, str] | None = None,
+    stdout: Any = None,
+) -> list[subprocess.Popen]:
+    """Start ``data_parallel_size`` model replicas of ``tensor_model_parallel_size`` engine
+    processes on this host, serving the coordinator at ``address``. Replica ``r``'s processes
+    are ``processes[r * tp : (r + 1) * tp]``, its first the one that registers as engine rank
+    ``r``; each replica meets on a port of its own, so one that dies takes no other down.
+    CPU threads are split evenly; with GPUs, process ``i`` takes ``cuda:i`` (modulo count)."""
+    import dataclasses
+
+    import torch
+
+    dp, tp = config.data_parallel_size, config.tensor_model_parallel_size
+    gpus = torch.cuda.device_count() if config.device is None else 0
+    threads = max(1, (os.cpu_count() or 1) // (dp * tp))
+    processes = []
+    for rank in range(dp):
+        url = f"tcp://127.0.0.1:{_free_port()}"
+        for member in range(tp):
+            rank_config = dataclasses.asdict(config)
+            if gpus:
+                rank_config["device"] = f"cuda:{(rank * tp + member) % gpus}"
+            command = [sys.executable, "-m", "mcore.inference.coordinator.engine_rank"]
+            command += ["--model", model_path, "--coordinator", address, "--rank", str(rank)]
+            command += ["--config-json", json.dumps(rank_config), "--threads", str(threads)]
+            command += ["--parent-pid", str(os.getpid())]
+            if tp > 1:
+                command += ["--tp", str(tp), "--replica-rank", str(member), "--dist-url", url]
+            if run_config:
+                command += ["--run-config", run_config]
+            # Their own session: Ctrl-C reaches the server, which stops the ranks with STOP.
+            processes.append(
+                subprocess.Popen(
+                    command, start_new_session=True, env=env, stdout=stdout, stderr=stdout
+                )
+            )
+    return processes
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 GENERATE = CliCommand(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mcore.core import ConfigErrors
@@ -54,9 +54,13 @@ class InferenceConfig:
     """Require this bearer token on every request."""
     served_model_name: str | None = None
     """Model name the server reports and accepts; unset means the model directory's name."""
-    data_parallel_size: int = 1
-    """Engine processes behind the server, joined by the ZMQ coordinator; 1 runs the engine
-    inside the server process."""
+    data_parallel_size: int = field(default=1, metadata={"aliases": ("dp",)})
+    """Model replicas behind the server, each its own engine process(es), joined by the ZMQ
+    coordinator, which routes each request to one replica; 1 (with tensor_model_parallel_size
+    1) runs the engine inside the server process."""
+    tensor_model_parallel_size: int = field(default=1, metadata={"aliases": ("tp",)})
+    """Processes each model replica is split over by tensor parallelism (attention heads, MLP
+    and expert columns, vocabulary): each loads only its shard and they step in lockstep."""
     heartbeat_timeout_s: float = 10.0
     """The coordinator declares an engine rank dead after this long without a heartbeat."""
 
@@ -67,6 +71,7 @@ class InferenceConfig:
             "max_sequence_length",
             "block_size_tokens",
             "data_parallel_size",
+            "tensor_model_parallel_size",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -5,17 +5,23 @@ One step is a short loop over four objects with narrow interfaces::
     scheduled = scheduler.schedule()            # which requests, how many tokens each
     logits, chunks = runner.execute(scheduled)  # context builds the paged batch; model forward
     sampled = sampler.sample(logits, requests)  # per-request sampling parameters
-    outputs = self._record(...)                 # append tokens, stop, free finished requests
+    request.append_token(...)                   # stop, free finished requests
+    deltas = [r.take_delta() for r in requests] # what is new: tokens, logprobs, text
 
 The Python API is what RL drives in-process::
 
     engine = DynamicInferenceEngine(model, InferenceConfig(...), tokenizer=tokenizer)
     rid = engine.add_request(prompt_token_ids, SamplingParams(max_tokens=64, temperature=1.0))
     while engine.has_unfinished_requests():
-        for out in engine.step(): ...
+        for delta in engine.step(): ...                        # each request's new tokens
     outputs = engine.generate(prompts, SamplingParams(...))   # the same, in one call
     engine.suspend(); ...; engine.resume()                    # lend the KV memory to training
     engine.update_weights(trained_model)                       # refit
+
+``step()`` reports what is new (:class:`~mcore.inference.request.RequestDelta`: tokens,
+logprobs and text since the previous step), so its cost does not grow with the length of the
+requests; an :class:`~mcore.inference.request.OutputCollector` joins a request's deltas into
+its complete :class:`~mcore.inference.request.RequestOutput`, which ``generate()`` returns.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from mcore.inference.errors import (
 )
 from mcore.inference.model_runner import ModelRunner
 from mcore.inference.recurrent_state import RecurrentStateConfig
-from mcore.inference.request import Request, RequestOutput
+from mcore.inference.request import OutputCollector, Request, RequestDelta, RequestOutput
 from mcore.inference.sampling import Sampler, SamplingParams
 from mcore.inference.scheduler import Scheduler
 from mcore.inference.tokenizer import IncrementalDetokenizer, TextTokenizer
@@ -288,15 +294,19 @@ class DynamicInferenceEngine:
             )
         return params.max_tokens
 
-    def abort(self, request_id: RequestId) -> RequestOutput | None:
-        """Stop a request now; returns its final output (``finish_reason`` ``abort``), or None
-        if no live request has this id."""
+    def abort(self, request_id: RequestId) -> RequestDelta | None:
+        """Stop a request now; returns its last delta (``finish_reason`` ``abort``, with any
+        text held back until then), or None if no live request has this id."""
         request = self._requests.pop(request_id, None)
         if request is None:
             return None
         self.scheduler.finish(request)
         request.finish("abort")
-        return request.output()
+        return request.take_delta()
+
+    def idle(self) -> None:
+        """Called by a driver (``AsyncInferenceEngine``) while it has nothing to step; a
+        replica's leader keeps its followers in touch here (see ``ReplicaEngine``)."""
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -307,8 +317,10 @@ class DynamicInferenceEngine:
 
     # -- the step -----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one step; returns the outputs of the requests that got a token (or finished)."""
+    def step(self) -> list[RequestDelta]:
+        """Run one step; returns a delta for each request that got a token: the token, its
+        logprobs and the text it completed (see :class:`~mcore.inference.request.RequestDelta`).
+        """
         if self._suspended:
             raise EngineStateError("the engine is suspended: call resume() before step()")
         scheduled = self.scheduler.schedule()
@@ -329,7 +341,7 @@ class DynamicInferenceEngine:
             return []
         requests = [c.request for c in sampling]
         sampled = self.sampler.sample(logits, requests)
-        outputs = []
+        deltas = []
         for i, request in enumerate(requests):
             request.append_token(sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
             self._generated += 1
@@ -338,8 +350,8 @@ class DynamicInferenceEngine:
             if request.finished:
                 self.scheduler.finish(request)
                 del self._requests[request.request_id]
-            outputs.append(request.output())
-        return outputs
+            deltas.append(request.take_delta())
+        return deltas
 
     def generate(
         self,
@@ -368,12 +380,15 @@ class DynamicInferenceEngine:
             for rid in added:
                 self.abort(rid)
             raise
-        done: dict[RequestId, RequestOutput] = {}
-        while len(done) < len(added):
-            for out in self.step():
-                if out.finished and out.request_id in added:
-                    done[out.request_id] = out
-        return [done[rid] for rid in added]
+        collectors = {rid: OutputCollector() for rid in added}
+        unfinished = len(added)
+        while unfinished:
+            for delta in self.step():
+                collector = collectors.get(delta.request_id)
+                if collector is not None:
+                    collector.add(delta)
+                    unfinished -= delta.finished
+        return [collectors[rid].output() for rid in added]
 
     # -- suspend / resume and weights --------------------------------------------------------
 

@@ -47,6 +47,11 @@ class EngineStateError(InferenceError, RuntimeError):
     """The engine cannot do this now (e.g. step while suspended)."""
 
 
+class EngineLostError(EngineStateError):
+    """The engine can never step again (a model replica lost one of its ranks): whoever serves
+    it stops, and its requests fail."""
+
+
 class RequestFailedError(InferenceError):
     """A request was accepted but could not complete (its engine rank died, the coordinator
     stopped, ...); the message says why."""

@@ -96,6 +96,55 @@ def _check_inference_layout(ps: Any) -> None:
             )
 
 
+# What a tensor-parallel engine splits: (section, field) -> what it is, for the error message.
+_TP_SPLIT = {
+    ("model", "num_attention_heads"): "attention heads",
+    ("model", "num_query_groups"): "key/value heads",
+    ("model", "vocab_size"): "vocabulary rows",
+    ("model", "ffn_hidden_size"): "MLP width",
+    ("moe", "ffn_hidden_size"): "expert MLP width",
+    ("moe", "shared_expert_intermediate_size"): "shared expert MLP width",
+    ("ssm", "mamba_num_heads"): "Mamba heads",
+    ("ssm", "mamba_num_groups"): "Mamba groups",
+    ("ssm", "linear_num_key_heads"): "gated delta net key heads",
+    ("ssm", "linear_num_value_heads"): "gated delta net value heads",
+}
+
+
+def check_tensor_parallel(
+    path: str | Path, tp: int, *, config_file: str | Path | None = None
+) -> None:
+    """Refuse ``tp`` (``inference.tensor_model_parallel_size``) when it does not divide what
+    the model at ``path`` splits over tensor-parallel ranks, naming the field and both numbers;
+    cheap (reads only the config), so a server checks before it starts any process."""
+    if tp == 1:
+        return
+    path = Path(path)
+    if detect_model_kind(path) == "hf":
+        from mcore.models.hf import read_hf_config
+
+        _, model, sections = read_hf_config(path)
+    else:
+        _, common = _checkpoint(path)
+        sections = _run_config(path, common, config_file)
+        model = sections.model
+    problems = []
+    for (section, name), what in _TP_SPLIT.items():
+        owner = model if section == "model" else _section(sections, section)
+        value = getattr(owner, name, None)
+        if isinstance(value, int) and value % tp:
+            problems.append(f"{section}.{name} = {value} ({what})")
+    if problems:
+        raise McoreError(
+            f"inference.tensor_model_parallel_size = {tp} does not divide the model's "
+            + "; ".join(problems)
+        )
+
+
+def _section(sections: Any, name: str) -> Any:
+    return sections.get(name) if isinstance(sections, dict) else getattr(sections, name, None)
+
+
 def load_tokenizer(
     path: str | Path, *, config_file: str | Path | None = None
 ) -> TextTokenizer | None:

@@ -179,7 +179,10 @@ class HFTextTokenizer:
         return template if isinstance(template, str) else None
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it): a long prompt
+        # encoded on a worker thread then leaves the server's event loop running.
+        (encoding,) = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)
+        return encoding.ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -255,15 +258,23 @@ def encode_chat(tokenizer: TextTokenizer, messages: Any) -> list[int]:
 
 
 class IncrementalDetokenizer:
-    """A request's generated text, decoded token by token, and its stop strings.
+    """A request's generated text, decoded token by token, and its stop strings, at a cost per
+    token that does not grow with the text.
 
-    Decoding a window of recent tokens and keeping only the new characters gives the same text
-    as decoding everything (spaces that depend on the previous token included) at a constant
-    cost per token; characters still incomplete (a multi-byte sequence split over tokens) wait.
+    Each token decodes a short window, the tokens that last became text (for context: spaces
+    that depend on the previous token) followed by those not yet text, and keeps only the new
+    characters: the same text as decoding everything. A token that decodes to an incomplete
+    character (a multi-byte one split over tokens) waits for the next, at most ``MAX_PENDING``
+    of them; one that adds nothing (a skipped special token) is left out of the window.
+
+    The text leaves in pieces (:meth:`take`) once no stop string can begin in it: the last
+    ``len(longest stop string) - 1`` characters are held back until the next token, or the end.
     """
 
     CONTEXT = 6
     """Prompt tokens decoded along with the first generated ones, for their spacing."""
+    MAX_PENDING = 8
+    """Tokens waiting to complete a character at most; then they go out as they decode."""
 
     def __init__(
         self,
@@ -277,47 +288,62 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.stop = tuple(stop)
         self._hold = max((len(s) for s in self.stop), default=1) - 1
-        self._ids = list(prompt_token_ids[-self.CONTEXT :])
-        self._prefix = 0
-        self._read = len(self._ids)
-        self.text = ""
+        self._window = list(prompt_token_ids[-self.CONTEXT :])
+        self._read = len(self._window)
+        """Tokens of the window already text (the context); those after it are pending."""
+        self._held = ""
+        """Text decoded but not released: it might begin a stop string."""
+        self._released: list[str] = []
         self.stopped_by: str | None = None
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _new_text(self) -> str:
+        before = self._decode(self._window[: self._read])
+        after = self._decode(self._window)
+        return after[len(before) :] if len(after) > len(before) else ""
 
     def add(self, token: int, *, special: bool = False) -> str | None:
         """Take one generated token; returns the stop string it completed, if any. ``special``
         tokens (the ones that stop the request) are left out of the text."""
         if self.stopped_by is not None or special:
             return None
-        self._ids.append(token)
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        self._window.append(token)
+        new = self._new_text()
+        pending = len(self._window) - self._read
+        if not new and pending == 1:
+            self._window.pop()  # it adds nothing, and nothing waits for it
             return None
-        start = max(0, len(self.text) - self._hold)
-        self.text += after[len(before) :]
-        self._prefix, self._read = self._read, len(self._ids)
-        if self.stop:
-            found = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
-            if found:
-                index, string = min(found)
-                self.text = self.text[:index]
-                self.stopped_by = string
-                return string
+        if (not new or new.endswith("\ufffd")) and pending < self.MAX_PENDING:
+            return None
+        # These tokens are text now, and the context of the next ones.
+        del self._window[: self._read]
+        self._read = len(self._window)
+        return self._release(new)
+
+    def _release(self, new: str) -> str | None:
+        # The held text was searched already, but a stop string may begin in it.
+        text = self._held + new
+        found = [(i, s) for s in self.stop if (i := text.find(s)) >= 0]
+        if found:
+            index, string = min(found)
+            self._released.append(text[:index])
+            self._held, self.stopped_by = "", string
+            return string
+        keep = min(self._hold, len(text))
+        self._released.append(text[: len(text) - keep])
+        self._held = text[len(text) - keep :]
         return None
 
-    def stable_text(self) -> str:
-        """The text so far, less the characters that might still begin a stop string."""
-        if self.stopped_by is not None or not self._hold:
-            return self.text
-        return self.text[: max(0, len(self.text) - self._hold)]
-
-    def final_text(self) -> str:
-        """All the text, once the request is finished (an incomplete character included)."""
-        if self.stopped_by is not None:
-            return self.text
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        return self.text + after[len(before) :]
+    def take(self, *, final: bool = False) -> str:
+        """The text released since the last call. ``final`` (the request is over) releases
+        the rest too: the held-back characters and any incomplete one."""
+        if final and self.stopped_by is None:
+            self._released.append(self._held + self._new_text())
+            self._held = ""
+            del self._window[: self._read]
+            self._read = len(self._window)
+        text = "".join(self._released)
+        self._released.clear()
+        return text

@@ -2,14 +2,16 @@
 
     client = await InferenceClient(address).start(wait_for_engines=2)
     out = await client.submit(prompt_token_ids, SamplingParams(max_tokens=32))
-    async for partial in client.generate(prompt_token_ids, params):   # streamed
-        ...
+    async for delta in client.generate(prompt_token_ids, params):     # streamed
+        ...                                                          # the new tokens, text
     await client.suspend(); await client.resume()
     await client.close()
 
-Prompts are token ids (tokenize in the front end). A request the engine refuses raises
-``InvalidRequestError`` (or ``ContextOverflowError``) from ``generate``/``submit``, as the
-in-process engine does; a request that fails later (its rank died) ends with an output whose
+Prompts are token ids (tokenize in the front end). Streams yield the deltas the engine ranks
+send (:class:`~mcore.inference.request.RequestDelta`, as the in-process engine's do), and join
+them into the whole output (``stream.final()``, ``submit``). A request the engine refuses
+raises ``InvalidRequestError`` (or ``ContextOverflowError``) from ``generate``/``submit``, as
+the in-process engine does; a request that fails later (its rank died) ends with a delta whose
 ``finish_reason`` is ``error`` and whose ``error`` says why. ``close()`` ends every open stream
 with ``RequestFailedError`` and never waits on the coordinator.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -29,7 +30,7 @@ import zmq.asyncio
 from mcore.inference import errors
 from mcore.inference.coordinator.messages import Signal, pack, unpack
 from mcore.inference.errors import InferenceError, RequestFailedError, RequestId
-from mcore.inference.request import RequestMetrics, RequestOutput
+from mcore.inference.request import RequestDelta, RequestOutput
 from mcore.inference.sampling import SamplingParams
 from mcore.inference.streams import RequestStream
 
@@ -127,17 +128,15 @@ class InferenceClient:
         *,
         request_id: RequestId | None = None,
     ) -> RequestStream:
-        """Submit a request; returns the stream of its cumulative outputs once an engine rank
-        accepted it. Raises ``InvalidRequestError`` / ``ContextOverflowError`` if it refused."""
+        """Submit a request; returns the stream of its deltas once an engine rank accepted it.
+        Raises ``InvalidRequestError`` / ``ContextOverflowError`` if it refused."""
         self._check_open()
         params = sampling_params or SamplingParams()
         rid = request_id if request_id is not None else f"client-{next(self._ids)}"
         if rid in self._streams:
             raise errors.InvalidRequestError("a live request already has this id", request_id=rid)
         prompt = [int(t) for t in prompt_token_ids]
-        state = _Stream(
-            asyncio.Queue(), RequestOutput(request_id=rid, prompt_token_ids=prompt, token_ids=[])
-        )
+        state = _Stream(asyncio.Queue(), rid)
         self._streams[rid] = state
         try:
             await self._socket.send(
@@ -147,7 +146,7 @@ class InferenceClient:
         except BaseException:
             self._streams.pop(rid, None)
             raise
-        return RequestStream(rid, state.queue, self._close_stream)
+        return RequestStream(rid, state.queue, self._close_stream, prompt_token_ids=prompt)
 
     async def _close_stream(self, rid: RequestId, finished: bool) -> None:
         self._streams.pop(rid, None)
@@ -161,13 +160,13 @@ class InferenceClient:
         sampling_params: SamplingParams | None = None,
         *,
         request_id: RequestId | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Submit a request; yield its cumulative outputs, the last one finished. Leaving the
-        loop early aborts it."""
+    ) -> AsyncIterator[RequestDelta]:
+        """Submit a request; yield its deltas, the last one finished. Leaving the loop early
+        aborts it."""
         stream = await self.add_request(prompt_token_ids, sampling_params, request_id=request_id)
         async with stream:
-            async for out in stream:
-                yield out
+            async for delta in stream:
+                yield delta
 
     async def submit(
         self,
@@ -287,49 +286,25 @@ class InferenceClient:
 
 
 class _Stream:
-    """A request's queue of cumulative outputs, and whether a rank accepted it yet."""
+    """A request's queue of deltas, and whether a rank accepted it yet."""
 
-    def __init__(self, queue: asyncio.Queue, out: RequestOutput) -> None:
+    def __init__(self, queue: asyncio.Queue, request_id: RequestId) -> None:
         self.queue = queue
-        self.out = out
+        self.request_id = request_id
+        self.num_generated = 0
         self.accepted: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def receive(self, message: dict[str, Any]) -> None:
         if message.get("rejected"):
             if not self.accepted.done():
-                self.accepted.set_exception(_rejection(message, self.out.request_id))
+                self.accepted.set_exception(_rejection(message, self.request_id))
             return
         if not self.accepted.done():
             self.accepted.set_result(None)
         if message.get("accepted"):
             return
-        _apply(self.out, message)
-        self.queue.put_nowait(_snapshot(self.out))
-
-
-def _apply(out: RequestOutput, message: dict[str, Any]) -> None:
-    """Add one output delta to the cumulative ``out``."""
-    out.token_ids.extend(message.get("token_ids") or [])
-    if message.get("logprobs") is not None:
-        out.logprobs = (out.logprobs or []) + list(message["logprobs"])
-    if message.get("top_logprobs") is not None:
-        tops = [{int(k): float(v) for k, v in pairs} for pairs in message["top_logprobs"]]
-        out.top_logprobs = (out.top_logprobs or []) + tops
-    out.text = (out.text or "") + (message.get("text") or "")
-    out.engine_rank = message.get("engine_rank")
-    if message.get("finished"):
-        out.finished = True
-        out.finish_reason = message.get("finish_reason")
-        out.stop_reason = message.get("stop_reason")
-        out.error = message.get("error")
-        metrics = message.get("metrics")
-        out.metrics = RequestMetrics(**metrics) if metrics else None
-
-
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    return dataclasses.replace(
-        out,
-        token_ids=list(out.token_ids),
-        logprobs=None if out.logprobs is None else list(out.logprobs),
-        top_logprobs=None if out.top_logprobs is None else list(out.top_logprobs),
-    )
+        token_ids = message.get("token_ids") or []
+        # The coordinator's own outputs (a rank died, none alive) carry no count: keep it here.
+        self.num_generated += len(token_ids)
+        fields = {"request_id": self.request_id, "num_generated": self.num_generated}
+        self.queue.put_nowait(RequestDelta.from_dict({**message, **fields, "token_ids": token_ids}))

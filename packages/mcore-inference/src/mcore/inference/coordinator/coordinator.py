@@ -252,7 +252,7 @@ class InferenceCoordinator:
     async def _on_goodbye(self, identity: bytes, message: dict[str, Any]) -> None:
         engine = self._engines.get(identity)
         if engine is not None and engine.alive:
-            await self._engine_died(engine, "it shut down")
+            await self._engine_died(engine, str(message.get("reason") or "it shut down"))
 
     def _live(self) -> list[_Engine]:
         return [self._engines[i] for i in self._order if self._engines[i].alive]

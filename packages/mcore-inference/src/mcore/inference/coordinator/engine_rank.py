@@ -29,7 +29,7 @@ from mcore.inference.async_engine import AsyncInferenceEngine
 from mcore.inference.coordinator.messages import Signal, pack, unpack
 from mcore.inference.engine import DynamicInferenceEngine
 from mcore.inference.errors import InvalidRequestError, error_payload
-from mcore.inference.request import RequestOutput
+from mcore.inference.request import RequestDelta
 from mcore.inference.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,19 @@ class EngineRank:
             heartbeat = asyncio.create_task(self._heartbeat_loop())
             receive = asyncio.create_task(self._receive_loop(sock))
             stopped = asyncio.create_task((stop or asyncio.Event()).wait())
-            await asyncio.wait({receive, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            lost = asyncio.create_task(self._watch_engine())
+            await asyncio.wait({receive, stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
             if receive.done():
                 receive.result()  # a STOP signal, or an error to raise
             else:
                 receive.cancel()
-                self._post("goodbye", rank=self.rank)
+                reason = "it shut down"
+                if lost.done():
+                    why = self._served.lost
+                    reason = str(why) if why is not None else "its engine stopped stepping"
+                self._post("goodbye", rank=self.rank, reason=reason)
             stopped.cancel()
+            lost.cancel()
         finally:
             for task in (heartbeat, *self._tasks.values()):
                 if task is not None:
@@ -109,6 +115,11 @@ class EngineRank:
             await self._served.shutdown()
             sock.close(linger=0)
             ctx.term()
+
+    async def _watch_engine(self) -> None:
+        """Returns when the engine's stepping thread stopped on its own (a lost replica)."""
+        while self._served.running:
+            await asyncio.sleep(0.2)
 
     def _post(self, kind: str, **fields: Any) -> None:
         self._outbox.put_nowait(pack(kind, **fields))
@@ -177,7 +188,6 @@ class EngineRank:
 
     async def _serve_request(self, message: dict[str, Any]) -> None:
         rid = message["rid"]
-        sent_tokens, sent_text = 0, ""
         try:
             params = SamplingParams.from_dict(message.get("sampling_params"))
             prompt = message.get("prompt_token_ids")
@@ -186,11 +196,8 @@ class EngineRank:
             stream = await self._served.add_request(prompt, params, request_id=rid)
             self._post("output", rid=rid, accepted=True, token_ids=[], finished=False)
             async with stream:
-                async for out in stream:
-                    text = out.text or ""
-                    delta = _delta(out, sent_tokens, text[len(sent_text) :])
-                    self._post("output", rid=rid, **delta)
-                    sent_tokens, sent_text = len(out.token_ids), text
+                async for delta in stream:
+                    self._post("output", rid=rid, **_fields(delta))
         except InvalidRequestError as exc:
             self._post(
                 "output",
@@ -233,55 +240,94 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(1.0)
 
 
-def _delta(out: RequestOutput, sent: int, text: str) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "token_ids": out.token_ids[sent:],
-        "text": text,
-        "finished": out.finished,
-    }
-    if out.logprobs is not None:
-        fields["logprobs"] = out.logprobs[sent:]
-    if out.top_logprobs is not None:
-        fields["top_logprobs"] = [
-            [[int(k), float(v)] for k, v in top.items()] for top in out.top_logprobs[sent:]
-        ]
-    if out.finished:
-        fields.update(
-            finish_reason=out.finish_reason,
-            stop_reason=out.stop_reason,
-            error=out.error,
-            prompt_tokens=len(out.prompt_token_ids),
-            metrics=out.metrics.to_dict() if out.metrics else None,
-        )
+def _fields(delta: RequestDelta) -> dict[str, Any]:
+    """An ``output`` message's fields: the delta as it is, less what the client knows already
+    (the request id, the prompt) and what the coordinator adds (the rank)."""
+    fields = delta.to_dict()
+    for known in ("request_id", "prompt_token_ids", "engine_rank"):
+        del fields[known]
+    if not delta.finished:  # the scalars that only a finished delta sets
+        for unset in ("finish_reason", "stop_reason", "error", "metrics"):
+            del fields[unset]
     return fields
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Load a model and serve it as one engine rank of a coordinator."""
+    """Load a model and serve it as one engine rank of a coordinator.
+
+    With ``--tp N`` the rank is one of the N processes of a model replica split over tensor
+    parallelism: they join ``--dist-url`` as ranks ``--replica-rank`` 0..N-1 of their own
+    process group (a replica is its own world, so a dead replica takes down no other), load
+    only their shards, and step in lockstep (:class:`~mcore.inference.replica.ReplicaEngine`):
+    replica rank 0 registers with the coordinator as engine rank ``--rank`` and the others
+    follow it. The N processes may run on different hosts.
+    """
     from mcore.inference.config import InferenceConfig
     from mcore.inference.loading import load_model
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--model", required=True, help="Hugging Face directory or mcore checkpoint")
     parser.add_argument("--coordinator", required=True, help="the coordinator's tcp:// address")
-    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--rank", type=int, default=0, help="this replica's data-parallel rank")
     parser.add_argument("--config-json", default="{}", help="[inference] fields as JSON")
     parser.add_argument("--run-config", default=None, help="run config of an mcore checkpoint")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
         "--parent-pid", type=int, default=None, help="exit when this process is gone"
     )
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of the replica")
+    parser.add_argument("--replica-rank", type=int, default=0, help="this process's rank in it")
+    parser.add_argument(
+        "--dist-url", default=None, help="tcp://HOST:PORT where the replica's ranks meet"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"[engine {args.rank}] %(message)s")
+    name = f"{args.rank}" if args.tp == 1 else f"{args.rank}.{args.replica_rank}"
+    logging.basicConfig(level=logging.INFO, format=f"[engine {name}] %(message)s")
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = InferenceConfig(**json.loads(args.config_json))
-    model, tokenizer = load_model(args.model, config_file=args.run_config)
-    engine = DynamicInferenceEngine(model, config, tokenizer=tokenizer)
-    EngineRank(engine, args.coordinator, rank=args.rank).run(parent_pid=args.parent_pid)
-    return 0
+    if args.tp == 1:
+        model, tokenizer = load_model(args.model, config_file=args.run_config)
+        engine = DynamicInferenceEngine(model, config, tokenizer=tokenizer)
+        EngineRank(engine, args.coordinator, rank=args.rank).run(parent_pid=args.parent_pid)
+        return 0
+    return _serve_replica(args, config)
+
+
+def _serve_replica(args: argparse.Namespace, config: Any) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from mcore.inference.loading import load_model
+    from mcore.inference.replica import ReplicaEngine, ReplicaLostError, join_replica
+
+    if args.dist_url is None:
+        raise SystemExit("--tp > 1 needs --dist-url tcp://HOST:PORT for the replica's ranks")
+    group, parallel_state = join_replica(
+        args.dist_url, rank=args.replica_rank, size=args.tp, device=config.device
+    )
+    model, tokenizer = load_model(
+        args.model, config_file=args.run_config, parallel_state=parallel_state
+    )
+    engine = ReplicaEngine(model, config, tokenizer=tokenizer, group=group)
+    try:
+        if engine.is_leader:
+            try:
+                EngineRank(engine, args.coordinator, rank=args.rank).run(parent_pid=args.parent_pid)
+            finally:
+                engine.close()
+        else:
+            with torch.no_grad():
+                steps = engine.follow()
+            log.info("the replica's leader closed it after %d steps", steps)
+    except ReplicaLostError as lost:
+        log.error("engine rank %d stops: %s", args.rank, lost)
+    finally:
+        if engine.lost is None:
+            dist.destroy_process_group()
+    return 0 if engine.lost is None else 1
 
 
 if __name__ == "__main__":

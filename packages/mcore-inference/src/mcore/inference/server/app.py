@@ -10,6 +10,11 @@ body (naming the field), 401 without the key, 404 for an unknown route or model,
 body over the size limit, 500 for anything unexpected, which is logged while the server keeps
 serving. A client that disconnects mid-request has its request aborted.
 
+Streamed chunks are built from the backend's deltas (each step's new tokens and text), so a
+chunk costs the same however long its completion grows. Work on text that can be long (encoding
+prompts, rendering chat templates, decoding logprob tokens) runs on a few worker threads
+(``text_workers``), never on the event loop that serves every other stream.
+
 The backend is anything with ``add_request(prompt, params, request_id=) -> RequestStream`` and
 ``stats()``: :class:`~mcore.inference.async_engine.AsyncInferenceEngine` in process, or the
 coordinator's :class:`~mcore.inference.coordinator.client.InferenceClient`.
@@ -24,13 +29,14 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from mcore.inference.errors import InvalidRequestError, RequestId
-from mcore.inference.request import RequestOutput
+from mcore.inference.request import RequestDelta, RequestOutput
 from mcore.inference.sampling import SamplingParams
 from mcore.inference.server import protocol
 from mcore.inference.streams import RequestStream
@@ -107,6 +113,7 @@ class OpenAIServer:
         api_key: str | None = None,
         max_sequence_length: int | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
+        text_workers: int = 2,
     ) -> None:
         self.backend = backend
         self.max_body_bytes = max_body_bytes
@@ -116,6 +123,9 @@ class OpenAIServer:
         self.max_sequence_length = max_sequence_length
         self.metrics = ServerMetrics()
         self.started = protocol.now()
+        self.text_workers = text_workers
+        """Threads that encode prompts and decode logprob tokens, off the event loop."""
+        self._text_pool: ThreadPoolExecutor | None = None
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -126,6 +136,7 @@ class OpenAIServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.on_cleanup.append(self._close_text_pool)
         return app
 
     # -- middlewares --------------------------------------------------------------------------
@@ -251,14 +262,28 @@ class OpenAIServer:
                 text=f"the model {model!r} does not exist; this server serves {self.model_name!r}"
             )
 
-    def _encode(self, prompt: list[int] | str) -> list[int]:
-        if isinstance(prompt, list):
-            return prompt
+    async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the text worker threads: encoding, chat templates and decoding
+        take time that grows with the text, and the event loop serves every other stream."""
+        if self._text_pool is None:
+            self._text_pool = ThreadPoolExecutor(
+                max_workers=self.text_workers, thread_name_prefix="mcore-text"
+            )
+        return await asyncio.get_running_loop().run_in_executor(self._text_pool, fn, *args)
+
+    async def _close_text_pool(self, app: web.Application) -> None:
+        if self._text_pool is not None:
+            self._text_pool.shutdown(wait=False, cancel_futures=True)
+            self._text_pool = None
+
+    def _encode(self, prompts: list[list[int] | str]) -> list[list[int]]:
+        if all(isinstance(p, list) for p in prompts):
+            return prompts
         if self.tokenizer is None:
             raise InvalidRequestError(
                 "this model has no tokenizer: send the prompt as token ids", field="prompt"
             )
-        return self.tokenizer.encode(prompt)
+        return [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
 
     async def _body(self, request: web.Request) -> Any:
         raw = await request.read()
@@ -285,14 +310,16 @@ class OpenAIServer:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         parsed = protocol.parse_completion(await self._body(request))
         self._check_model(parsed.model)
-        prompts = [self._encode(p) for p in parsed.prompts]
+        prompts = await self._off_loop(self._encode, parsed.prompts)
         base_id = protocol.new_id("cmpl")
         streams = await self._open(prompts, parsed.params, parsed.n, base_id)
 
-        def choice(index: int, out: RequestOutput, start: int, text: str, offset: int):
+        def choice(index: int, out: RequestOutput | RequestDelta, text: str, offset: int):
+            """A whole choice (``out`` an output), or the piece of one that ``out``, a delta
+            whose text begins at character ``offset``, adds."""
             lp = None
             if parsed.want_logprobs and self.tokenizer is not None:
-                lp = protocol.completion_logprobs(self.tokenizer, out, start, offset)
+                lp = protocol.completion_logprobs(self.tokenizer, out, offset)
             made = {
                 "index": index,
                 "text": text,
@@ -300,8 +327,8 @@ class OpenAIServer:
                 "finish_reason": protocol.finish_reason(out),
             }
             if parsed.return_token_ids:
-                made["token_ids"] = list(out.token_ids[start:])
-                if not parsed.stream:
+                made["token_ids"] = list(out.token_ids)
+                if isinstance(out, RequestOutput):
                     made["prompt_token_ids"] = list(out.prompt_token_ids)
             return made
 
@@ -309,68 +336,75 @@ class OpenAIServer:
         if parsed.stream:
             return await self._stream(request, streams, envelope, parsed, choice)
         outs = await self._collect(streams)
-        body = {
-            **envelope,
-            "created": protocol.now(),
-            "choices": [choice(i, out, 0, self._text(out), 0) for i, out in enumerate(outs)],
-            "usage": self._usage(outs, parsed.n),
-        }
-        return web.json_response(body)
+
+        def body() -> dict[str, Any]:
+            return {
+                **envelope,
+                "created": protocol.now(),
+                "choices": [choice(i, out, self._text(out), 0) for i, out in enumerate(outs)],
+                "usage": self._usage(outs, parsed.n),
+            }
+
+        return web.json_response(await self._off_loop(body))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         parsed, messages = protocol.parse_chat(await self._body(request))
         self._check_model(parsed.model)
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer, which chat needs")
-        prompts = [encode_chat(self.tokenizer, messages)]
+        prompts = [await self._off_loop(encode_chat, self.tokenizer, messages)]
         base_id = protocol.new_id("chatcmpl")
         streams = await self._open(prompts, parsed.params, parsed.n, base_id)
 
-        def logprobs(out: RequestOutput, start: int):
+        def logprobs(out: RequestOutput | RequestDelta):
             if not parsed.want_logprobs:
                 return None
-            return protocol.chat_logprobs(self.tokenizer, out, start)
+            return protocol.chat_logprobs(self.tokenizer, out)
 
         if parsed.stream:
             first: set[int] = set()
 
-            def chunk(index: int, out: RequestOutput, start: int, text: str, offset: int):
-                delta: dict[str, Any] = {"content": text} if text else {}
+            def chunk(index: int, delta: RequestDelta, text: str, offset: int):
+                content: dict[str, Any] = {"content": text} if text else {}
                 if index not in first:
                     first.add(index)
-                    delta = {"role": "assistant", "content": text}
+                    content = {"role": "assistant", "content": text}
                 return {
                     "index": index,
-                    "delta": delta,
-                    "logprobs": logprobs(out, start),
-                    "finish_reason": protocol.finish_reason(out),
+                    "delta": content,
+                    "logprobs": logprobs(delta),
+                    "finish_reason": protocol.finish_reason(delta),
                 }
 
             envelope = {"id": base_id, "object": "chat.completion.chunk", "model": self.model_name}
             return await self._stream(request, streams, envelope, parsed, chunk)
         outs = await self._collect(streams)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": self._text(out)},
-                "logprobs": logprobs(out, 0),
-                "finish_reason": out.finish_reason,
+
+        def body() -> dict[str, Any]:
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": self._text(out)},
+                    "logprobs": logprobs(out),
+                    "finish_reason": out.finish_reason,
+                }
+                for i, out in enumerate(outs)
+            ]
+            return {
+                "id": base_id,
+                "object": "chat.completion",
+                "created": protocol.now(),
+                "model": self.model_name,
+                "choices": choices,
+                "usage": self._usage(outs, parsed.n),
             }
-            for i, out in enumerate(outs)
-        ]
-        body = {
-            "id": base_id,
-            "object": "chat.completion",
-            "created": protocol.now(),
-            "model": self.model_name,
-            "choices": choices,
-            "usage": self._usage(outs, parsed.n),
-        }
-        return web.json_response(body)
+
+        return web.json_response(await self._off_loop(body))
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _text(self, out: RequestOutput) -> str:
+        """A whole output's text (decoded here if the backend sent none: off the loop)."""
         if out.text is not None:
             return out.text
         if self.tokenizer is not None:
@@ -402,7 +436,8 @@ class OpenAIServer:
         parsed: protocol.ParsedRequest,
         make_choice: Callable[..., dict[str, Any]],
     ) -> web.StreamResponse:
-        """Server-sent events: one chunk per new piece of each choice, then ``[DONE]``."""
+        """Server-sent events: one chunk per delta of each choice (its new text and tokens),
+        then ``[DONE]``. The work per chunk is that of the delta, however long the choice."""
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -411,16 +446,15 @@ class OpenAIServer:
 
         async def pump(index: int, stream: RequestStream) -> None:
             try:
-                async for out in stream:
-                    await events.put((index, out))
+                async for delta in stream:
+                    await events.put((index, delta))
             except Exception as exc:
                 await events.put((index, exc))
             finally:
                 await events.put((index, None))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        sent_tokens = [0] * len(streams)
-        sent_text = [""] * len(streams)
+        sent_chars = [0] * len(streams)
         finals: list[RequestOutput | None] = [None] * len(streams)
         open_streams = len(streams)
 
@@ -434,39 +468,24 @@ class OpenAIServer:
                     open_streams -= 1
                     continue
                 if isinstance(item, Exception):
-                    await send(
-                        {
-                            "error": {
-                                "message": str(item),
-                                "type": "internal_error",
-                                "param": None,
-                                "code": 500,
-                            }
-                        }
-                    )
+                    await send(_error_event(str(item), "internal_error"))
                     continue
-                text = self._text(item)
-                delta = text[len(sent_text[index]) :]
+                text = item.text or ""
                 if item.finish_reason == "error":
-                    await send(
-                        {
-                            "error": {
-                                "message": item.error,
-                                "type": "engine_error",
-                                "param": None,
-                                "code": 500,
-                            }
-                        }
-                    )
-                elif delta or item.finished or len(item.token_ids) > sent_tokens[index]:
-                    choice = make_choice(
-                        index, item, sent_tokens[index], delta, len(sent_text[index])
+                    await send(_error_event(item.error, "engine_error"))
+                elif text or item.token_ids or item.finished:
+                    args = (index, item, text, sent_chars[index])
+                    # Logprobs name each token by its text: a decode, so off the loop.
+                    choice = (
+                        await self._off_loop(make_choice, *args)
+                        if parsed.want_logprobs
+                        else make_choice(*args)
                     )
                     await send({**envelope, "created": protocol.now(), "choices": [choice]})
-                sent_tokens[index], sent_text[index] = len(item.token_ids), text
+                sent_chars[index] += len(text)
                 if item.finished:
-                    finals[index] = item
-                    self.metrics.record(item)
+                    finals[index] = streams[index].output()
+                    self.metrics.record(finals[index])
             if parsed.include_usage:
                 done = [out for out in finals if out is not None]
                 await send(
@@ -485,6 +504,10 @@ class OpenAIServer:
             for stream in streams:
                 await stream.aclose()
         return response
+
+
+def _error_event(message: str | None, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": 500}}
 
 
 class _EngineFailure(Exception):

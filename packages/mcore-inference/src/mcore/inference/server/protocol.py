@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mcore.inference.errors import InvalidRequestError
-from mcore.inference.request import RequestOutput
+from mcore.inference.request import RequestDelta, RequestOutput
 from mcore.inference.sampling import SamplingParams
 
 MAX_N = 16
@@ -244,7 +244,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def finish_reason(out: RequestOutput) -> str | None:
+def finish_reason(out: RequestOutput | RequestDelta) -> str | None:
     return out.finish_reason if out.finished else None
 
 
@@ -256,32 +256,29 @@ def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def completion_logprobs(tokenizer, out: RequestOutput, start: int, text_offset: int):
-    """OpenAI completions ``logprobs`` for the tokens of ``out`` from ``start``."""
+def completion_logprobs(tokenizer, out: RequestOutput | RequestDelta, text_offset: int):
+    """OpenAI completions ``logprobs`` of the tokens of ``out`` (a whole output, or a delta
+    whose text begins at character ``text_offset`` of the completion)."""
     if out.logprobs is None:
         return None
-    ids = out.token_ids[start:]
-    tokens = [token_text(tokenizer, t) for t in ids]
+    tokens = [token_text(tokenizer, t) for t in out.token_ids]
     offsets, pos = [], text_offset
     for token in tokens:
         offsets.append(pos)
         pos += len(token)
     tops = None
     if out.top_logprobs is not None:
-        tops = [
-            {token_text(tokenizer, k): v for k, v in top.items()}
-            for top in out.top_logprobs[start:]
-        ]
+        tops = [{token_text(tokenizer, k): v for k, v in top.items()} for top in out.top_logprobs]
     return {
         "tokens": tokens,
-        "token_logprobs": out.logprobs[start:],
+        "token_logprobs": list(out.logprobs),
         "top_logprobs": tops,
         "text_offset": offsets,
     }
 
 
-def chat_logprobs(tokenizer, out: RequestOutput, start: int):
-    """OpenAI chat ``logprobs`` (``{"content": [...]}``) from token ``start`` on."""
+def chat_logprobs(tokenizer, out: RequestOutput | RequestDelta):
+    """OpenAI chat ``logprobs`` (``{"content": [...]}``) of the tokens of ``out``."""
     if out.logprobs is None:
         return None
 
@@ -290,7 +287,7 @@ def chat_logprobs(tokenizer, out: RequestOutput, start: int):
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     content = []
-    for i, token_id in enumerate(out.token_ids[start:], start):
+    for i, token_id in enumerate(out.token_ids):
         item = entry(token_id, out.logprobs[i])
         top = out.top_logprobs[i] if out.top_logprobs is not None else {}
         item["top_logprobs"] = [entry(k, v) for k, v in top.items()]
