@@ -1,6 +1,7 @@
-"""The GRPO loop end to end on real gloo ranks: rollouts on each rank's engine, packed
-updates in the training layout, refit (the engines then hold exactly the trained weights),
-and a tiny model learning to copy strings."""
+"""The GRPO loop end to end on real gloo ranks: rollouts on the engines (one per TP group in
+the training layout, or the whole model per rank under PP), packed updates in the training
+layout, refit (the engines then hold exactly the trained weights, and score what they sample
+as the trained policy does), and a tiny model learning to copy strings."""
 
 from __future__ import annotations
 
@@ -16,23 +17,49 @@ from mcore.parallel.sharding import model_sharded_tensors
 from megatron_rl.loop import train_rl
 
 
+def _box(tensor, offset, shape):
+    for dim, (start, length) in enumerate(zip(offset, shape, strict=True)):
+        tensor = tensor.narrow(dim, start, length)
+    return tensor
+
+
 def _engine_holds_the_trained_weights(engine, chunks) -> int:
-    """Compare every piece of the training model with the engine's copy; pieces checked."""
-    state = engine.model.state_dict()
+    """Compare every piece of the training model with the engine's copy, whatever layout
+    each is in (the engine's pieces are whole tensors or the training layout's TP shards, each
+    containing training's pieces); returns the pieces checked."""
+    held = model_sharded_tensors([engine.model])
     checked = 0
     for key, sharded in model_sharded_tensors(chunks).items():
         for view, offset in sharded.pieces:
-            piece = state[key]
-            for dim, (start, length) in enumerate(zip(offset, view.shape, strict=True)):
-                piece = piece.narrow(dim, start, length)
+            (piece,) = [
+                _box(mine, [o - m for o, m in zip(offset, at, strict=True)], view.shape)
+                for mine, at in held[key].pieces
+                if all(
+                    m <= o and o + n <= m + k
+                    for o, n, m, k in zip(offset, view.shape, at, mine.shape, strict=True)
+                )
+            ]
             torch.testing.assert_close(piece, view.detach().to(piece.dtype), rtol=0, atol=0)
             checked += 1
     return checked
 
 
+def _engine_share(engine) -> dict[str, int]:
+    """Elements the engine's model holds, and those of the whole model: over its tensors split
+    between ranks, and over all its tensors."""
+    tensors = list(model_sharded_tensors([engine.model]).values())
+    split = [s for s in tensors if s.local_numel < math.prod(s.global_shape)]
+    return {
+        "split_held": sum(s.local_numel for s in split),
+        "split_whole": sum(math.prod(s.global_shape) for s in split),
+        "held": sum(s.local_numel for s in tensors),
+        "whole": sum(math.prod(s.global_shape) for s in tensors),
+    }
+
+
 def _engine_scores_as_the_trainer(result, config) -> dict:
-    """Generate with the refit engine (inference layout), then score the same tokens with the
-    trained policy in the training layout: the log-probs must agree. Returns the tokens and,
+    """Generate with the refit engine, then score the same tokens with the trained policy in
+    the training layout: the log-probs must agree. Returns the tokens and,
     on the last pipeline stage, the largest difference."""
     from mcore.core import get_plugin_manager
     from megatron_rl.handles import EngineHandle, encode_text
@@ -76,7 +103,8 @@ def _run(rank: int, world_size: int, overrides: dict[str, str]) -> dict:
     result = train_rl(config)
     pieces = _engine_holds_the_trained_weights(result.engine, result.chunks)
     scores = _engine_scores_as_the_trainer(result, config)
-    return {"metrics": result.metrics, "pieces": pieces, "scores": scores}
+    share = _engine_share(result.engine)
+    return {"metrics": result.metrics, "pieces": pieces, "scores": scores, "share": share}
 
 
 def _check_metrics(results: list[dict], steps: int) -> list[dict]:
@@ -136,8 +164,15 @@ def test_tensor_parallel_run_with_partial_rollouts(tiny_overrides) -> None:
         "rl.max-new-tokens": "6",
         "rl.filter-groups-with-same-reward": "true",
     }
-    metrics = _check_metrics(run_ranks(_run, 2, overrides, backend="gloo", timeout_s=300), 4)
-    # Each rank keeps 4 groups in flight and takes the first 2 done: the others finish under
+    results = run_ranks(_run, 2, overrides, backend="gloo", timeout_s=300)
+    metrics = _check_metrics(results, 4)
+    # One engine over both ranks, split as training splits the policy: each rank holds half
+    # of every split tensor, so less than the whole model.
+    for r in results:
+        share = r["share"]
+        assert 2 * share["split_held"] == share["split_whole"] > 0
+        assert share["held"] < 0.6 * share["whole"]
+    # The engine keeps 8 groups in flight and takes the first 4 done: the others finish under
     # the weights of an earlier step and are trained on later.
     assert all(m["rl/groups"] <= 4 for m in metrics)
     assert any(m["rl/generation_lag"] > 0 for m in metrics)
@@ -229,15 +264,26 @@ def test_finetune_from_a_checkpoint_then_resume(tiny, tmp_path) -> None:
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
 
 
+MOE = {"moe.num-experts": "4", "moe.router-topk": "2"}
+TP2_SP = {"parallel.tp": "2", "parallel.sequence-parallel": "true"}
+
+
 @pytest.mark.parametrize(
     "layout",
     [
         {"train.data-parallel": "megatron_fsdp"},
-        {"moe.num-experts": "4", "moe.router-topk": "2", "parallel.ep": "2"},
+        {**MOE, "parallel.ep": "2"},
         {"optimizer.use-distributed-optimizer": "true"},
+        {**MOE, **TP2_SP},
+        {**MOE, **TP2_SP, "parallel.ep": "2", "parallel.etp": "1"},
     ],
-    ids=["megatron_fsdp", "moe-ep2", "distributed-optimizer"],
+    ids=["megatron_fsdp", "moe-ep2", "distributed-optimizer", "moe-tp2", "moe-tp2-ep2-inside"],
 )
 def test_other_training_layouts_refit_their_weights(tiny_overrides, layout) -> None:
     overrides = {**tiny_overrides, "train.train-iters": "2", "rl.kl-beta": "0.05", **layout}
-    _check_metrics(run_ranks(_run, 2, overrides, backend="gloo", timeout_s=300), 2)
+    results = run_ranks(_run, 2, overrides, backend="gloo", timeout_s=300)
+    _check_metrics(results, 2)
+    if layout.get("parallel.tp") == "2":  # one engine over the TP group: each rank its shards
+        assert all(r["share"]["held"] < 0.6 * r["share"]["whole"] for r in results)
+    else:  # an engine per rank, holding the whole model
+        assert all(r["share"]["held"] == r["share"]["whole"] for r in results)

@@ -1,16 +1,19 @@
-"""Refit: weights from a training layout (TP, PP, and data-parallel replicas) into the
-engine's single-process model equal the model the same seed builds in one process."""
+"""Refit: weights from a training layout (TP, PP, FSDP and data-parallel replicas) into the
+engine, whole or in the training layout, equal the model the same seed builds in one process;
+an engine in the training layout is filled from each rank's own shards."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mcore.core import get_plugin_manager, load_config
 from mcore.core.testing import run_ranks
-from mcore.parallel.sharding import model_sharded_tensors
-from megatron_rl.inference import build_engine, single_process_state
-from megatron_rl.refit import gather_full_state_dict, refit_engine
+from mcore.parallel.sharding import is_dtensor, model_sharded_tensors
+from megatron_rl.inference import build_engine, engine_layout, single_process_state
+from megatron_rl.refit import gather_full_state_dict, local_weights, refit_engine
 
 
 @torch.no_grad()
@@ -92,3 +95,90 @@ def test_refit_from_training_layouts_equals_the_single_process_model(
         for key, value in oracle.items():
             torch.testing.assert_close(full[key], value, rtol=0, atol=0, msg=key)
             torch.testing.assert_close(result["engine"][key], value, rtol=0, atol=0, msg=key)
+
+
+def _sharded_refit_on_ranks(rank: int, world_size: int, overrides: dict[str, str]) -> dict:
+    config = load_config(overrides=overrides)
+    manager = get_plugin_manager()
+    runtime = manager.hook.mcore_training_runtime(config=config)
+    torch.manual_seed(config.train.seed)
+    chunks, _, _ = runtime.build(config, config.model, manager.registries)
+    _as_if_trained(chunks)
+    layout = engine_layout(runtime)
+    assert layout.sharded and not layout.reason
+    tokenizer = manager.registries.get("tokenizer", "char")(config)
+    engine = build_engine(
+        config, config.model, tokenizer, manager.registries,
+        device=torch.device("cpu"), max_requests=2, max_sequence_length=32, layout=layout,
+    )  # fmt: skip
+    # What refit copies from: views of the training model's own storage, or, for a fully
+    # sharded parameter, its data-parallel gather: never a tensor larger than the rank's shard.
+    training = {
+        (t.to_local() if is_dtensor(t) else t).untyped_storage().data_ptr()
+        for t in chunks[0].state_dict().values()
+    }
+    engine_state = engine.model.state_dict()
+    gathered = 0
+    for bucket in local_weights(chunks[0], bucket_mb=0.01):
+        for name, tensor in bucket.items():
+            assert tensor.shape == engine_state[name].shape, name
+            gathered += tensor.untyped_storage().data_ptr() not in training
+    refit_engine(engine, chunks, sharded=True, bucket_mb=0.01)
+    pieces = {
+        key: [(view.detach().clone(), offset) for view, offset in sharded.pieces]
+        for key, sharded in model_sharded_tensors([engine.model]).items()
+    }
+    return {"pieces": pieces, "gathered": gathered, "engines": layout.engines}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"parallel.tp": "2"},
+        {"parallel.tp": "2", "parallel.sequence-parallel": "true"},
+        {"train.data-parallel": "megatron_fsdp"},
+    ],
+    ids=["tp2", "tp2-sp", "fsdp-dp2"],
+)
+def test_refit_into_the_training_layout_copies_each_ranks_shards(layout, tiny_overrides) -> None:
+    overrides = {**tiny_overrides, "model.vocab-size": "128", **layout}
+    results = run_ranks(_sharded_refit_on_ranks, 2, overrides, backend="gloo")
+    oracle = _oracle(overrides)
+    tp = int(layout.get("parallel.tp", "1"))
+    for result in results:
+        assert result["engines"] == 2 // tp
+        held = whole = 0
+        for key, pieces in result["pieces"].items():
+            for view, offset in pieces:
+                piece = oracle[key]
+                for dim, (start, length) in enumerate(zip(offset, view.shape, strict=True)):
+                    piece = piece.narrow(dim, start, length)
+                torch.testing.assert_close(view, piece, rtol=0, atol=0, msg=key)
+            held += sum(view.numel() for view, _ in pieces)
+            whole += oracle[key].numel()
+        if tp == 2:  # one engine over the TP group: each rank holds its shards only
+            assert held < 0.6 * whole
+            assert result["gathered"] == 0  # every tensor copied straight from training's
+        else:  # fully sharded over data-parallel ranks: gathered there, a tensor at a time
+            assert held == whole and result["gathered"] > 0
+
+
+def _layout(**sizes: int) -> SimpleNamespace:
+    ps = dict(tp_size=1, pp_size=1, ep_size=1, etp_size=None, dp_size=1, world_size=4)
+    ps.update(sizes)
+    ps["etp_size"] = ps["etp_size"] or ps["tp_size"]
+    ps.update(rank=0, tp_rank=0, dp_rank=0)
+    return SimpleNamespace(parallel_state=SimpleNamespace(**ps))
+
+
+def test_engines_keep_the_whole_model_where_they_cannot_run_the_training_layout() -> None:
+    assert engine_layout(_layout(tp_size=2, dp_size=2)).sharded
+    assert engine_layout(_layout(tp_size=4, ep_size=2, etp_size=2)).sharded  # experts in TP
+    for sizes, reason in [
+        (dict(pp_size=2), "pipeline-parallel engines are pending"),
+        (dict(ep_size=2, etp_size=1), "experts are split over ranks outside"),
+    ]:
+        layout = engine_layout(_layout(**sizes))
+        assert not layout.sharded and reason in layout.reason
+        assert (layout.engines, layout.engine_rank) == (4, 0)  # one engine per rank
+    assert not engine_layout(_layout(tp_size=2), "whole").sharded

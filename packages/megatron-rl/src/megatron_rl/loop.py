@@ -1,12 +1,14 @@
 """The GRPO loop of ``mcore rl``, readable top to bottom.
 
 Every rank runs it. Each rank trains its part of the policy in the training layout (whatever
-``[parallel]`` says: DP, TP, PP, EP, FSDP) and owns an inference engine over a whole
-single-process copy of the model (the inference layout), which generates the rank's share of
-the step's groups. A new run may first warm the policy up with ``rl.sft_iters`` supervised
-steps on the environment's demonstrations. A step:
+``[parallel]`` says: DP, TP, PP, EP, FSDP) and holds its part of an inference engine, which
+generates that engine's share of the step's groups: under tensor parallelism the engine is
+split as training splits the policy and the ranks of a TP group run it together; under
+pipeline parallelism each rank's engine holds the whole model
+(:func:`megatron_rl.inference.engine_layout`). A new run may first warm the policy up with
+``rl.sft_iters`` supervised steps on the environment's demonstrations. A step:
 
-1. **Rollout**: resume the engine, let the agents play this rank's groups (the rank's share
+1. **Rollout**: resume the engine, let the agents play this engine's groups (its share
    of ``rl.prompts_per_step`` problems, ``rl.group_size`` episodes each), suspend the engine
    (its KV cache is freed for training).
 2. **Advantages**: every rank receives every group; rewards become advantages within each
@@ -16,7 +18,8 @@ steps on the environment's demonstrations. A step:
    groups, packed into rows per data-parallel rank, and trained on with the GRPO loss through
    the runtime's schedule, ``rl.grpo_iterations`` passes (the log-probs of the policy before
    the updates and of the frozen reference are computed first when needed).
-4. **Refit**: the new weights go from the training layout into every engine (every
+4. **Refit**: the new weights go from the training layout into every engine, each rank
+   copying its own shards or, for whole-model engines, gathering them (every
    ``rl.max_generation_lag + 1`` steps); then metrics, hooks and checkpoints as in
    ``mcore train``.
 """
@@ -41,7 +44,7 @@ from mcore.core.training.metrics import MetricsLogger, check_finite
 from megatron_rl.envs.base import demonstration
 from megatron_rl.grpo import GRPOLossConfig, group_advantages, zero_variance_groups
 from megatron_rl.handles import EngineHandle, encode_text
-from megatron_rl.inference import build_engine, reference_chunks
+from megatron_rl.inference import build_engine, engine_layout, reference_chunks
 from megatron_rl.packing import TrainSequence
 from megatron_rl.refit import refit_engine
 from megatron_rl.rollout import Group, RolloutRunner
@@ -88,7 +91,7 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         )
     torch.manual_seed(train_cfg.seed)
 
-    # --- the policy (training layout), its reference, the engine (inference layout) -----
+    # --- the policy (training layout), its reference, the engine ---------------------------
     tokenizer = build_tokenizer(config)
     model_config = config.model
     if model_config.vocab_size is None:  # padded as mcore train pads it
@@ -101,7 +104,8 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
     bin_size = rl.packing_bin_size or train_cfg.seq_length
     device = next(chunks[0].parameters()).device
     multiple_of = ps.tp_size if getattr(runtime, "sequence_parallel", False) else 1
-    groups_here = _share(rl.prompts_per_step, ps.world_size, ps.rank)
+    layout = engine_layout(runtime, rl.engine_layout)
+    groups_here = _share(rl.prompts_per_step, layout.engines, layout.engine_rank)
     # Partial rollouts: twice this rank's groups in flight; a step takes the first to finish.
     in_flight = 2 * groups_here if rl.partial_rollouts else groups_here
     budget = rl.rollout_tokens_per_step if rl.partial_rollouts else None
@@ -113,6 +117,7 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         device=device,
         max_requests=rl.inference_max_requests or max(1, in_flight * rl.group_size),
         max_sequence_length=bin_size,
+        layout=layout,
     )
 
     # --- environment, agent, trainer; the warm-up; the reference; rollouts ---------------
@@ -152,7 +157,7 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
         reference = reference_chunks(config, model_config, registries, runtime, chunks)
         if resumed and rl.finetune and config.checkpoint.load:
             _initial_weights(config, runtime, manager).load(reference, None, None)
-    refit_engine(engine, chunks)
+    refit_engine(engine, chunks, sharded=layout.sharded)
     engine.suspend()
 
     consumed = int(resumed.get("consumed_samples", 0)) if resumed else 0
@@ -167,10 +172,10 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
             top_p=rl.top_p,
             top_k=rl.top_k,
         ),
-        rank=ps.rank,
-        world_size=ps.world_size,
+        rank=layout.engine_rank,
+        world_size=layout.engines,
         seed=train_cfg.seed,
-        start_group=math.ceil(consumed / ps.world_size),
+        start_group=math.ceil(consumed / layout.engines),
     )
     runner.policy_version = start
 
@@ -193,7 +198,7 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
     hook.mcore_on_train_start(trainer=result)
     try:
         for step in range(start + 1, train_cfg.train_iters + 1):
-            # 1. rollout this rank's groups on the engine, then lend its memory to training
+            # 1. rollout this engine's groups, then lend its memory to training
             engine.resume()
             began, tokens_before = time.perf_counter(), handle.generated_tokens
             mine = runner.collect(groups_here, in_flight=in_flight, token_budget=budget)
@@ -201,8 +206,10 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
             rollout = (handle.generated_tokens - tokens_before, time.perf_counter() - began)
 
             # 2. every rank gets every group; advantages are relative within each group
-            groups, generated, rollout_seconds = _gather(mine, rollout, ps.world_size)
-            consumed = runner.next_group * ps.world_size  # problems started, over all ranks
+            groups, generated, rollout_seconds = _gather(
+                mine, rollout, ps.world_size, reports=layout.reports
+            )
+            consumed = runner.next_group * layout.engines  # problems started, by all engines
             rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
             advantages = group_advantages(
                 rewards,
@@ -241,7 +248,7 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
             refit_seconds = 0.0
             if step % (rl.max_generation_lag + 1) == 0 or step == train_cfg.train_iters:
                 began = time.perf_counter()
-                refit_engine(engine, chunks)
+                refit_engine(engine, chunks, sharded=layout.sharded)
                 runner.policy_version = step
                 refit_seconds = time.perf_counter() - began
 
@@ -442,9 +449,13 @@ def _split(items: list[int], parts: int) -> list[list[int]]:
 
 
 def _gather(
-    mine: list[Group], rollout: tuple[int, float], world: int
+    mine: list[Group], rollout: tuple[int, float], world: int, *, reports: bool = True
 ) -> tuple[list[Group], int, float]:
-    """Every rank's groups (in problem order), generated tokens (sum) and rollout time (max)."""
+    """Every engine's groups (in problem order), generated tokens (sum) and rollout time
+    (max). A rank that does not ``report`` (another rank of its engine does) adds its time
+    only: its groups and tokens are that rank's too."""
+    if not reports:
+        mine, rollout = [], (0, rollout[1])
     parts: list[Any] = [(mine, rollout)]
     if world > 1:
         parts = [None] * world

@@ -1,19 +1,27 @@
 """Refit: the training model's weights, from any parallel layout, into an inference engine.
 
-Training holds each tensor as pieces of the global tensor (TP shards, pipeline stages' layers,
-expert shards, FSDP chunks; :func:`mcore.parallel.sharding.model_sharded_tensors` says which
-piece sits where). The engine holds the whole single-process model. :func:`full_weights`
-rebuilds every global tensor on every rank:
+Two ways, by where the engine's model lives (:func:`megatron_rl.inference.engine_layout`):
 
-1. every rank describes its pieces (key, global offset, size); one ``all_gather_object``;
-2. each distinct piece gets one owner, the lowest rank holding it (replicas of a piece, e.g.
-   data-parallel copies, are written once); the owned pieces must tile each tensor exactly;
-3. tensors are grouped in buckets of one dtype (about ``bucket_mb``); per bucket every rank
-   writes the pieces it owns into a zeroed flat buffer and one ``all_reduce`` (sum) completes
-   it everywhere.
+- **Shards** (the engine in the training layout): the engine's tensors correspond one to one
+  with this rank's tensors of the training model, TP and expert shards alike, so each rank
+  copies its own (:func:`local_weights`). A fully sharded parameter (megatron-fsdp's
+  ``DTensor``) is gathered over its data-parallel mesh only, a bucket at a time; no rank ever
+  holds a whole tensor of a TP-sharded parameter.
+- **Whole** (each rank's engine holds the single-process model): training holds each tensor as
+  pieces of the global tensor (TP shards, pipeline stages' layers, expert shards, FSDP chunks;
+  :func:`mcore.parallel.sharding.model_sharded_tensors` says which piece sits where), and
+  :func:`full_weights` rebuilds every global tensor on every rank:
+
+  1. every rank describes its pieces (key, global offset, size); one ``all_gather_object``;
+  2. each distinct piece gets one owner, the lowest rank holding it (replicas of a piece, e.g.
+     data-parallel copies, are written once); the owned pieces must tile each tensor exactly;
+  3. tensors are grouped in buckets of one dtype (about ``bucket_mb``); per bucket every rank
+     writes the pieces it owns into a zeroed flat buffer and one ``all_reduce`` (sum) completes
+     it everywhere.
 
 :func:`refit_engine` copies each bucket into the engine as it arrives
-(``engine.update_weights(bucket, strict=False)``), so no second full copy of the model is held.
+(``engine.update_weights(bucket, strict=False)``), so no second full copy of the model is held
+besides the engine's own.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mcore.core import McoreError
-from mcore.parallel.sharding import model_sharded_tensors
+from mcore.parallel.sharding import is_dtensor, model_sharded_tensors, unwrap
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global offset, size)
 
@@ -136,16 +144,93 @@ def gather_full_state_dict(chunks: Sequence[nn.Module]) -> dict[str, torch.Tenso
     return out
 
 
+def local_weights(
+    chunk: nn.Module, *, bucket_mb: float = 256.0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's tensors of one training model chunk by state-dict name, as its modules hold
+    them (TP and expert shards), in buckets.
+
+    A fully sharded tensor (a ``DTensor``) is gathered over its own data-parallel mesh, never
+    over TP (a collective of that mesh: its ranks consume the buckets together). The gathered
+    tensors of one bucket (about ``bucket_mb``, or one tensor) are all this allocates; every
+    other entry is a view of the training model's storage.
+    """
+    limit = max(1, int(bucket_mb * 2**20))
+    bucket: dict[str, torch.Tensor] = {}
+    held = 0
+    for name, tensor in unwrap(chunk).state_dict(keep_vars=True).items():
+        if tensor is None:
+            continue
+        if is_dtensor(tensor):
+            size = tensor.numel() * tensor.dtype.itemsize
+            if bucket and held + size > limit:
+                yield bucket
+                bucket, held = {}, 0
+            tensor = tensor.detach().full_tensor()
+            held += size
+        bucket[name] = tensor.detach()
+    if bucket:
+        yield bucket
+
+
 @torch.no_grad()
-def refit_engine(engine: object, chunks: Sequence[nn.Module], *, bucket_mb: float = 256.0) -> int:
+def copy_local_weights(target: nn.Module, chunk: nn.Module, *, bucket_mb: float = 256.0) -> int:
+    """Copy this rank's tensors of training chunk ``chunk`` into ``target``, a model built in
+    the same layout (:func:`local_weights`); returns the number of tensors copied."""
+    own = target.state_dict()
+    copied = 0
+    for bucket in local_weights(chunk, bucket_mb=bucket_mb):
+        for name, value in bucket.items():
+            if name not in own or own[name].shape != value.shape:
+                have = tuple(own[name].shape) if name in own else "no such tensor"
+                raise McoreError(
+                    f"refit: training's {name!r} {tuple(value.shape)} has no counterpart in the "
+                    f"copy ({have}); it must be built from the same model config and layout"
+                )
+            own[name].copy_(value)
+            copied += 1
+    return copied
+
+
+@torch.no_grad()
+def refit_engine(
+    engine: object,
+    chunks: Sequence[nn.Module],
+    *,
+    sharded: bool = False,
+    bucket_mb: float = 256.0,
+) -> int:
     """Copy the training weights into ``engine`` (an mcore-inference engine, or anything with
     ``update_weights(state_dict, strict=False)`` and a ``model``); returns the number of
-    tensors copied. Every tensor of the engine's model must arrive."""
+    tensors copied. Every tensor of the engine's model must arrive.
+
+    ``sharded``: the engine's model is this rank's part of the training layout (see
+    :func:`megatron_rl.inference.engine_layout`), so each rank copies its own shards (it
+    communicates only to gather fully sharded parameters over their data-parallel ranks);
+    else the engine holds the whole model and every tensor is assembled on every rank (a
+    collective of the world).
+    """
+    own = set(engine.model.state_dict())
+    expected = {k for k in own if not k.endswith("inv_freq")}
+    if sharded:
+        if len(chunks) != 1:
+            raise McoreError(
+                f"refit: an engine in the training layout holds one model chunk, training has "
+                f"{len(chunks)} (pipeline stages): refit it with sharded=False"
+            )
+        buckets = local_weights(chunks[0], bucket_mb=bucket_mb)
+    else:
+        buckets = full_weights(chunks, bucket_mb=bucket_mb)
     received: set[str] = set()
-    for bucket in full_weights(chunks, bucket_mb=bucket_mb):
+    for bucket in buckets:
+        unknown = sorted(set(bucket) - own)
+        if unknown:
+            raise McoreError(
+                f"refit: the engine's model has no tensors named {unknown[:5]}; it must be "
+                "built from the same model config (and, sharded, the same layout) as training"
+            )
         engine.update_weights(bucket, strict=False)
         received.update(bucket)
-    expected = {k for k in engine.model.state_dict() if not k.endswith("inv_freq")}
     missing = sorted(expected - received)
     if missing:
         raise McoreError(

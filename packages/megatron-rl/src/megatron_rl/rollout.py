@@ -1,8 +1,11 @@
 """Rollouts: groups of episodes of one problem, run concurrently on a persistent event loop.
 
 Each rank keeps a :class:`RolloutRunner`. ``collect(count)`` starts groups (problem numbers
-``k * world_size + rank``, so ranks never repeat each other's problems and a resumed run draws
-the same ones) and runs the event loop until ``count`` of them are done. For partial rollouts
+``k * world_size + rank``, so engines never repeat each other's problems and a resumed run draws
+the same ones) and runs the event loop until ``count`` of them are done. ``rank`` and
+``world_size`` count engines, not processes: the ranks of an engine split over tensor-parallel
+ranks pass the same, and since nothing here depends on time or on the process, they add the
+same requests in the same order and their engines step in lockstep. For partial rollouts
 it keeps more in flight than it returns (``in_flight``) and may stop early on a
 ``token_budget``: the groups not returned stay in flight, their coroutines parked on the loop
 and their requests inside the engine, and continue on the next ``collect``, possibly under
@@ -44,7 +47,7 @@ def sample_seed(base: int, group: int, sample: int) -> int:
 
 
 class RolloutRunner:
-    """Runs one rank's share of the rollouts (see the module docstring)."""
+    """Runs one engine's share of the rollouts (see the module docstring)."""
 
     def __init__(
         self,
