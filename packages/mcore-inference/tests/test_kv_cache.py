@@ -110,3 +110,25 @@ def test_state_slots_follow_admission_preemption_and_finish() -> None:
     scheduler.finish(b)
     scheduler.finish(c)
     assert slots.num_in_use == 0 and slots.num_free == 2 and kv.usage() == 0
+
+
+def test_the_block_table_holds_each_live_requests_blocks_in_its_row() -> None:
+    kv = KVCacheManager(40, BLOCK, max_blocks_per_request=2)  # narrower than needed: it grows
+    first = _request("a", list(range(13)))
+    _compute(kv, first, 13)
+    shared = _request("b", [*range(8), 50, 51, 52])  # its first two blocks are a's
+    assert kv.match_prefix(shared) == 8
+    _compute(kv, shared, 3)
+    table = kv.table
+    for rid in "ab":
+        row = table.array[table.row(rid)]
+        blocks = kv.block_ids(rid)
+        assert row[: len(blocks)].tolist() == blocks and set(row[len(blocks) :]) <= {SCRATCH_BLOCK}
+    assert table.row("a") != table.row("b") and table.row("nobody") == 0
+    kv.free(first)
+    assert table.row("a") == 0 and set(table.array[0]) == {SCRATCH_BLOCK}
+    many = [_request(f"r{i}", list(range(100 * i, 100 * i + 5))) for i in range(12)]
+    for request in many:  # more requests than the table's first rows: it grows too
+        _compute(kv, request, 5)
+    rows = {table.row(r.request_id) for r in many} | {table.row("b")}
+    assert len(rows) == 13 and 0 not in rows

@@ -36,7 +36,7 @@ from mcore.inference import (
 )
 from mcore.inference.cli import launch_replicas
 from mcore.inference.errors import EngineStateError
-from mcore.inference.loading import check_tensor_parallel
+from mcore.inference.loading import check_layout
 from mcore.parallel import ParallelState
 
 BIN = Path(sys.executable).parent
@@ -95,9 +95,9 @@ def test_replica_engine_leader_and_follower_step_in_lockstep(
 
 def test_tensor_parallel_sizes_that_do_not_divide_the_model_are_refused(hf_dirs) -> None:
     folder, _ = hf_dirs["llama"]  # 4 heads, 2 key/value heads
-    check_tensor_parallel(folder, 2)
+    check_layout(folder, tp=2, pp=2)
     with pytest.raises(McoreError) as refused:
-        check_tensor_parallel(folder, 3)
+        check_layout(folder, tp=3)
     message = str(refused.value)
     assert "inference.tensor_model_parallel_size = 3" in message
     assert "model.num_attention_heads = 4" in message and "model.num_query_groups = 2" in message
@@ -109,6 +109,8 @@ def test_tensor_parallel_sizes_that_do_not_divide_the_model_are_refused(hf_dirs)
     )
     assert result.returncode == 2 and "num_attention_heads = 4" in result.stderr
     assert "Traceback" not in result.stderr
+    with pytest.raises(McoreError, match=r"pipeline_model_parallel_size = 3 is more stages"):
+        check_layout(folder, pp=3)  # 2 layers
 
 
 def _reference(folder, prompts, params, config):
@@ -197,15 +199,20 @@ def test_two_tensor_parallel_replicas_serve_200_requests_and_survive_a_dead_one(
         log_file.close()
 
 
-@pytest.mark.parametrize("case", ["llama", "deepseek_v3"])
-def test_mcore_serve_and_generate_with_tensor_parallelism_equal_transformers(
-    case, hf_dirs, hf_greedy, random_prompts
+# Each model and each layout served at least once (every pair runs in the Python API tests).
+@pytest.mark.parametrize(
+    "case, layout",
+    [("llama", ["--inference.tp", "2"]), ("mixtral", ["--inference.pp", "2"]),
+     ("deepseek_v3", ["--inference.tp", "2", "--inference.pp", "2"])],
+)  # fmt: skip
+def test_mcore_serve_and_generate_over_tensor_and_pipeline_ranks_equal_transformers(
+    case, layout, hf_dirs, hf_greedy, random_prompts
 ) -> None:
     folder, hf = hf_dirs[case]
     prompts = random_prompts([7, 19, 3], hf.config.vocab_size, seed=4)
     expected = [hf_greedy(hf, p, 6) for p in prompts]
     server = subprocess.Popen(
-        [str(BIN / "mcore"), "serve", "--model", str(folder), "--inference.tp", "2", *CPU],
+        [str(BIN / "mcore"), "serve", "--model", str(folder), *layout, *CPU],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -231,10 +238,13 @@ def test_mcore_serve_and_generate_with_tensor_parallelism_equal_transformers(
         if server.poll() is None:
             server.kill()
             server.wait()
+    if case != "deepseek_v3":
+        return
+    # mcore generate over 2 replicas of 2 pipeline stages: 4 local ranks split the prompts.
     ids = [",".join(map(str, p)) for p in prompts]
     result = subprocess.run(
-        [str(BIN / "mcore"), "generate", "--model", str(folder), "--inference.tp", "2",
-         "--inference.dp", "1", "--max-tokens", "6", "--ignore-eos", "--json", *CPU,
+        [str(BIN / "mcore"), "generate", "--model", str(folder), "--inference.pp", "2",
+         "--inference.dp", "2", "--max-tokens", "6", "--ignore-eos", "--json", *CPU,
          *[a for i in ids for a in ("--prompt-ids", i)]],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

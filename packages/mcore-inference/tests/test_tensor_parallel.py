@@ -56,8 +56,8 @@ def test_tp2_greedy_equals_transformers(
 def test_layouts_the_engine_cannot_run_are_refused(hf_dirs) -> None:
     folder, _ = hf_dirs["llama"]
 
-    class Pipeline:
-        pp_size, cp_size = 2, 1
+    class ContextParallel:
+        pp_size, cp_size = 1, 2
 
-    with pytest.raises(McoreError, match="does not run pipeline parallelism yet"):
-        load_model(folder, parallel_state=Pipeline())
+    with pytest.raises(McoreError, match="does not run context parallelism yet"):
+        load_model(folder, parallel_state=ContextParallel())

@@ -38,9 +38,9 @@ class PagedRun:
     def slot(self, i: int, position: int) -> int:
         return self.tables[i][position // BLOCK] * BLOCK + position % BLOCK
 
-    def step(self, chunks: list[tuple[int, int]]) -> torch.Tensor:
+    def step(self, chunks: list[tuple[int, int]], decode_runs=()) -> torch.Tensor:
         """Compute ``n`` more tokens of sequence ``i`` for each ``(i, n)``; logits of the last
-        token of each chunk, in ``chunks`` order."""
+        token of each chunk, in ``chunks`` order. ``decode_runs`` as ``PagedBatch`` takes it."""
         decode = [(i, n) for i, n in chunks if n == 1]
         prefill = [(i, n) for i, n in chunks if n > 1]
         ids, positions, slots, rows = [], [], [], {}
@@ -79,6 +79,7 @@ class PagedRun:
                 longest,
             ),
             logits_rows=t([rows[i][-1] for i, _ in chunks], -1),
+            decode_runs=decode_runs,
             caches=self.caches,
         )
         with torch.no_grad():
@@ -115,6 +116,24 @@ def test_paged_steps_match_the_plain_forward(tiny, attention) -> None:
     logits = run.step([(1, 1), (2, 8)])
     with torch.no_grad():
         expected = [model(torch.tensor([sequences[i]]))[0, -1] for i in (1, 2)]
+    torch.testing.assert_close(logits, torch.stack(expected), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_decode_runs_each_over_their_own_blocks_match_the_plain_forward(tiny, attention) -> None:
+    torch.manual_seed(0)
+    config = tiny(**(MLA if attention == "mla" else {}))
+    model = prepare_for_inference(GPTModel(config))
+    g = torch.Generator().manual_seed(2)
+    lengths = (4, 29, 11, 22)  # their last tokens need 1, 8, 3 and 6 blocks
+    sequences = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    run = PagedRun(model, sequences)
+    run.step([(i, n - 1) for i, n in enumerate(lengths)])
+    # The long two over all 8 blocks, the short two (rows out of order) over their first 3.
+    runs = ((torch.tensor([1, 3]), WIDTH), (torch.tensor([2, 0]), 3))
+    logits = run.step([(i, 1) for i in range(len(lengths))], decode_runs=runs)
+    with torch.no_grad():
+        expected = [model(torch.tensor([seq]))[0, -1] for seq in sequences]
     torch.testing.assert_close(logits, torch.stack(expected), rtol=0, atol=1e-5)
 
 

@@ -91,19 +91,20 @@ def _generate_configure(parser: argparse.ArgumentParser) -> None:
 
 def _generate_run(args: argparse.Namespace) -> int:
     from mcore.inference.engine import DynamicInferenceEngine
-    from mcore.inference.loading import check_tensor_parallel, load_model
+    from mcore.inference.loading import check_layout, load_model
     from mcore.inference.sampling import SamplingParams
     from mcore.inference.tokenizer import encode_chat
 
     if not args.prompt and not args.prompt_ids:
         raise McoreError("mcore generate needs --prompt TEXT (or --prompt-ids 1,2,3)")
     config = _inference_config(args)
-    tp, dp = config.tensor_model_parallel_size, config.data_parallel_size
-    if tp * dp > 1 and "WORLD_SIZE" not in os.environ:
-        check_tensor_parallel(args.model, tp, config_file=args.run_config)
+    world = config.replica_size * config.data_parallel_size
+    if world > 1 and "WORLD_SIZE" not in os.environ:
+        tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+        check_layout(args.model, tp=tp, pp=pp, config_file=args.run_config)
         from mcore.core.training.cli import launch_local_ranks
 
-        return launch_local_ranks("generate", tp * dp, args.command_argv)
+        return launch_local_ranks("generate", world, args.command_argv)
     parallel_state, config = _join_generate_world(config)
     model, tokenizer = load_model(
         args.model, config_file=args.run_config, parallel_state=parallel_state
@@ -149,16 +150,19 @@ def _generate_run(args: argparse.Namespace) -> int:
 
 
 def _join_generate_world(config: InferenceConfig) -> tuple[Any, InferenceConfig]:
-    """Under ``launch_local_ranks`` (or torchrun): join the world of ``dp x tp`` ranks and
-    return this rank's ``ParallelState`` and config (its own GPU); alone: ``(None, config)``."""
+    """Under ``launch_local_ranks`` (or torchrun): join the world of ``dp x tp x pp`` ranks
+    and return this rank's ``ParallelState`` and config (its own GPU); alone:
+    ``(None, config)``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tp, dp = config.tensor_model_parallel_size, config.data_parallel_size
-    if world == 1 and tp * dp == 1:
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    dp = config.data_parallel_size
+    if world == 1 and tp * pp * dp == 1:
         return None, config
-    if world != tp * dp:
+    if world != tp * pp * dp:
         raise McoreError(
             f"{world} ranks were launched, but inference.data_parallel_size ({dp}) x "
-            f"inference.tensor_model_parallel_size ({tp}) = {tp * dp}"
+            f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp}) = "
+            f"{tp * pp * dp}"
         )
     import dataclasses
 
@@ -174,11 +178,11 @@ def _join_generate_world(config: InferenceConfig) -> tuple[Any, InferenceConfig]
         config = dataclasses.replace(config, device=f"cuda:{local}")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return ParallelState(tp=tp), config
+    return ParallelState(tp=tp, pp=pp), config
 
 
 def _generate_on_replicas(engine: Any, prompts: list, params: Any, ps: Any) -> list | None:
-    """Every replica runs its share of the prompts (the TP ranks of one replica the same, in
+    """Every replica runs its share of the prompts (the ranks of one replica the same, in
     lockstep); the first rank returns all outputs in order, the others None."""
     if ps is None:
         return engine.generate(prompts, params)
@@ -187,7 +191,8 @@ def _generate_on_replicas(engine: Any, prompts: list, params: Any, ps: Any) -> l
     mine = list(range(ps.dp_rank, len(prompts), ps.dp_size))
     outputs = engine.generate([prompts[i] for i in mine], params) if mine else []
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (mine, outputs) if ps.tp_rank == 0 else ([], []))
+    first = ps.tp_rank == 0 and ps.pp_rank == 0  # one rank per replica reports
+    dist.all_gather_object(gathered, (mine, outputs) if first else ([], []))
     dist.destroy_process_group()
     if ps.rank != 0:
         return None
@@ -234,7 +239,7 @@ async def _serve(model_path: str, run_config: str | None, config: InferenceConfi
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     name = config.served_model_name or Path(model_path).resolve().name
-    if config.data_parallel_size > 1 or config.tensor_model_parallel_size > 1:
+    if config.data_parallel_size > 1 or config.replica_size > 1:
         backend, tokenizer, max_len, cleanup = await _coordinated(model_path, run_config, config)
     else:
         backend, tokenizer, max_len, cleanup = await _in_process(model_path, run_config, config)
@@ -263,13 +268,14 @@ async def _in_process(model_path: str, run_config: str | None, config: Inference
 
 
 async def _coordinated(model_path: str, run_config: str | None, config: InferenceConfig):
-    """A coordinator in a thread of this process and ``dp`` model replicas of ``tp`` engine
-    processes each (see :func:`launch_replicas`)."""
+    """A coordinator in a thread of this process and ``dp`` model replicas of ``tp x pp``
+    engine processes each (see :func:`launch_replicas`)."""
     from mcore.inference.coordinator.client import InferenceClient
     from mcore.inference.coordinator.coordinator import InferenceCoordinator
-    from mcore.inference.loading import check_tensor_parallel, load_tokenizer
+    from mcore.inference.loading import check_layout, load_tokenizer
 
-    check_tensor_parallel(model_path, config.tensor_model_parallel_size, config_file=run_config)
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    check_layout(model_path, tp=tp, pp=pp, config_file=run_config)
     coordinator = InferenceCoordinator(heartbeat_timeout_s=config.heartbeat_timeout_s)
     address = coordinator.start()
     processes = launch_replicas(model_path, run_config, config, address)
@@ -300,31 +306,33 @@ def launch_replicas(
     env: dict[str, str] | None = None,
     stdout: Any = None,
 ) -> list[subprocess.Popen]:
-    """Start ``data_parallel_size`` model replicas of ``tensor_model_parallel_size`` engine
+    """Start ``data_parallel_size`` model replicas of ``replica_size`` (tp x pp) engine
     processes on this host, serving the coordinator at ``address``. Replica ``r``'s processes
-    are ``processes[r * tp : (r + 1) * tp]``, its first the one that registers as engine rank
-    ``r``; each replica meets on a port of its own, so one that dies takes no other down.
+    are ``processes[r * size : (r + 1) * size]``, its first the one that registers as engine
+    rank ``r``; each replica meets on a port of its own, so one that dies takes no other down.
     CPU threads are split evenly; with GPUs, process ``i`` takes ``cuda:i`` (modulo count)."""
     import dataclasses
 
     import torch
 
-    dp, tp = config.data_parallel_size, config.tensor_model_parallel_size
+    dp, size = config.data_parallel_size, config.replica_size
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
     gpus = torch.cuda.device_count() if config.device is None else 0
-    threads = max(1, (os.cpu_count() or 1) // (dp * tp))
+    threads = max(1, (os.cpu_count() or 1) // (dp * size))
     processes = []
     for rank in range(dp):
         url = f"tcp://127.0.0.1:{_free_port()}"
-        for member in range(tp):
+        for member in range(size):
             rank_config = dataclasses.asdict(config)
             if gpus:
-                rank_config["device"] = f"cuda:{(rank * tp + member) % gpus}"
+                rank_config["device"] = f"cuda:{(rank * size + member) % gpus}"
             command = [sys.executable, "-m", "mcore.inference.coordinator.engine_rank"]
             command += ["--model", model_path, "--coordinator", address, "--rank", str(rank)]
             command += ["--config-json", json.dumps(rank_config), "--threads", str(threads)]
             command += ["--parent-pid", str(os.getpid())]
-            if tp > 1:
-                command += ["--tp", str(tp), "--replica-rank", str(member), "--dist-url", url]
+            if size > 1:
+                command += ["--tp", str(tp), "--pp", str(pp), "--replica-rank", str(member)]
+                command += ["--dist-url", url]
             if run_config:
                 command += ["--run-config", run_config]
             # Their own session: Ctrl-C reaches the server, which stops the ranks with STOP.

@@ -61,6 +61,9 @@ class InferenceConfig:
     tensor_model_parallel_size: int = field(default=1, metadata={"aliases": ("tp",)})
     """Processes each model replica is split over by tensor parallelism (attention heads, MLP
     and expert columns, vocabulary): each loads only its shard and they step in lockstep."""
+    pipeline_model_parallel_size: int = field(default=1, metadata={"aliases": ("pp",)})
+    """Pipeline stages of each model replica: each stage's processes hold its layers and their
+    KV cache, and pass hidden states on to the next stage."""
     heartbeat_timeout_s: float = 10.0
     """The coordinator declares an engine rank dead after this long without a heartbeat."""
 
@@ -72,6 +75,7 @@ class InferenceConfig:
             "block_size_tokens",
             "data_parallel_size",
             "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -90,6 +94,12 @@ class InferenceConfig:
             sizes = getattr(self, name)
             if sizes and min(sizes) < 1:
                 errors.add(name, f"sizes must be >= 1, got {sizes}")
+
+    @property
+    def replica_size(self) -> int:
+        """Processes of one model replica: tensor_model_parallel_size x
+        pipeline_model_parallel_size."""
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
 
     def checked(self) -> InferenceConfig:
         """Raise ``ConfigError`` naming every invalid field; returns ``self``."""

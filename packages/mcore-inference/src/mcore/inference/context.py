@@ -5,7 +5,10 @@ The context allocates one set of cache tensors per attention layer, ``num_blocks
 grouped-query attention, one latent-plus-rope tensor for multi-latent attention). The
 :class:`~mcore.inference.kv_cache.KVCacheManager` decides which blocks a request holds; the
 context turns the scheduler's chunks into the :class:`~mcore.models.inference.PagedBatch` the
-model reads, optionally padded to fixed :class:`BatchDims` for a CUDA graph.
+model reads, optionally padded to fixed :class:`BatchDims` for a CUDA graph. Block tables are
+rows of the manager's persistent block table, so building a decode step costs the host the
+same however long the requests are; many decodes of mixed lengths are split into runs of
+similar length that each gather only as many blocks as their longest needs.
 
 Hybrid models' sequence-mixer layers keep a fixed-size recurrent state per request instead
 (:mod:`mcore.inference.recurrent_state`): the context allocates those tensors next to the cache,
@@ -22,6 +25,7 @@ to the queue.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -38,6 +42,9 @@ from mcore.inference.scheduler import ScheduledChunk
 from mcore.models.inference import KVCacheSpec, PagedBatch
 
 log = logging.getLogger(__name__)
+
+_DECODE_RUNS = 4
+_DECODE_RUN_ROWS = 8
 
 _Tensors = dict[int, tuple[torch.Tensor, ...]]
 
@@ -69,6 +76,24 @@ class StepBatch:
     """The chunks that sample a token, in the order of ``sample_rows``."""
     sample_rows: torch.Tensor | None
     """Rows of the forward's logits for ``sample_chunks``; None: all rows, in order."""
+
+
+@dataclass
+class _HostBatch:
+    """A step's token rows as host arrays, before they go to the device."""
+
+    ids: np.ndarray
+    positions: np.ndarray
+    slots: np.ndarray
+    """Where each token's key/value is written: ``block * block_size + offset``."""
+    rows: np.ndarray
+    """Each request's row of the block table (decode slots, then prefill slots)."""
+    state_slots: np.ndarray
+    """Each request's recurrent-state slot, in the same order (scratch without state)."""
+    query_rows: np.ndarray
+    query_positions: np.ndarray
+    last_rows: list[int]
+    """The last row of each chunk, decodes then prefills."""
 
 
 def _dtype_size(dtype: torch.dtype) -> int:
@@ -105,8 +130,14 @@ class DynamicInferenceContext:
         self.device = torch.device(device)
         self.dtype = dtype
         self.kv = KVCacheManager(
-            num_blocks, block_size, enable_prefix_caching=enable_prefix_caching
+            num_blocks,
+            block_size,
+            enable_prefix_caching=enable_prefix_caching,
+            max_blocks_per_request=max_blocks_per_request,
         )
+        self._table: torch.Tensor | None = None
+        """The block table on the device (see :meth:`_device_table`)."""
+        self._table_generation = -1
         self.state_config = state_config
         self.state_slots = None if state_config is None else StateSlots(state_config.num_slots)
         self.caches: _Tensors | None = None
@@ -266,6 +297,10 @@ class DynamicInferenceContext:
 
         With ``dims``, the batch is padded to exactly that shape (a CUDA graph's), and the
         logits rows cover every request slot; otherwise only chunks that sample get a row.
+
+        Host work per decode request is a few scalars (its table row, position and last
+        token); block tables are rows of the KV manager's persistent :class:`BlockTable`,
+        selected on the device, so a decode step costs the same however long the requests.
         """
         if self.caches is None:
             raise RuntimeError("the KV cache is suspended: resume() before building batches")
@@ -277,86 +312,155 @@ class DynamicInferenceContext:
         padded = dims is not None
         if dims is None:
             dims = actual
-            query_len = max((c.num_tokens for c in prefill), default=0)
-            decode_width = self._width(decode)
-            prefill_width = self._width(prefill)
-        else:
-            if not dims.fits(actual):
-                raise ValueError(f"a step of shape {actual} does not fit the padded shape {dims}")
-            query_len = dims.num_tokens - dims.num_decode
-            decode_width = prefill_width = self.max_blocks_per_request
-        T, P, D, bs = dims.num_tokens, dims.num_prefill, dims.num_decode, self.block_size
-
-        ids = np.zeros(T, dtype=np.int64)
-        positions = np.zeros(T, dtype=np.int64)
-        slots = np.full(T, SCRATCH_BLOCK * bs, dtype=np.int64)
-        decode_tables = np.full((D, decode_width), SCRATCH_BLOCK, dtype=np.int64)
-        decode_lens = np.ones(D, dtype=np.int64)
-        prefill_tables = np.full((P, prefill_width), SCRATCH_BLOCK, dtype=np.int64)
-        query_rows = np.full((P, query_len), T, dtype=np.int64)
-        query_positions = np.zeros((P, query_len), dtype=np.int64)
-        decode_state = np.full(D, SCRATCH_SLOT, dtype=np.int64)
-        prefill_state = np.full(P, SCRATCH_SLOT, dtype=np.int64)
-
-        last_row: list[int] = []  # the last row of each chunk, in row order
-        for j, chunk in enumerate(decode):
-            blocks = self._fill(chunk, j, ids, positions, slots)
-            decode_tables[j, : len(blocks)] = blocks
-            decode_lens[j] = chunk.start + 1
-            decode_state[j] = self._state_slot(chunk)
-            last_row.append(j)
-        row = D
-        for j, chunk in enumerate(prefill):
-            blocks = self._fill(chunk, row, ids, positions, slots)
-            n = chunk.num_tokens
-            prefill_tables[j, : len(blocks)] = blocks
-            query_rows[j, :n] = np.arange(row, row + n)
-            query_positions[j, :n] = positions[row : row + n]
-            prefill_state[j] = self._state_slot(chunk)
-            row += n
-            last_row.append(row - 1)
-
-        ordered = [*decode, *prefill]
-        sample_chunks = [c for c in ordered if c.samples]
-        if not padded:
-            logits_rows = [r for r, c in zip(last_row, ordered, strict=True) if c.samples]
-            sample_rows = None
-        else:
-            # Static shape: a row for every decode slot and every prefill slot.
-            slot_rows = list(range(D)) + [
-                last_row[len(decode) + j] if j < len(prefill) else 0 for j in range(P)
-            ]
-            logits_rows = slot_rows
-            slot_of_chunk = list(range(len(decode))) + [D + j for j in range(len(prefill))]
-            sample_rows = torch.tensor(
-                [s for s, c in zip(slot_of_chunk, ordered, strict=True) if c.samples],
-                dtype=torch.long,
-                device=self.device,
-            )
+        elif not dims.fits(actual):
+            raise ValueError(f"a step of shape {actual} does not fit the padded shape {dims}")
+        host = self._host_batch(decode, prefill, dims, padded)
 
         def tensor(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(array).to(self.device, non_blocking=True)
 
+        D, bs = dims.num_decode, self.block_size
+        decode_runs: tuple[tuple[torch.Tensor, int], ...] = ()
+        if padded:
+            decode_width = prefill_width = self.max_blocks_per_request
+        else:
+            blocks = host.positions[: len(decode)] // bs + 1
+            decode_width = int(blocks.max()) if decode else 1
+            decode_runs = tuple(
+                (tensor(rows), width) for rows, width in self._decode_runs(blocks, decode_width)
+            )
+            prefill_width = max(
+                ((c.start + c.num_tokens - 1) // bs + 1 for c in prefill), default=1
+            )
+        ordered = [*decode, *prefill]
+        logits_rows, sample_rows = self._logits_rows(ordered, host.last_rows, dims, padded)
+
+        table = self._device_table()
+        request_rows = tensor(host.rows)
         paged = PagedBatch(
-            input_ids=tensor(ids),
-            positions=tensor(positions),
-            slot_mapping=tensor(slots),
+            input_ids=tensor(host.ids),
+            positions=tensor(host.positions),
+            slot_mapping=tensor(host.slots),
             block_size=bs,
             num_decode=D,
-            decode_block_tables=tensor(decode_tables),
-            decode_context_lens=tensor(decode_lens),
-            num_prefill=P,
-            prefill_block_tables=tensor(prefill_tables),
-            prefill_query_rows=tensor(query_rows),
-            prefill_query_positions=tensor(query_positions),
+            decode_block_tables=table[:, :decode_width].index_select(0, request_rows[:D]),
+            decode_context_lens=tensor(host.positions[:D] + 1),
+            num_prefill=dims.num_prefill,
+            prefill_block_tables=table[:, :prefill_width].index_select(0, request_rows[D:]),
+            prefill_query_rows=tensor(host.query_rows),
+            prefill_query_positions=tensor(host.query_positions),
             logits_rows=tensor(np.asarray(logits_rows, dtype=np.int64)),
+            decode_runs=decode_runs,
             caches=self.caches,
         )
         if self.states is not None:
-            paged.decode_state_slots = tensor(decode_state)
-            paged.prefill_state_slots = tensor(prefill_state)
+            paged.decode_state_slots = tensor(host.state_slots[:D])
+            paged.prefill_state_slots = tensor(host.state_slots[D:])
             paged.states = self.states
+        sample_chunks = [c for c in ordered if c.samples]
         return StepBatch(paged, dims, sample_chunks, sample_rows)
+
+    def _host_batch(
+        self,
+        decode: list[ScheduledChunk],
+        prefill: list[ScheduledChunk],
+        dims: BatchDims,
+        padded: bool,
+    ) -> _HostBatch:
+        """The step's token rows on the host: decodes at ``[0, num_decode)``, each prefill
+        chunk after them, padding (scratch row, scratch slot) wherever no chunk is."""
+        T, P, D, bs = dims.num_tokens, dims.num_prefill, dims.num_decode, self.block_size
+        table = self.kv.table
+        ids = np.zeros(T, dtype=np.int64)
+        positions = np.zeros(T, dtype=np.int64)
+        rows = np.zeros(D + P, dtype=np.int64)  # table row per request; padding: scratch row 0
+        nd = len(decode)
+        state_slots = np.full(D + P, SCRATCH_SLOT, dtype=np.int64)  # recurrent state, if any
+        if nd:
+            rows[:nd] = [table.row(c.request.request_id) for c in decode]
+            positions[:nd] = [c.start for c in decode]
+            ids[:nd] = [c.request.all_token_ids[c.start] for c in decode]
+            if self.states is not None:
+                state_slots[:nd] = [self._state_slot(c) for c in decode]
+        query_len = T - D if padded else max((c.num_tokens for c in prefill), default=0)
+        query_rows = np.full((P, query_len), T, dtype=np.int64)
+        query_positions = np.zeros((P, query_len), dtype=np.int64)
+        token_rows = np.zeros(T, dtype=np.int64)  # each token's table row
+        token_rows[:nd] = rows[:nd]
+        last_rows = list(range(nd))
+        row = D
+        for j, chunk in enumerate(prefill):
+            start, n = chunk.start, chunk.num_tokens
+            rows[D + j] = token_rows[row : row + n] = table.row(chunk.request.request_id)
+            state_slots[D + j] = self._state_slot(chunk)
+            ids[row : row + n] = chunk.request.all_token_ids[start : start + n]
+            positions[row : row + n] = query_positions[j, :n] = np.arange(start, start + n)
+            query_rows[j, :n] = np.arange(row, row + n)
+            row += n
+            last_rows.append(row - 1)
+        slots = table.array[token_rows, positions // bs] * bs + positions % bs
+        slots[nd:D] = slots[row:] = SCRATCH_BLOCK * bs  # padding tokens write to scratch
+        return _HostBatch(
+            ids, positions, slots, rows, state_slots, query_rows, query_positions, last_rows
+        )
+
+    @staticmethod
+    def _decode_runs(blocks: np.ndarray, width: int) -> list[tuple[np.ndarray, int]]:
+        """The decode rows split by length, ``(rows, width)`` each, the longest first: up to
+        ``_DECODE_RUNS`` runs of at least ``_DECODE_RUN_ROWS`` rows, each attending over its
+        own block-table width. A mixed-length batch then gathers about a third less padding,
+        for a few more small ops per layer. Empty: one run is all there is."""
+        count = min(_DECODE_RUNS, len(blocks) // _DECODE_RUN_ROWS)
+        if count < 2 or int(blocks.min()) == width:
+            return []
+        order = np.argsort(-blocks, kind="stable")
+        bounds = [len(blocks) * i // count for i in range(count + 1)]
+        runs: list[tuple[np.ndarray, int]] = []
+        for first, end in itertools.pairwise(bounds):
+            rows, run_width = order[first:end], int(blocks[order[first]])
+            if runs and runs[-1][1] == run_width:  # no narrower: join the previous run
+                runs[-1] = (np.concatenate([runs[-1][0], rows]), run_width)
+            else:
+                runs.append((rows, run_width))
+        return runs if len(runs) > 1 else []
+
+    def _logits_rows(
+        self,
+        ordered: list[ScheduledChunk],
+        last_rows: list[int],
+        dims: BatchDims,
+        padded: bool,
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """The rows the forward returns logits for, and (padded) which of them sample."""
+        if not padded:
+            return [r for r, c in zip(last_rows, ordered, strict=True) if c.samples], None
+        # Static shape: a row for every decode slot and every prefill slot.
+        D, P = dims.num_decode, dims.num_prefill
+        nd = len(ordered) - sum(1 for c in ordered if c.num_tokens > 1)
+        logits_rows = list(range(D)) + [
+            last_rows[nd + j] if nd + j < len(ordered) else 0 for j in range(P)
+        ]
+        slot_of_chunk = list(range(nd)) + [D + j for j in range(len(ordered) - nd)]
+        sample_rows = torch.tensor(
+            [s for s, c in zip(slot_of_chunk, ordered, strict=True) if c.samples],
+            dtype=torch.long,
+            device=self.device,
+        )
+        return logits_rows, sample_rows
+
+    def _device_table(self) -> torch.Tensor:
+        """The KV manager's block table on the engine's device, brought up to date: on a CPU
+        the array itself, elsewhere a copy patched with the cells written since last step."""
+        table = self.kv.table
+        index, values = table.take_updates()
+        if self._table is None or self._table_generation != table.generation:
+            self._table = torch.from_numpy(table.array).to(self.device)
+            self._table_generation = table.generation
+        elif index and self.device.type != "cpu":
+            cells = torch.tensor([index, values], dtype=torch.long)
+            cells = cells.to(self.device, non_blocking=True)
+            self._table.view(-1).index_copy_(0, cells[0], cells[1])
+        return self._table
 
     def dummy_batch(self, dims: BatchDims) -> PagedBatch:
         """A batch of shape ``dims`` whose every token is padding (for graph capture)."""
@@ -393,28 +497,6 @@ class DynamicInferenceContext:
         if self.state_slots is None:
             return SCRATCH_SLOT
         return self.state_slots.slot(chunk.request.request_id)
-
-    def _width(self, chunks: Sequence[ScheduledChunk]) -> int:
-        return max((len(self.kv.block_ids(c.request.request_id)) for c in chunks), default=1)
-
-    def _fill(
-        self,
-        chunk: ScheduledChunk,
-        row: int,
-        ids: np.ndarray,
-        positions: np.ndarray,
-        slots: np.ndarray,
-    ) -> list[int]:
-        """Write one chunk's tokens, positions and cache slots at ``row``; returns its blocks."""
-        request, start, n = chunk.request, chunk.start, chunk.num_tokens
-        blocks = self.kv.block_ids(request.request_id)
-        pos = np.arange(start, start + n)
-        ids[row : row + n] = request.all_token_ids[start : start + n]
-        positions[row : row + n] = pos
-        slots[row : row + n] = np.asarray(blocks, dtype=np.int64)[pos // self.block_size] * (
-            self.block_size
-        ) + (pos % self.block_size)
-        return blocks
 
 
 def _bytes(tensors: _Tensors | None) -> int:

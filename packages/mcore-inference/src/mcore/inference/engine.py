@@ -26,6 +26,7 @@ its complete :class:`~mcore.inference.request.RequestOutput`, which ``generate()
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,7 @@ from mcore.inference.errors import (
     RequestId,
 )
 from mcore.inference.model_runner import ModelRunner
+from mcore.inference.pipeline import PipelineStages
 from mcore.inference.recurrent_state import RecurrentStateConfig
 from mcore.inference.request import OutputCollector, Request, RequestDelta, RequestOutput
 from mcore.inference.sampling import Sampler, SamplingParams
@@ -140,21 +142,19 @@ class DynamicInferenceEngine:
         """The recurrent-state memory of a hybrid model (None: no sequence-mixer layers)."""
         if self.state_config is not None:
             log.info("recurrent state: %s", self.state_config.describe())
-        self.context = DynamicInferenceContext.from_config(
-            self.model.kv_cache_specs(),
-            config,
-            device=self.device,
-            dtype=self.dtype,
-            max_sequence_length=self.max_sequence_length,
-            state_config=self.state_config,
-        )
+        parallel_state = getattr(self.model, "parallel_state", None)
+        self.stages = None
+        """This rank's pipeline stage, when the model is split over stages."""
+        if parallel_state is not None and parallel_state.pp_size > 1:
+            self.stages = PipelineStages(parallel_state)
+        self.context = self._build_context(config)
         self.scheduler = Scheduler(
             self.context.kv,
             max_requests=config.max_requests,
             max_tokens=config.max_tokens,
             state_slots=self.context.state_slots,
         )
-        self.runner = ModelRunner(self.model, self.context, config)
+        self.runner = ModelRunner(self.model, self.context, config, stages=self.stages)
         model_vocab = getattr(model_config, "vocab_size", None)
         if vocab_size is None and tokenizer is not None and model_vocab:
             # Rows past the tokenizer's ids (a vocabulary padded for the matmuls) decode to
@@ -165,6 +165,28 @@ class DynamicInferenceEngine:
         self._ids = itertools.count()
         self._suspended = False
         self._steps = self._prompt_tokens = self._generated = self._preemptions = 0
+
+    def _build_context(self, config: InferenceConfig) -> DynamicInferenceContext:
+        """The KV cache (and recurrent states) of this rank's layers; pipeline stages agree
+        on the smallest block count, so a request admitted on one stage fits on all."""
+
+        def build(config: InferenceConfig) -> DynamicInferenceContext:
+            return DynamicInferenceContext.from_config(
+                self.model.kv_cache_specs(),
+                config,
+                device=self.device,
+                dtype=self.dtype,
+                max_sequence_length=self.max_sequence_length,
+                state_config=self.state_config,
+            )
+
+        context = build(config)
+        if self.stages is not None:
+            agreed = self.stages.agree_blocks(context.num_blocks)
+            if agreed != context.num_blocks:
+                del context  # freed before the smaller cache is allocated
+                context = build(dataclasses.replace(config, kv_cache_blocks=agreed))
+        return context
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -340,7 +362,11 @@ class DynamicInferenceEngine:
         if not sampling:
             return []
         requests = [c.request for c in sampling]
-        sampled = self.sampler.sample(logits, requests)
+        if self.stages is None:
+            sampled = self.sampler.sample(logits, requests)
+        else:  # the last stage samples; every stage records the same tokens
+            last = self.stages.last
+            sampled = self.stages.share(self.sampler.sample(logits, requests) if last else None)
         deltas = []
         for i, request in enumerate(requests):
             request.append_token(sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])

@@ -4,6 +4,11 @@ Bookkeeping only (block ids and reference counts on the host); the tensors live 
 :class:`~mcore.inference.context.DynamicInferenceContext`. Block 0 is reserved as the scratch
 block that padding tokens write to; requests get blocks ``1 .. num_blocks - 1``.
 
+The :class:`BlockTable` mirrors every live request's block ids in one persistent array, a row
+per request, written only when a block is added or a request leaves: a step's batch takes its
+rows from it instead of rebuilding block tables from lists, so the host work of a decode step
+does not grow with the length of the requests.
+
 Prefix caching: once a block is full, it is named by a hash of its tokens chained to the hash of
 the block before it, so equal names mean equal token prefixes and so equal keys/values (for
 the same weights). A new request whose prompt starts with named blocks takes references to
@@ -18,6 +23,8 @@ import hashlib
 from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+
+import numpy as np
 
 from mcore.inference.errors import RequestId
 from mcore.inference.request import Request
@@ -118,6 +125,81 @@ class BlockPool:
         self._evictable.clear()
 
 
+class BlockTable:
+    """The block ids of live requests, a row each, in one int64 array ``[rows, width]``.
+
+    Row 0 is never given out and holds ``SCRATCH_BLOCK`` throughout (padding rows of a batch
+    point at it); so does every cell past a request's last block. Rows and columns grow by
+    doubling when needed, which replaces the array and bumps :attr:`generation`. Each cell
+    written is also queued (flat index, value) for whoever keeps a copy of the table on another
+    device: :meth:`take_updates`.
+    """
+
+    def __init__(self, width: int = 8, rows: int = 8) -> None:
+        self.array = np.full((rows + 1, max(1, width)), SCRATCH_BLOCK, dtype=np.int64)
+        self.generation = 0
+        """Bumped whenever :attr:`array` is replaced (a copy must then be taken whole)."""
+        self._rows: dict[RequestId, int] = {}
+        self._lengths: dict[RequestId, int] = {}
+        self._free = list(range(rows, 0, -1))  # pop() hands out the lowest row first
+        self._index: list[int] = []
+        self._values: list[int] = []
+
+    @property
+    def width(self) -> int:
+        return self.array.shape[1]
+
+    def row(self, request_id: RequestId) -> int:
+        """The request's row (0, the scratch row, for a request holding no blocks)."""
+        return self._rows.get(request_id, 0)
+
+    def append(self, request_id: RequestId, blocks: list[int]) -> None:
+        """Write ``blocks`` after the request's last one, taking a row if it has none."""
+        if not blocks:
+            return
+        row = self._rows.get(request_id)
+        if row is None:
+            if not self._free:
+                self._grow(rows=2 * (self.array.shape[0] - 1), width=self.width)
+            row = self._rows[request_id] = self._free.pop()
+        start = self._lengths.get(request_id, 0)
+        end = start + len(blocks)
+        if end > self.width:
+            self._grow(rows=self.array.shape[0] - 1, width=max(end, 2 * self.width))
+        self.array[row, start:end] = blocks
+        self._lengths[request_id] = end
+        self._note(row * self.width + start, blocks)
+
+    def release(self, request_id: RequestId) -> None:
+        """Clear the request's row (back to scratch) and give it back."""
+        row = self._rows.pop(request_id, None)
+        if row is None:
+            return
+        n = self._lengths.pop(request_id)
+        self.array[row, :n] = SCRATCH_BLOCK
+        self._note(row * self.width, [SCRATCH_BLOCK] * n)
+        self._free.append(row)
+
+    def take_updates(self) -> tuple[list[int], list[int]]:
+        """The cells written since the last call: flat indices into :attr:`array` and their
+        values (meaningless across a change of :attr:`generation`)."""
+        out = self._index, self._values
+        self._index, self._values = [], []
+        return out
+
+    def _note(self, flat_start: int, values: list[int]) -> None:
+        self._index.extend(range(flat_start, flat_start + len(values)))
+        self._values.extend(values)
+
+    def _grow(self, *, rows: int, width: int) -> None:
+        old = self.array
+        self.array = np.full((rows + 1, width), SCRATCH_BLOCK, dtype=np.int64)
+        self.array[: old.shape[0], : old.shape[1]] = old
+        self._free = list(range(rows, old.shape[0] - 1, -1)) + self._free
+        self.generation += 1
+        self._index, self._values = [], []
+
+
 @dataclass
 class _Blocks:
     ids: list[int]
@@ -130,10 +212,19 @@ class _Blocks:
 class KVCacheManager:
     """Allocates blocks to requests as their tokens are computed; shares named prefixes."""
 
-    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        enable_prefix_caching: bool = True,
+        max_blocks_per_request: int | None = None,
+    ):
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.table = BlockTable(width=max_blocks_per_request or 8)
+        """Every live request's block ids, a row each (what step batches read)."""
         self._requests: dict[RequestId, _Blocks] = {}
         self._epoch = 0
         self.prefix_hits = 0
@@ -175,6 +266,7 @@ class KVCacheManager:
             entry.ids.append(block)
             entry.names.append(name)
             parent = name
+        self.table.append(request.request_id, entry.ids)
         cached = len(entry.ids) * size
         self.prefix_hits += cached
         return cached
@@ -190,6 +282,7 @@ class KVCacheManager:
         if blocks is None:
             return False
         entry.ids.extend(blocks)
+        self.table.append(request.request_id, blocks)
         return True
 
     def commit(self, request: Request) -> None:
@@ -209,6 +302,7 @@ class KVCacheManager:
         entry = self._requests.pop(request.request_id, None)
         if entry is None:
             return
+        self.table.release(request.request_id)
         # Released last block first, so a prefix's head outlives its tail in the cache.
         for block in reversed(entry.ids):
             self.pool.release(block)

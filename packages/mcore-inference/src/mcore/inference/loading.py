@@ -84,10 +84,10 @@ def load_model(
 
 
 def _check_inference_layout(ps: Any) -> None:
-    """The engine runs whole models split over TP (and the experts over EP): refuse the rest."""
+    """The engine runs models split over TP, PP stages (and experts over EP); not CP."""
     if ps is None:
         return
-    refused = {"pipeline": ps.pp_size, "context": ps.cp_size}
+    refused = {"context": ps.cp_size}
     for kind, size in refused.items():
         if size > 1:
             raise McoreError(
@@ -111,13 +111,15 @@ _TP_SPLIT = {
 }
 
 
-def check_tensor_parallel(
-    path: str | Path, tp: int, *, config_file: str | Path | None = None
+def check_layout(
+    path: str | Path, *, tp: int = 1, pp: int = 1, config_file: str | Path | None = None
 ) -> None:
     """Refuse ``tp`` (``inference.tensor_model_parallel_size``) when it does not divide what
-    the model at ``path`` splits over tensor-parallel ranks, naming the field and both numbers;
-    cheap (reads only the config), so a server checks before it starts any process."""
-    if tp == 1:
+    the model at ``path`` splits over tensor-parallel ranks, and ``pp``
+    (``inference.pipeline_model_parallel_size``) when the model has fewer layers than stages,
+    naming the fields and the numbers; cheap (reads only the config), so a server checks
+    before it starts any process. Uneven stage splits are the model builder's to refuse."""
+    if tp == 1 and pp == 1:
         return
     path = Path(path)
     if detect_model_kind(path) == "hf":
@@ -128,11 +130,16 @@ def check_tensor_parallel(
         _, common = _checkpoint(path)
         sections = _run_config(path, common, config_file)
         model = sections.model
+    if model.num_layers < pp:
+        raise McoreError(
+            f"inference.pipeline_model_parallel_size = {pp} is more stages than the model's "
+            f"model.num_layers = {model.num_layers}"
+        )
     problems = []
     for (section, name), what in _TP_SPLIT.items():
         owner = model if section == "model" else _section(sections, section)
         value = getattr(owner, name, None)
-        if isinstance(value, int) and value % tp:
+        if tp > 1 and isinstance(value, int) and value % tp:
             problems.append(f"{section}.{name} = {value} ({what})")
     if problems:
         raise McoreError(

@@ -1,7 +1,8 @@
 """The model runner: one step's chunks in, the logits of the requests that sample out.
 
 It builds the step's batch through the context, replays a CUDA graph when one was captured for
-a shape the step fits, and otherwise runs the model's paged forward eagerly.
+a shape the step fits, and otherwise runs the model's paged forward eagerly. On a CPU in fp32
+the linear layers run on weights prepacked for oneDNN (:mod:`mcore.inference.packed_linears`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 from mcore.inference.config import InferenceConfig
 from mcore.inference.context import BatchDims, DynamicInferenceContext
 from mcore.inference.cuda_graphs import CudaGraphRunner, graph_shapes
+from mcore.inference.packed_linears import pack_linears
+from mcore.inference.pipeline import PipelineStages
 from mcore.inference.scheduler import ScheduledChunk
 
 
@@ -20,12 +23,24 @@ class ModelRunner:
     """Runs ``model.forward_paged`` over the context's KV cache."""
 
     def __init__(
-        self, model: torch.nn.Module, context: DynamicInferenceContext, config: InferenceConfig
+        self,
+        model: torch.nn.Module,
+        context: DynamicInferenceContext,
+        config: InferenceConfig,
+        *,
+        stages: PipelineStages | None = None,
     ) -> None:
         self.model = model
         self.context = context
+        self.stages = stages
+        """This rank's pipeline stage (None: the whole model here): hidden states come from
+        the previous stage and go to the next; only the last returns logits."""
         self.graphs: CudaGraphRunner | None = None
-        if config.enable_cuda_graph and context.device.type == "cuda":
+        self.packed_linears = 0
+        """Linear layers running on oneDNN-packed weights (CPU, fp32)."""
+        if context.device.type == "cpu" and context.dtype == torch.float32:
+            self.packed_linears = pack_linears(model)
+        if config.enable_cuda_graph and context.device.type == "cuda" and stages is None:
             shapes = graph_shapes(
                 config.max_requests,
                 config.max_tokens,
@@ -49,6 +64,11 @@ class ModelRunner:
         if dims is not None:
             logits = self.graphs.replay(dims, batch.paged)
             self.graph_steps += 1
+        elif self.stages is not None:
+            logits = self.stages.forward(self.model, batch.paged)
+            self.eager_steps += 1
+            if logits is None:  # a stage before the last: nothing to sample here
+                return None, batch.sample_chunks
         else:
             logits = self.model.forward_paged(batch.paged)
             self.eager_steps += 1

@@ -1,12 +1,13 @@
 """``ReplicaEngine``: one engine over the ranks of a model replica, stepping in lockstep.
 
-A model split over tensor-parallel ranks runs one engine per rank; every rank must add the
-same requests in the same order and step together, so that all take identical scheduling and
-sampling decisions (sampling is seeded alike) and meet in the same collectives. One rank, the
-*leader*, takes requests (from the Python API, an ``AsyncInferenceEngine`` or the coordinator)
-and, before each step, broadcasts what changed since the last one: requests added (as token
-ids, with their ids and sampling parameters), aborted, and suspend/resume. The other ranks
-*follow*: they receive, apply and step, until the leader closes the replica::
+A model split over tensor-parallel ranks or pipeline stages runs one engine per rank; every
+rank must add the same requests in the same order and step together, so that all take
+identical scheduling and sampling decisions (sampling is seeded alike) and meet in the same
+collectives. One rank, the *leader*, takes requests (from the Python API, an
+``AsyncInferenceEngine`` or the coordinator) and, before each step, broadcasts what changed
+since the last one: requests added (as token ids, with their ids and sampling parameters),
+aborted, and suspend/resume. The other ranks *follow*: they receive, apply and step, until
+the leader closes the replica::
 
     engine = ReplicaEngine(model, config, tokenizer=tokenizer, group=control_group)
     if engine.is_leader:
@@ -235,14 +236,15 @@ def join_replica(
     url: str,
     *,
     rank: int,
-    size: int,
+    tp: int = 1,
+    pp: int = 1,
     device: str | None = None,
     timeout_s: float = 600.0,
 ) -> tuple[dist.ProcessGroup | None, Any]:
-    """Join the process group of one model replica (``size`` tensor-parallel ranks meeting at
-    ``url``, ``tcp://HOST:PORT``); returns the CPU group for :class:`ReplicaEngine` (None: the
-    world itself is gloo) and the replica's ``ParallelState``. On CUDA the model's collectives
-    use NCCL and this rank takes the device ``device`` names (``cuda:i``)."""
+    """Join the process group of one model replica (``tp x pp`` ranks meeting at ``url``,
+    ``tcp://HOST:PORT``); returns the CPU group for :class:`ReplicaEngine` (None: the world
+    itself is gloo) and the replica's ``ParallelState``. On CUDA the model's collectives use
+    NCCL and this rank takes the device ``device`` names (``cuda:i``)."""
     from mcore.parallel import ParallelState
 
     cuda = device is not None and device.startswith("cuda")
@@ -252,8 +254,8 @@ def join_replica(
         "cpu:gloo,cuda:nccl" if cuda else "gloo",
         init_method=url,
         rank=rank,
-        world_size=size,
+        world_size=tp * pp,
         timeout=timedelta(seconds=timeout_s),
     )
     group = dist.new_group(backend="gloo") if cuda else None
-    return group, ParallelState(tp=size, device_type="cuda" if cuda else "cpu")
+    return group, ParallelState(tp=tp, pp=pp, device_type="cuda" if cuda else "cpu")

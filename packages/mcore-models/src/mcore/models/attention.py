@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from mcore.models.backends import resolve_backend
 from mcore.models.context import ModelContext, mark_tp_partial_grad
 from mcore.models.inference import KVCacheSpec, PagedBatch
-from mcore.models.rope import apply_rotary, yarn_mscale
+from mcore.models.rope import apply_rotary, apply_rotary_rows, rotary_rows, yarn_mscale
 from mcore.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -129,6 +129,8 @@ class SelfAttention(torch.nn.Module):
         paged: PagedBatch | None = None,
         attn_mask: torch.Tensor | None = None,
     ):
+        if paged is not None:
+            return self._forward_paged(x, rotary, paged)
         qkv = self.linear_qkv(x)
         d = self.head_dim
         q_block = self.local_heads * d * (2 if self.output_gate else 1)
@@ -145,13 +147,39 @@ class SelfAttention(torch.nn.Module):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if paged is not None:
-            out = paged.attend(self.layer_number, q, k, v, self.softmax_scale)
-        else:
-            out = self.core_attention(q, k, v, self.softmax_scale, attn_mask)
+        out = self.core_attention(q, k, v, self.softmax_scale, attn_mask)
         out = _sequence_first(out)
         if gate is not None:
             out = out * torch.sigmoid(gate)
+        return self.linear_proj(out)
+
+    def _forward_paged(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, paged: PagedBatch
+    ) -> torch.Tensor:
+        """The same over the engine's flat token row ``[T, 1, h]``, kept token-first
+        (``[T, heads, d]``) from the projection to the cache and back, with queries and keys
+        rotated in one pass when they sit side by side."""
+        tokens, d = x.shape[0], self.head_dim
+        hq, hkv = self.local_heads, self.local_groups
+        heads = self.linear_qkv(x).view(tokens, -1, d)  # [T, (2)hq + 2hkv, d]
+        gate = None
+        if self.output_gate:
+            q_gate, k, v = heads.split([2 * hq, hkv, hkv], dim=1)
+            q, gate = q_gate.unflatten(1, (hq, 2)).unbind(2)
+        else:
+            q, k, v = heads.split([hq, hkv, hkv], dim=1)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        if rotary is not None:
+            tables = paged.memo(("rotary", id(rotary[0])), lambda: rotary_rows(*rotary))
+            if gate is None and self.q_layernorm is None:
+                q, k = apply_rotary_rows(heads[:, : hq + hkv], *tables).split([hq, hkv], dim=1)
+            else:
+                q, k = apply_rotary_rows(q, *tables), apply_rotary_rows(k, *tables)
+        out = paged.attend(self.layer_number, q, k, v, self.softmax_scale)  # [T, hq, d]
+        out = out.reshape(tokens, 1, hq * d)
+        if gate is not None:
+            out = out * torch.sigmoid(gate.reshape(tokens, 1, hq * d))
         return self.linear_proj(out)
 
 

@@ -312,33 +312,41 @@ class GPTModel(torch.nn.Module):
             if layer.mixer is not None
         }
 
-    def forward_paged(self, batch: PagedBatch) -> torch.Tensor:
+    def forward_paged(
+        self, batch: PagedBatch, hidden_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits ``[len(batch.logits_rows), vocab]`` of the inference engine's flat token
         batch: every attention layer writes the tokens' keys/values into the paged cache and
         attends over each request's cached context (see ``mcore.models.inference``).
 
         Only the rows in ``batch.logits_rows`` go through the final norm and output layer.
-        Runs the whole model on this rank (no pipeline stages, no sequence parallelism).
+        On a pipeline stage, ``hidden_states`` ``[T, 1, h]`` (the previous stage's output) stand
+        in for the embedding, and a stage before the last returns its own ``[T, 1, h]``.
         """
-        if not (self.pre_process and self.post_process):
-            raise NotImplementedError(
-                "forward_paged runs the whole model: pipeline-parallel stages are not supported "
-                "at inference yet"
-            )
         if self.sequence_parallel:
             raise NotImplementedError(
                 "forward_paged needs sequence_parallel=False (build the model without it)"
             )
+        if self.pre_process == (hidden_states is not None):
+            raise ValueError(
+                "forward_paged: the first pipeline stage embeds the tokens (no hidden_states); "
+                "every later stage needs the previous stage's hidden_states"
+            )
         batch.begin_forward()
         positions = batch.positions.unsqueeze(0)  # [1, T]
-        x = self.embedding(batch.input_ids.unsqueeze(1))  # [T, 1, h]
-        if self.position_embeddings is not None:
-            x = x + self.position_embeddings(positions.t())
+        if self.pre_process:
+            x = self.embedding(batch.input_ids.unsqueeze(1))  # [T, 1, h]
+            if self.position_embeddings is not None:
+                x = x + self.position_embeddings(positions.t())
+        else:
+            x = hidden_states
         rotary = self.rotary(positions) if self.rotary is not None else None
         for layer in self.layers.values():
             x = layer(x, rotary, paged=batch)
+        if not self.post_process:
+            return x
         x = self.final_layernorm(x[batch.logits_rows])  # [R, 1, h]
-        weight = self.embedding.weight if self.tied_embeddings else None
+        weight = self.embedding.weight if self.tied_embeddings and self.pre_process else None
         logits = self.output_layer(x, weight=weight)
         logits = gather_from_tensor_parallel_region(logits, self.parallel_state.tp_group)
         return logits[:, 0]

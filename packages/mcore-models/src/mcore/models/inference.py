@@ -22,8 +22,9 @@ makes MLA's cache small.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,8 @@ __all__ = [
     "paged_attention",
     "prepare_for_inference",
 ]
+
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,10 @@ class PagedBatch:
     at positions ``<=`` its own (padding entries hold 0)."""
     logits_rows: torch.Tensor
     """``[R]`` rows whose logits the forward returns, in this order."""
+    decode_runs: tuple[tuple[torch.Tensor, int], ...] = ()
+    """``(rows, blocks)``: decode rows (an index tensor) that attend over only their first
+    ``blocks`` block-table columns, so a batch of mixed lengths gathers less padding; the runs
+    cover every decode row once. Empty: one run, all decode rows over the whole table."""
     caches: Mapping[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     """This rank's cache tensors by layer number (see :class:`KVCacheSpec`)."""
     decode_state_slots: torch.Tensor | None = None
@@ -135,30 +142,49 @@ class PagedBatch:
     states: Mapping[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     """This rank's recurrent-state tensors ``[num_slots, *shape]`` by layer number (see
     :class:`RecurrentStateSpec`)."""
-    _masks: dict = field(default_factory=dict, repr=False, compare=False)
+    _per_forward: dict = field(default_factory=dict, repr=False, compare=False)
 
     def begin_forward(self) -> None:
-        """Forget the attention masks of a previous forward. Every layer of one forward shares
-        them; a CUDA graph must compute them inside the forward it captures."""
-        self._masks.clear()
+        """Forget the attention masks (and other :meth:`memo` values) of a previous forward.
+        Every layer of one forward shares them; a CUDA graph must compute them inside the
+        forward it captures."""
+        self._per_forward.clear()
 
-    def attention_mask(self, kind: str, keys: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    def memo(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per forward under ``key`` and shared by every layer (the
+        rotary tables in the layout a layer wants, say)."""
+        value = self._per_forward.get(key, _MISSING)
+        if value is _MISSING:
+            value = self._per_forward[key] = make()
+        return value
+
+    def attention_mask(
+        self,
+        kind: str,
+        keys: int,
+        group: int,
+        dtype: torch.dtype,
+        run: int | None = None,
+    ) -> torch.Tensor:
         """The additive mask (0 or -inf) of the ``decode`` or ``prefill`` queries over their
         gathered ``keys``, its query rows repeated for the ``group`` heads folded into them:
-        ``[n, 1, group * queries, keys]``."""
-        key = (kind, keys, group, dtype)
-        mask = self._masks.get(key)
+        ``[n, 1, group * queries, keys]``; ``run``: only the rows of that decode run."""
+        key = (kind, keys, group, dtype, run)
+        mask = self._per_forward.get(key)
         if mask is None:
             positions = torch.arange(keys, device=self.positions.device)
             if kind == "decode":
-                visible = (positions < self.decode_context_lens[:, None]).unsqueeze(1)
+                lens = self.decode_context_lens
+                if run is not None:
+                    lens = lens.index_select(0, self.decode_runs[run][0])
+                visible = (positions < lens[:, None]).unsqueeze(1)
             else:
                 visible = positions <= self.prefill_query_positions[..., None]
             n, queries = visible.shape[0], visible.shape[1]
-            visible = visible.unsqueeze(1).expand(n, group, queries, keys)
-            mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-            mask = mask.masked_fill(~visible, float("-inf")).reshape(n, 1, group * queries, keys)
-            self._masks[key] = mask
+            visible = visible[:, None, None].expand(n, 1, group, queries, keys)
+            zero = torch.zeros((), dtype=dtype, device=visible.device)
+            mask = torch.where(visible, zero, float("-inf"))  # one pass, written once
+            mask = self._per_forward[key] = mask.view(n, 1, group * queries, keys)
         return mask
 
     @property
@@ -203,14 +229,13 @@ class PagedBatch:
     ) -> torch.Tensor:
         """Grouped-query attention of ``q`` over the cache after storing ``k``, ``v``.
 
-        Takes and returns the attention modules' layout: ``q [1, hq, T, d]``, ``k, v
-        [1, hkv, T, d]`` -> ``[1, hq, T, dv]``.
+        Token-first, as the flat batch is: ``q [T, hq, d]``, ``k, v [T, hkv, d]`` (views of
+        the fused projection are fine) -> ``[T, hq, dv]``.
         """
         key_cache, value_cache = self.layer_cache(layer_number)
-        self.write(key_cache, k[0].transpose(0, 1))
-        self.write(value_cache, v[0].transpose(0, 1))
-        out = paged_attention(q[0].transpose(0, 1), key_cache, value_cache, self, softmax_scale)
-        return out.transpose(0, 1).unsqueeze(0)
+        self.write(key_cache, k)
+        self.write(value_cache, v)
+        return paged_attention(q, key_cache, value_cache, self, softmax_scale)
 
     def attend_latent(
         self,
@@ -246,9 +271,11 @@ def _grouped_sdpa(
     batch: PagedBatch,
     kind: str,
     scale: float,
+    run: int | None = None,
 ) -> torch.Tensor:
     """``q [n, hq, Q, d]`` over ``k [n, hkv, L, d]``, ``v [n, hkv, L, dv]`` -> ``[n, hq, Q,
-    dv]``, masked as the batch's ``kind`` (decode or prefill) queries see their context.
+    dv]``, masked as the batch's ``kind`` (decode or prefill) queries see their context
+    (``run``: those of one of the batch's decode runs).
 
     The query heads that share a key/value head are folded into the query dimension, so the
     keys and values are never repeated per head.
@@ -257,9 +284,34 @@ def _grouped_sdpa(
     hkv = k.shape[1]
     group = hq // hkv
     q = q.reshape(n, hkv, group * nq, d)
-    mask = batch.attention_mask(kind, k.shape[2], group, q.dtype)
+    mask = batch.attention_mask(kind, k.shape[2], group, q.dtype, run)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.reshape(n, hq, nq, out.shape[-1])
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    batch: PagedBatch,
+    keys_values: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    softmax_scale: float,
+    dv: int,
+) -> torch.Tensor:
+    """The decode rows' attention, ``q [num_decode, hq, d]`` -> ``[num_decode, hq, dv]``: all
+    at once over the whole block table, or run by run (``batch.decode_runs``)."""
+    nd, heads = q.shape[0], q.shape[1]
+    if not batch.decode_runs:
+        keys, values = keys_values(batch.decode_block_tables)
+        out = _grouped_sdpa(q.unsqueeze(2), keys, values, batch, "decode", softmax_scale)
+        return out.view(nd, heads, dv)
+    out = q.new_empty(nd, heads, dv)
+    for run, (rows, blocks) in enumerate(batch.decode_runs):
+        keys, values = keys_values(batch.decode_block_tables[:, :blocks].index_select(0, rows))
+        part = _grouped_sdpa(
+            q.index_select(0, rows).unsqueeze(2), keys, values, batch, "decode",
+            softmax_scale, run,
+        )  # fmt: skip
+        out.index_copy_(0, rows, part.view(len(rows), heads, dv))
+    return out
 
 
 def paged_attention(
@@ -276,14 +328,14 @@ def paged_attention(
     ``q [T, hq, d]``; the caches ``[num_blocks, block_size, hkv, d]`` (``value_cache`` None:
     values are the first ``value_dim`` channels of the keys). Returns ``[T, hq, dv]``.
 
-    Decode tokens attend, all at once, over their request's first ``context_len`` cached
-    tokens; prefill chunks, padded to one query length, over the keys at positions up to each
-    query's own. Both gather the blocks (a copy of the context) and run masked SDPA: plain
-    torch, correct on any device, in place of a fused paged kernel.
+    Decode tokens attend over their request's first ``context_len`` cached tokens, a run of
+    rows of similar length at a time (``batch.decode_runs``); prefill chunks, padded to one
+    query length, over the keys at positions up to each query's own. Both gather the blocks
+    (a copy of the context) and run masked SDPA: plain torch, correct on any device, in place
+    of a fused paged kernel.
     """
     num_tokens, heads = q.shape[0], q.shape[1]
     dv = value_dim if value_cache is None else value_cache.shape[-1]
-    out = q.new_zeros(num_tokens + 1, heads, dv)  # the last row catches padded prefill queries
 
     def keys_values(tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys = _gather(key_cache, tables)
@@ -291,14 +343,18 @@ def paged_attention(
         return keys, values
 
     nd = batch.num_decode
-    if nd:
-        keys, values = keys_values(batch.decode_block_tables)
-        decoded = _grouped_sdpa(q[:nd].unsqueeze(2), keys, values, batch, "decode", softmax_scale)
-        out[:nd] = decoded.squeeze(2)
+    decoded = _decode_attention(q[:nd], batch, keys_values, softmax_scale, dv) if nd else None
+    if nd == num_tokens:
+        return decoded  # a decode-only step: nothing else to place
+    out = q.new_zeros(num_tokens + 1, heads, dv)  # the last row catches padded prefill queries
+    if decoded is not None:
+        out[:nd] = decoded
     if batch.num_prefill:
         keys, values = keys_values(batch.prefill_block_tables)
-        rows = batch.prefill_query_rows  # [P, Q]
-        padded_q = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[rows]  # [P, Q, hq, d]
+        rows = batch.prefill_query_rows  # [P, Q]; padding entries hold T
+        # Padding queries read the last real one (their results land in the dropped row T).
+        padded_q = q.index_select(0, rows.clamp(max=num_tokens - 1).view(-1))
+        padded_q = padded_q.view(*rows.shape, *q.shape[1:])  # [P, Q, hq, d]
         chunks = _grouped_sdpa(
             padded_q.transpose(1, 2), keys, values, batch, "prefill", softmax_scale
         )

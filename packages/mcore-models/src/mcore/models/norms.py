@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mcore.parallel.init import ONES, ZEROS, set_init
 
@@ -23,10 +24,12 @@ class RMSNorm(torch.nn.Module):
             init.fill(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.zero_centered_gamma:
+            normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
             return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one op, same values
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         return self.weight * normed.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -100,6 +100,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def rotary_rows(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables of :class:`RotaryEmbedding` for one row of positions (``[1, 1, T, dim]``)
+    laid out for :func:`apply_rotary_rows`: ``cos [T, 1, dim]`` and ``sin`` with the sign of
+    its first half flipped, which turns "rotate half" into a roll."""
+    cos, sin = cos[0, 0, :, None], sin[0, 0, :, None]
+    half = sin.shape[-1] // 2
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def apply_rotary_rows(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` for ``x [T, heads, dim]`` over the tables of :func:`rotary_rows`,
+    with the same result bit for bit (``-a * b == a * -b``) in a third of the operations."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        rotated = apply_rotary_rows(x[..., :rot], cos, signed_sin)
+        return torch.cat([rotated, x[..., rot:]], dim=-1)
+    x32 = x.float()
+    out = x32 * cos + x32.roll(rot // 2, dims=-1) * signed_sin
+    return out.to(x.dtype)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` [b, heads, s, dim] by the position tables, computing in fp32.
 

@@ -255,12 +255,13 @@ def _fields(delta: RequestDelta) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Load a model and serve it as one engine rank of a coordinator.
 
-    With ``--tp N`` the rank is one of the N processes of a model replica split over tensor
-    parallelism: they join ``--dist-url`` as ranks ``--replica-rank`` 0..N-1 of their own
-    process group (a replica is its own world, so a dead replica takes down no other), load
-    only their shards, and step in lockstep (:class:`~mcore.inference.replica.ReplicaEngine`):
-    replica rank 0 registers with the coordinator as engine rank ``--rank`` and the others
-    follow it. The N processes may run on different hosts.
+    With ``--tp T`` / ``--pp P`` the rank is one of the T x P processes of a model replica
+    split over tensor parallelism and pipeline stages: they join ``--dist-url`` as ranks
+    ``--replica-rank`` 0..T*P-1 of their own process group (a replica is its own world, so a
+    dead replica takes down no other), load only their shards, and step in lockstep
+    (:class:`~mcore.inference.replica.ReplicaEngine`): replica rank 0 registers with the
+    coordinator as engine rank ``--rank`` and the others follow it. The processes may run on
+    different hosts.
     """
     from mcore.inference.config import InferenceConfig
     from mcore.inference.loading import load_model
@@ -276,19 +277,21 @@ def main(argv: list[str] | None = None) -> int:
         "--parent-pid", type=int, default=None, help="exit when this process is gone"
     )
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of the replica")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages of the replica")
     parser.add_argument("--replica-rank", type=int, default=0, help="this process's rank in it")
     parser.add_argument(
         "--dist-url", default=None, help="tcp://HOST:PORT where the replica's ranks meet"
     )
     args = parser.parse_args(argv)
-    name = f"{args.rank}" if args.tp == 1 else f"{args.rank}.{args.replica_rank}"
+    replica = args.tp * args.pp
+    name = f"{args.rank}" if replica == 1 else f"{args.rank}.{args.replica_rank}"
     logging.basicConfig(level=logging.INFO, format=f"[engine {name}] %(message)s")
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = InferenceConfig(**json.loads(args.config_json))
-    if args.tp == 1:
+    if replica == 1:
         model, tokenizer = load_model(args.model, config_file=args.run_config)
         engine = DynamicInferenceEngine(model, config, tokenizer=tokenizer)
         EngineRank(engine, args.coordinator, rank=args.rank).run(parent_pid=args.parent_pid)
@@ -304,9 +307,9 @@ def _serve_replica(args: argparse.Namespace, config: Any) -> int:
     from mcore.inference.replica import ReplicaEngine, ReplicaLostError, join_replica
 
     if args.dist_url is None:
-        raise SystemExit("--tp > 1 needs --dist-url tcp://HOST:PORT for the replica's ranks")
+        raise SystemExit("--tp/--pp > 1 need --dist-url tcp://HOST:PORT for the replica's ranks")
     group, parallel_state = join_replica(
-        args.dist_url, rank=args.replica_rank, size=args.tp, device=config.device
+        args.dist_url, rank=args.replica_rank, tp=args.tp, pp=args.pp, device=config.device
     )
     model, tokenizer = load_model(
         args.model, config_file=args.run_config, parallel_state=parallel_state

@@ -21,7 +21,7 @@ loader needs: ``tp_size``, ``tp_rank``, ``full_weight_shape`` and ``shard_weight
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ from mcore.parallel.tensor_parallel.utils import (
 )
 
 ProcessGroup = torch.distributed.ProcessGroup
+
+LinearKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""``kernel(x, weight, bias) -> x weightᵀ + bias``: what a linear layer's local matmul runs."""
 
 
 def _initialized_shard(
@@ -112,6 +115,10 @@ class ColumnParallelLinear(nn.Module):
 
     partition_dim = 0
     """The weight dimension split over TP (output features)."""
+
+    kernel: LinearKernel | None = None
+    """Runs the local matmul in place of ``F.linear`` when set (an inference engine's weights
+    prepacked for its CPU GEMM); the collectives around it stay as they are."""
 
     def __init__(
         self,
@@ -207,7 +214,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel_region(x, self.tp_group)
         else:
             x = copy_to_tensor_parallel_region(x, self.tp_group)
-        y = F.linear(x, weight, self.bias)
+        y = (self.kernel or F.linear)(x, weight, self.bias)
         if self.gather_output and self.tp_size > 1:
             y = gather_from_tensor_parallel_region(y, self.tp_group)
             if len(self.partitions) > 1:
@@ -244,6 +251,10 @@ class RowParallelLinear(nn.Module):
 
     partition_dim = 1
     """The weight dimension split over TP (input features)."""
+
+    kernel: LinearKernel | None = None
+    """Runs the local matmul in place of ``F.linear`` when set (see
+    ``ColumnParallelLinear.kernel``)."""
 
     def __init__(
         self,
@@ -306,7 +317,7 @@ class RowParallelLinear(nn.Module):
         ``[..., out]`` (``[s / tp, b, out]`` with sequence parallelism)."""
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.tp_group)
-        y = F.linear(x, self.weight)
+        y = (self.kernel or F.linear)(x, self.weight, None)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.tp_group)
         else:
