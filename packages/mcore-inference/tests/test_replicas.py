@@ -111,6 +111,16 @@ def test_tensor_parallel_sizes_that_do_not_divide_the_model_are_refused(hf_dirs)
     assert "Traceback" not in result.stderr
     with pytest.raises(McoreError, match=r"pipeline_model_parallel_size = 3 is more stages"):
         check_layout(folder, pp=3)  # 2 layers
+    with pytest.raises(McoreError, match=r"expert_model_parallel_size = 2, but the model has no"):
+        check_layout(folder, ep=2)
+    with pytest.raises(McoreError, match=r"does not divide the model's moe.num_experts = 4"):
+        check_layout(hf_dirs["mixtral"][0], ep=3)
+    with pytest.raises(McoreError, match=r"expert_model_parallel_size: 2 must divide data_par"):
+        InferenceConfig(expert_model_parallel_size=2, data_parallel_size=3).checked()
+    with pytest.raises(McoreError, match=r"tensor_model_parallel_size and pipeline_model_par"):
+        InferenceConfig(
+            expert_model_parallel_size=2, data_parallel_size=2, tensor_model_parallel_size=2
+        ).checked()
 
 
 def _reference(folder, prompts, params, config):
@@ -200,13 +210,18 @@ def test_two_tensor_parallel_replicas_serve_200_requests_and_survive_a_dead_one(
 
 
 # Each model and each layout served at least once (every pair runs in the Python API tests).
+EP2 = ["--inference.ep", "2", "--inference.dp", "2"]
+
+
 @pytest.mark.parametrize(
-    "case, layout",
-    [("llama", ["--inference.tp", "2"]), ("mixtral", ["--inference.pp", "2"]),
-     ("deepseek_v3", ["--inference.tp", "2", "--inference.pp", "2"])],
+    "case, layout, generate_layout",
+    [("llama", ["--inference.tp", "2"], None), ("mixtral", ["--inference.pp", "2"], None),
+     ("deepseek_v3", ["--inference.tp", "2", "--inference.pp", "2"],
+      ["--inference.pp", "2", "--inference.dp", "2"]),
+     ("mixtral", EP2, EP2)],
 )  # fmt: skip
-def test_mcore_serve_and_generate_over_tensor_and_pipeline_ranks_equal_transformers(
-    case, layout, hf_dirs, hf_greedy, random_prompts
+def test_mcore_serve_and_generate_over_model_parallel_ranks_equal_transformers(
+    case, layout, generate_layout, hf_dirs, hf_greedy, random_prompts
 ) -> None:
     folder, hf = hf_dirs[case]
     prompts = random_prompts([7, 19, 3], hf.config.vocab_size, seed=4)
@@ -238,13 +253,14 @@ def test_mcore_serve_and_generate_over_tensor_and_pipeline_ranks_equal_transform
         if server.poll() is None:
             server.kill()
             server.wait()
-    if case != "deepseek_v3":
+    if generate_layout is None:
         return
-    # mcore generate over 2 replicas of 2 pipeline stages: 4 local ranks split the prompts.
+    # mcore generate over 2 replicas (of 2 pipeline stages, or sharing experts): the local
+    # ranks split the prompts.
     ids = [",".join(map(str, p)) for p in prompts]
     result = subprocess.run(
-        [str(BIN / "mcore"), "generate", "--model", str(folder), "--inference.pp", "2",
-         "--inference.dp", "2", "--max-tokens", "6", "--ignore-eos", "--json", *CPU,
+        [str(BIN / "mcore"), "generate", "--model", str(folder), *generate_layout,
+         "--max-tokens", "6", "--ignore-eos", "--json", *CPU,
          *[a for i in ids for a in ("--prompt-ids", i)]],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

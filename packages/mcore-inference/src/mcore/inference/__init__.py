@@ -15,6 +15,7 @@ _EXPORTS = {
     "ContextOverflowError": "mcore.inference.errors",
     "DynamicInferenceContext": "mcore.inference.context",
     "DynamicInferenceEngine": "mcore.inference.engine",
+    "ExpertParallelEngine": "mcore.inference.expert_parallel",
     "InferenceClient": "mcore.inference.coordinator.client",
     "InferenceCoordinator": "mcore.inference.coordinator.coordinator",
     "InvalidRequestError": "mcore.inference.errors",
@@ -32,6 +33,7 @@ __all__ = [
     "ContextOverflowError",
     "DynamicInferenceContext",
     "DynamicInferenceEngine",
+    "ExpertParallelEngine",
     "InferenceClient",
     "InferenceConfig",
     "InferenceCoordinator",
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from mcore.inference.coordinator.coordinator import InferenceCoordinator
     from mcore.inference.engine import DynamicInferenceEngine
     from mcore.inference.errors import ContextOverflowError, InvalidRequestError, RequestFailedError
+    from mcore.inference.expert_parallel import ExpertParallelEngine
     from mcore.inference.loading import load_model
     from mcore.inference.replica import ReplicaEngine
     from mcore.inference.request import OutputCollector, RequestDelta, RequestOutput

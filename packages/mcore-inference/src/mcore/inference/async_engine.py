@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 class AsyncInferenceEngine:
     """Serves a :class:`DynamicInferenceEngine` to coroutines of one event loop."""
 
-    def __init__(self, engine: DynamicInferenceEngine, *, idle_poll_s: float = 0.5) -> None:
+    def __init__(self, engine: DynamicInferenceEngine, *, idle_poll_s: float | None = None) -> None:
         self.engine = engine
-        self.idle_poll_s = idle_poll_s
+        self.idle_poll_s = engine.idle_poll_s if idle_poll_s is None else idle_poll_s
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future | None]] = (
             queue.SimpleQueue()
         )
@@ -238,7 +238,13 @@ class AsyncInferenceEngine:
             if self._stopping:
                 break
             if self._paused or engine.suspended or not engine.has_unfinished_requests():
-                engine.idle()
+                try:
+                    if engine.idle():
+                        continue  # it joined a step of its group: look again at once
+                except EngineLostError as exc:
+                    log.error("the engine is lost: %s", exc)
+                    self.lost = exc
+                    break
                 self._wake.wait(self.idle_poll_s)
                 continue
             try:
@@ -256,6 +262,8 @@ class AsyncInferenceEngine:
             if deltas:
                 self._deliver(deltas)
         self._run_commands()
+        if self.lost is None:
+            engine.close()  # ranks that step with this one learn that it stops
 
     def _fail_all(self, message: str) -> None:
         for request in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:

@@ -101,7 +101,8 @@ def _generate_run(args: argparse.Namespace) -> int:
     world = config.replica_size * config.data_parallel_size
     if world > 1 and "WORLD_SIZE" not in os.environ:
         tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
-        check_layout(args.model, tp=tp, pp=pp, config_file=args.run_config)
+        ep = config.expert_model_parallel_size
+        check_layout(args.model, tp=tp, pp=pp, ep=ep, config_file=args.run_config)
         from mcore.core.training.cli import launch_local_ranks
 
         return launch_local_ranks("generate", world, args.command_argv)
@@ -135,7 +136,12 @@ def _generate_run(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
         logprobs=0 if args.json else None,
     )
-    engine = DynamicInferenceEngine(model, config, tokenizer=tokenizer)
+    if config.expert_model_parallel_size > 1:
+        from mcore.inference.expert_parallel import ExpertParallelEngine
+
+        engine = ExpertParallelEngine(model, config, tokenizer=tokenizer)
+    else:
+        engine = DynamicInferenceEngine(model, config, tokenizer=tokenizer)
     outputs = _generate_on_replicas(engine, prompts, params, parallel_state)
     if outputs is None:  # not the first rank: it printed nothing
         return 0
@@ -178,7 +184,7 @@ def _join_generate_world(config: InferenceConfig) -> tuple[Any, InferenceConfig]
         config = dataclasses.replace(config, device=f"cuda:{local}")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return ParallelState(tp=tp, pp=pp), config
+    return ParallelState(tp=tp, pp=pp, ep=config.expert_model_parallel_size), config
 
 
 def _generate_on_replicas(engine: Any, prompts: list, params: Any, ps: Any) -> list | None:
@@ -189,7 +195,8 @@ def _generate_on_replicas(engine: Any, prompts: list, params: Any, ps: Any) -> l
     import torch.distributed as dist
 
     mine = list(range(ps.dp_rank, len(prompts), ps.dp_size))
-    outputs = engine.generate([prompts[i] for i in mine], params) if mine else []
+    # Every rank calls generate, with no prompts too: expert-parallel ranks step together.
+    outputs = engine.generate([prompts[i] for i in mine], params)
     gathered: list[Any] = [None] * dist.get_world_size()
     first = ps.tp_rank == 0 and ps.pp_rank == 0  # one rank per replica reports
     dist.all_gather_object(gathered, (mine, outputs) if first else ([], []))
@@ -275,7 +282,8 @@ async def _coordinated(model_path: str, run_config: str | None, config: Inferenc
     from mcore.inference.loading import check_layout, load_tokenizer
 
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
-    check_layout(model_path, tp=tp, pp=pp, config_file=run_config)
+    ep = config.expert_model_parallel_size
+    check_layout(model_path, tp=tp, pp=pp, ep=ep, config_file=run_config)
     coordinator = InferenceCoordinator(heartbeat_timeout_s=config.heartbeat_timeout_s)
     address = coordinator.start()
     processes = launch_replicas(model_path, run_config, config, address)
@@ -310,6 +318,8 @@ def launch_replicas(
     processes on this host, serving the coordinator at ``address``. Replica ``r``'s processes
     are ``processes[r * size : (r + 1) * size]``, its first the one that registers as engine
     rank ``r``; each replica meets on a port of its own, so one that dies takes no other down.
+    With ``expert_model_parallel_size`` E, replicas ``g*E .. g*E+E-1`` (one process each) form
+    a group that shares the experts, meeting on a port of the group's.
     CPU threads are split evenly; with GPUs, process ``i`` takes ``cuda:i`` (modulo count)."""
     import dataclasses
 
@@ -317,11 +327,12 @@ def launch_replicas(
 
     dp, size = config.data_parallel_size, config.replica_size
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    ep = config.expert_model_parallel_size
     gpus = torch.cuda.device_count() if config.device is None else 0
     threads = max(1, (os.cpu_count() or 1) // (dp * size))
+    urls = [f"tcp://127.0.0.1:{_free_port()}" for _ in range(dp // ep if ep > 1 else dp)]
     processes = []
     for rank in range(dp):
-        url = f"tcp://127.0.0.1:{_free_port()}"
         for member in range(size):
             rank_config = dataclasses.asdict(config)
             if gpus:
@@ -330,9 +341,12 @@ def launch_replicas(
             command += ["--model", model_path, "--coordinator", address, "--rank", str(rank)]
             command += ["--config-json", json.dumps(rank_config), "--threads", str(threads)]
             command += ["--parent-pid", str(os.getpid())]
-            if size > 1:
+            if ep > 1:
+                command += ["--ep", str(ep), "--replica-rank", str(rank % ep)]
+                command += ["--dist-url", urls[rank // ep]]
+            elif size > 1:
                 command += ["--tp", str(tp), "--pp", str(pp), "--replica-rank", str(member)]
-                command += ["--dist-url", url]
+                command += ["--dist-url", urls[rank]]
             if run_config:
                 command += ["--run-config", run_config]
             # Their own session: Ctrl-C reaches the server, which stops the ranks with STOP.

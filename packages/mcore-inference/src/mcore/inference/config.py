@@ -64,6 +64,10 @@ class InferenceConfig:
     pipeline_model_parallel_size: int = field(default=1, metadata={"aliases": ("pp",)})
     """Pipeline stages of each model replica: each stage's processes hold its layers and their
     KV cache, and pass hidden states on to the next stage."""
+    expert_model_parallel_size: int = field(default=1, metadata={"aliases": ("ep",)})
+    """Replicas whose MoE layers share their experts: each of these engine processes holds
+    num_experts / ep experts and its own requests, and they step together (a multiple of it
+    makes data_parallel_size; tensor and pipeline sizes 1)."""
     heartbeat_timeout_s: float = 10.0
     """The coordinator declares an engine rank dead after this long without a heartbeat."""
 
@@ -76,10 +80,25 @@ class InferenceConfig:
             "data_parallel_size",
             "tensor_model_parallel_size",
             "pipeline_model_parallel_size",
+            "expert_model_parallel_size",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 errors.add(name, f"must be >= 1, got {value}")
+        ep = self.expert_model_parallel_size
+        if ep > 1 and self.data_parallel_size % ep:
+            errors.add(
+                "expert_model_parallel_size",
+                f"{ep} must divide data_parallel_size ({self.data_parallel_size}): each "
+                "expert-parallel rank is a replica with its own requests",
+            )
+        if ep > 1 and self.replica_size > 1:
+            errors.add(
+                "expert_model_parallel_size",
+                f"expert-parallel engines run with tensor_model_parallel_size and "
+                f"pipeline_model_parallel_size 1 for now (got {self.tensor_model_parallel_size} "
+                f"and {self.pipeline_model_parallel_size})",
+            )
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 2:
             errors.add(
                 "kv_cache_blocks", f"must be >= 2 (one is scratch), got {self.kv_cache_blocks}"

@@ -326,9 +326,19 @@ class DynamicInferenceEngine:
         request.finish("abort")
         return request.take_delta()
 
-    def idle(self) -> None:
-        """Called by a driver (``AsyncInferenceEngine``) while it has nothing to step; a
-        replica's leader keeps its followers in touch here (see ``ReplicaEngine``)."""
+    idle_poll_s: float = 0.5
+    """How often a driver calls :meth:`idle` while there is nothing to step."""
+
+    def idle(self) -> bool:
+        """Called by a driver (``AsyncInferenceEngine``) while it has nothing to step; returns
+        whether it computed something, so the driver should call again at once. A replica's
+        leader keeps its followers in touch here (``ReplicaEngine``); an expert-parallel rank
+        joins its group's steps (``ExpertParallelEngine``)."""
+        return False
+
+    def close(self) -> None:
+        """Release what this engine shares with other ranks (a driver calls it when it shuts
+        the engine down); nothing for an engine of its own."""
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -345,7 +355,11 @@ class DynamicInferenceEngine:
         """
         if self._suspended:
             raise EngineStateError("the engine is suspended: call resume() before step()")
-        scheduled = self.scheduler.schedule()
+        return self._run(self.scheduler.schedule())
+
+    def _run(self, scheduled: Any) -> list[RequestDelta]:
+        """Compute what ``scheduled`` (the scheduler's choice for this step) asks for, sample,
+        and record the tokens."""
         self._preemptions += len(scheduled.preempted)
         if not scheduled.chunks:
             return []

@@ -112,14 +112,20 @@ _TP_SPLIT = {
 
 
 def check_layout(
-    path: str | Path, *, tp: int = 1, pp: int = 1, config_file: str | Path | None = None
+    path: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    config_file: str | Path | None = None,
 ) -> None:
     """Refuse ``tp`` (``inference.tensor_model_parallel_size``) when it does not divide what
     the model at ``path`` splits over tensor-parallel ranks, and ``pp``
     (``inference.pipeline_model_parallel_size``) when the model has fewer layers than stages,
+    and ``ep`` (``inference.expert_model_parallel_size``) when it does not divide the experts,
     naming the fields and the numbers; cheap (reads only the config), so a server checks
     before it starts any process. Uneven stage splits are the model builder's to refuse."""
-    if tp == 1 and pp == 1:
+    if tp == 1 and pp == 1 and ep == 1:
         return
     path = Path(path)
     if detect_model_kind(path) == "hf":
@@ -130,6 +136,18 @@ def check_layout(
         _, common = _checkpoint(path)
         sections = _run_config(path, common, config_file)
         model = sections.model
+    moe = _section(sections, "moe")
+    experts = getattr(moe, "num_experts", None)
+    if ep > 1 and not experts:
+        raise McoreError(
+            f"inference.expert_model_parallel_size = {ep}, but the model has no experts "
+            "(moe.num_experts is unset) to split over expert-parallel ranks"
+        )
+    if ep > 1 and experts % ep:
+        raise McoreError(
+            f"inference.expert_model_parallel_size = {ep} does not divide the model's "
+            f"moe.num_experts = {experts}"
+        )
     if model.num_layers < pp:
         raise McoreError(
             f"inference.pipeline_model_parallel_size = {pp} is more stages than the model's "

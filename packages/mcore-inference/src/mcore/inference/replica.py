@@ -128,12 +128,13 @@ class ReplicaEngine(DynamicInferenceEngine):
             self._journal.append(("resume",))
             self._send(None)
 
-    def idle(self) -> None:
+    def idle(self) -> bool:
         """Keep idle followers waiting within the group's timeout (a driver calls this while
         there is nothing to step)."""
         live = self.is_leader and not self._closed and self._lost is None
         if live and time.monotonic() - self._last_sent >= self.keepalive_s:
             self._send(None)
+        return False
 
     def close(self) -> None:
         """Release the followers (their :meth:`follow` returns). Safe to call twice, and a no-op
@@ -238,13 +239,15 @@ def join_replica(
     rank: int,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
     device: str | None = None,
     timeout_s: float = 600.0,
 ) -> tuple[dist.ProcessGroup | None, Any]:
     """Join the process group of one model replica (``tp x pp`` ranks meeting at ``url``,
-    ``tcp://HOST:PORT``); returns the CPU group for :class:`ReplicaEngine` (None: the world
-    itself is gloo) and the replica's ``ParallelState``. On CUDA the model's collectives use
-    NCCL and this rank takes the device ``device`` names (``cuda:i``)."""
+    ``tcp://HOST:PORT``), or of ``ep`` replicas sharing their experts; returns the CPU group
+    for :class:`ReplicaEngine` (None: the world itself is gloo) and the ``ParallelState``. On
+    CUDA the model's collectives use NCCL and this rank takes the device ``device`` names
+    (``cuda:i``)."""
     from mcore.parallel import ParallelState
 
     cuda = device is not None and device.startswith("cuda")
@@ -254,8 +257,8 @@ def join_replica(
         "cpu:gloo,cuda:nccl" if cuda else "gloo",
         init_method=url,
         rank=rank,
-        world_size=tp * pp,
+        world_size=tp * pp * ep,
         timeout=timedelta(seconds=timeout_s),
     )
     group = dist.new_group(backend="gloo") if cuda else None
-    return group, ParallelState(tp=tp, pp=pp, device_type="cuda" if cuda else "cpu")
+    return group, ParallelState(tp=tp, pp=pp, ep=ep, device_type="cuda" if cuda else "cpu")

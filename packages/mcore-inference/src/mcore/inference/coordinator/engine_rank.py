@@ -54,6 +54,8 @@ class EngineRank:
         self.register_timeout_s = register_timeout_s
         self._outbox: asyncio.Queue[bytes] | None = None
         self._served: AsyncInferenceEngine | None = None
+        self.lost: BaseException | None = None
+        """Why the engine stopped stepping on its own (a lost replica or expert group)."""
         self._tasks: dict[Any, asyncio.Task] = {}
 
     def run(self, *, parent_pid: int | None = None) -> None:
@@ -112,6 +114,7 @@ class EngineRank:
             await self._drain_outbox(sock)
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
+            self.lost = self._served.lost
             await self._served.shutdown()
             sock.close(linger=0)
             ctx.term()
@@ -278,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of the replica")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages of the replica")
+    parser.add_argument(
+        "--ep", type=int, default=1, help="replicas (this one included) sharing the experts"
+    )
     parser.add_argument("--replica-rank", type=int, default=0, help="this process's rank in it")
     parser.add_argument(
         "--dist-url", default=None, help="tcp://HOST:PORT where the replica's ranks meet"
@@ -285,12 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     replica = args.tp * args.pp
     name = f"{args.rank}" if replica == 1 else f"{args.rank}.{args.replica_rank}"
+    if args.ep > 1 and replica > 1:
+        raise SystemExit("--ep > 1 runs with --tp 1 and --pp 1 for now")
     logging.basicConfig(level=logging.INFO, format=f"[engine {name}] %(message)s")
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = InferenceConfig(**json.loads(args.config_json))
+    if args.ep > 1:
+        return _serve_expert_parallel(args, config)
     if replica == 1:
         model, tokenizer = load_model(args.model, config_file=args.run_config)
         engine = DynamicInferenceEngine(model, config, tokenizer=tokenizer)
@@ -331,6 +341,32 @@ def _serve_replica(args: argparse.Namespace, config: Any) -> int:
         if engine.lost is None:
             dist.destroy_process_group()
     return 0 if engine.lost is None else 1
+
+
+def _serve_expert_parallel(args: argparse.Namespace, config: Any) -> int:
+    """One of ``--ep`` engine ranks sharing their experts: each registers on its own and
+    serves its own requests; they step together (``ExpertParallelEngine``)."""
+    import torch.distributed as dist
+
+    from mcore.inference.expert_parallel import ExpertParallelEngine
+    from mcore.inference.loading import load_model
+    from mcore.inference.replica import join_replica
+
+    if args.dist_url is None:
+        raise SystemExit("--ep > 1 needs --dist-url tcp://HOST:PORT for the group's ranks")
+    _, parallel_state = join_replica(
+        args.dist_url, rank=args.replica_rank, ep=args.ep, device=config.device
+    )
+    model, tokenizer = load_model(
+        args.model, config_file=args.run_config, parallel_state=parallel_state
+    )
+    engine = ExpertParallelEngine(model, config, tokenizer=tokenizer)
+    rank = EngineRank(engine, args.coordinator, rank=args.rank)
+    rank.run(parent_pid=args.parent_pid)
+    lost = rank.lost
+    if lost is None:
+        dist.destroy_process_group()
+    return 0 if lost is None else 1
 
 
 if __name__ == "__main__":
