@@ -1,18 +1,20 @@
 """Per-rank memory of ``mcore rl``'s trainer and engine: whole-model engines with gathered
-refit against engines in the training layout (TP2) with each rank's own shards copied.
+refit against engines in the training layout (TP2, PP2) with each rank's own shards copied.
 
-Both runs train the same Llama-style model under TP2 on 2 gloo ranks (CPU, fp32) for
-``--steps`` GRPO steps (``train_rl``, as ``mcore rl`` runs it), one with
-``rl.engine_layout = "whole"`` (every rank's engine is the whole model, refit assembles every
-tensor on every rank: the layout before engines ran in the training layout) and one with
-``"training"`` (one engine over the TP group, each rank holding its shards). Then, per rank:
+For each training layout (``--parallel``: TP2, PP2), two runs train the same Llama-style model
+on 2 gloo ranks (CPU, fp32) for ``--steps`` GRPO steps (``train_rl``, as ``mcore rl`` runs it),
+one with ``rl.engine_layout = "whole"`` (every rank's engine is the whole model, refit
+assembles every tensor on every rank: the layout before engines ran in the training layout)
+and one with ``"training"`` (one engine over both ranks, each holding its TP shards or its
+pipeline stage's layers). Then, per rank:
 
 - **trainer**: bytes of the distinct tensor storages reachable from the model chunks and the
   optimizer (parameters, gradient buffers, fp32 main weights, Adam moments).
 - **engine params**: bytes of the engine model's parameters and buffers.
 - **engine KV cache**: the engine's KV cache while resumed (``stats().kv_cache_bytes``); the
-  engine is sized for its share of a step's rollouts, so a TP engine serves twice the
-  requests of a whole-model one, each rank holding half the heads.
+  engine is sized for its share of a step's rollouts, so an engine over both ranks serves
+  twice the requests of a whole-model one, each rank holding half the heads (TP2) or half the
+  layers (PP2).
 - **refit extra (peak)**: the most bytes of tensors that a refit allocated and still held at
   one time, measured by a ``TorchDispatchMode`` around ``refit_engine`` that counts every new
   storage an op returns (views and in-place results share their input's) until it is freed.
@@ -22,8 +24,8 @@ tensor on every rank: the layout before engines ran in the training layout) and 
   (``gather_full_state_dict``, every global tensor on every rank) against the copy of each
   rank's shards (``reference_chunks`` today). Neither counts the reference model itself.
 
-    uv run python benchmarks/rl_memory.py                      # ~30M parameters, ~1 minute
-    uv run python benchmarks/rl_memory.py --hidden 256 --layers 2 --vocab 4096   # a smoke run
+    uv run python benchmarks/rl_memory.py                # ~30M parameters, ~1 minute a layout
+    uv run python benchmarks/rl_memory.py --parallel pp2 --hidden 256 --layers 2 --vocab 4096
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from mcore.core.testing import run_ranks
 
 MIB = 2**20
 LAYOUTS = ("whole", "training")
+PARALLEL = {"tp2": {"parallel.tp": "2"}, "pp2": {"parallel.pp": "2"}}
+"""The training layouts measured, on 2 ranks each."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,15 +58,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=16384, help="padded; the char tokenizer "
                         "uses the first ids only")  # fmt: skip
     parser.add_argument("--steps", type=int, default=1, help="GRPO steps before measuring")
+    parser.add_argument("--parallel", nargs="+", choices=sorted(PARALLEL),
+                        default=list(PARALLEL), help="training layouts to measure")  # fmt: skip
     parser.add_argument("--json", default=None, help="also write every rank's figures here")
     return parser.parse_args()
 
 
-def overrides(args: argparse.Namespace, layout: str) -> dict[str, str]:
-    """A small Llama (RMSNorm, SwiGLU, rope, untied embeddings) under TP2, fp32 on CPU."""
+def overrides(args: argparse.Namespace, parallel: str, layout: str) -> dict[str, str]:
+    """A small Llama (RMSNorm, SwiGLU, rope, untied embeddings) in ``parallel``, fp32 on CPU."""
     return {
         "train.device": "cpu",
-        "parallel.tp": "2",
+        **PARALLEL[parallel],
         "model.num-layers": str(args.layers),
         "model.hidden-size": str(args.hidden),
         "model.num-attention-heads": str(args.heads),
@@ -158,13 +164,15 @@ def storage_bytes(*roots: Any) -> int:
     return sum(storages.values())
 
 
-def _rank(rank: int, world: int, args: argparse.Namespace, layout: str) -> dict[str, Any]:
+def _rank(
+    rank: int, world: int, args: argparse.Namespace, parallel: str, layout: str
+) -> dict[str, Any]:
     from mcore.core import get_plugin_manager, load_config
     from megatron_rl.inference import engine_layout, reference_chunks
     from megatron_rl.loop import train_rl
     from megatron_rl.refit import copy_local_weights, gather_full_state_dict, refit_engine
 
-    config = load_config(overrides=overrides(args, layout))
+    config = load_config(overrides=overrides(args, parallel, layout))
     began = time.perf_counter()
     result = train_rl(config)
     seconds = time.perf_counter() - began
@@ -208,15 +216,14 @@ ROWS = (
 )
 
 
-def report(results: dict[str, list[dict[str, Any]]]) -> None:
+def report(parallel: str, results: dict[str, list[dict[str, Any]]]) -> None:
     for by_rank in results.values():
         for r in by_rank:
             r["total"] = r["trainer"] + r["engine_params"] + r["engine_kv"]
             r["peak"] = r["total"] + r["refit_extra"]
     old, new = results["whole"], results["training"]
-    print(
-        f"{'per rank, MiB':32} {'rank':>4} {'whole + gather':>15} {'TP2 shards':>12} {'ratio':>7}"
-    )
+    shards = f"{parallel.upper()} shards"
+    print(f"{'per rank, MiB':32} {'rank':>4} {'whole + gather':>15} {shards:>12} {'ratio':>7}")
     for key, label in ROWS:
         for a, b in zip(old, new, strict=True):
             ratio = f"{b[key] / a[key]:.3f}" if a[key] else "-"
@@ -232,16 +239,23 @@ def report(results: dict[str, list[dict[str, Any]]]) -> None:
 
 def main() -> None:
     args = parse_args()
-    results = {}
-    for layout in LAYOUTS:
-        results[layout] = run_ranks(_rank, 2, args, layout, backend="gloo", timeout_s=600)
-        assert results[layout][0]["sharded"] == (layout == "training"), results[layout][0]
     n = (
         args.layers * (4 * args.hidden**2 + 3 * args.hidden * args.ffn)
         + 2 * args.vocab * args.hidden
     )
-    print(f"model: ~{n / 1e6:.1f}M parameters (fp32), TP2 on 2 gloo ranks, {args.steps} step(s)")
-    report(results)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for parallel in args.parallel:
+        results[parallel] = by_layout = {}
+        for layout in LAYOUTS:
+            by_layout[layout] = run_ranks(
+                _rank, 2, args, parallel, layout, backend="gloo", timeout_s=600
+            )
+            assert by_layout[layout][0]["sharded"] == (layout == "training"), by_layout[layout]
+        print(
+            f"\nmodel: ~{n / 1e6:.1f}M parameters (fp32), {parallel.upper()} on 2 gloo ranks, "
+            f"{args.steps} step(s)"
+        )
+        report(parallel, by_layout)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -1,7 +1,8 @@
-"""The GRPO loop end to end on real gloo ranks: rollouts on the engines (one per TP group in
-the training layout, or the whole model per rank under PP), packed updates in the training
-layout, refit (the engines then hold exactly the trained weights, and score what they sample
-as the trained policy does), and a tiny model learning to copy strings."""
+"""The GRPO loop end to end on real gloo ranks: rollouts on the engines (in the training
+layout: one per data-parallel rank over its TP ranks and pipeline stages; or the whole model
+per rank), packed updates in the training layout, refit (the engines then hold exactly the
+trained weights, and score what they sample as the trained policy does), and a tiny model
+learning to copy strings."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from mcore.core import load_config
 from mcore.core.testing import run_ranks
-from mcore.parallel.sharding import model_sharded_tensors
+from mcore.parallel.sharding import model_sharded_tensors, unwrap
 from megatron_rl.loop import train_rl
 
 
@@ -98,13 +99,52 @@ def _engine_scores_as_the_trainer(result, config) -> dict:
     return {"tokens": [s.token_ids for s in sequences], "worst": worst, "scored": scored}
 
 
+def _engine_stage(engine, chunks) -> dict:
+    """This rank's pipeline stage, the layers its engine's model holds and the elements of its
+    tensors, beside those of its training chunk."""
+
+    def numel(model) -> int:
+        state = unwrap(model).state_dict()
+        return sum(t.numel() for k, t in state.items() if not k.endswith("inv_freq"))
+
+    training = unwrap(chunks[0])
+    return {
+        "stage": training.parallel_state.pp_rank,
+        "layers": sorted(int(n) for n in engine.model.layers),
+        "training_layers": sorted(int(n) for n in training.layers),
+        "numel": numel(engine.model),
+        "training_numel": numel(training),
+    }
+
+
 def _run(rank: int, world_size: int, overrides: dict[str, str]) -> dict:
     config = load_config(overrides=overrides)
     result = train_rl(config)
     pieces = _engine_holds_the_trained_weights(result.engine, result.chunks)
     scores = _engine_scores_as_the_trainer(result, config)
     share = _engine_share(result.engine)
-    return {"metrics": result.metrics, "pieces": pieces, "scores": scores, "share": share}
+    stage = _engine_stage(result.engine, result.chunks)
+    return {
+        "metrics": result.metrics,
+        "pieces": pieces,
+        "scores": scores,
+        "share": share,
+        "stage": stage,
+    }
+
+
+def _check_stages(results: list[dict], num_layers: int) -> None:
+    """Each rank's engine holds exactly its pipeline stage's layers and tensors, as training
+    does (the TP ranks of a stage their shards of them), and the stages split the layers."""
+    by_stage: dict[int, list[int]] = {}
+    for r in results:
+        stage = r["stage"]
+        assert stage["layers"] == stage["training_layers"]
+        assert stage["numel"] == stage["training_numel"]
+        assert by_stage.setdefault(stage["stage"], stage["layers"]) == stage["layers"]
+    assert len(by_stage) > 1
+    held = [n for s in sorted(by_stage) for n in by_stage[s]]
+    assert held == list(range(num_layers))  # in order, none held twice
 
 
 def _check_metrics(results: list[dict], steps: int) -> list[dict]:
@@ -196,9 +236,29 @@ def test_pipeline_parallel_run_with_a_multi_turn_agent(tiny_overrides) -> None:
         "rl.dual-clip-c": "3",
         "rl.normalize-advantages-by-std": "false",
     }
-    metrics = _check_metrics(run_ranks(_run, 2, overrides, backend="gloo", timeout_s=300), 2)
+    results = run_ranks(_run, 2, overrides, backend="gloo", timeout_s=300)
+    metrics = _check_metrics(results, 2)
+    _check_stages(results, num_layers=2)  # one engine over both stages
     for m in metrics:
         assert m["rl/env/turns"] > 1  # a random policy is wrong at first, and asked again
+
+
+def test_tensor_and_pipeline_parallel_run(tiny_overrides) -> None:
+    """One engine over TP2 x PP2 (4 ranks): each rank holds its TP shards of its stage's
+    layers; after refit it scores what it samples as the trained policy does."""
+    overrides = {
+        **tiny_overrides,
+        "parallel.tp": "2",
+        "parallel.pp": "2",
+        "parallel.sequence-parallel": "true",
+        "train.train-iters": "2",
+        "rl.kl-beta": "0.05",
+    }
+    results = run_ranks(_run, 4, overrides, backend="gloo", timeout_s=300)
+    _check_metrics(results, 2)
+    _check_stages(results, num_layers=2)
+    for r in results:  # and half of each split tensor of its stage
+        assert 2 * r["share"]["split_held"] == r["share"]["split_whole"] > 0
 
 
 def test_a_tiny_model_learns_to_copy(tiny) -> None:

@@ -140,12 +140,13 @@ class RLConfig:
     """Learning rate of the warm-up steps; unset means optimizer.lr (the GRPO schedule is not
     stepped by them)."""
     engine_layout: Literal["training", "whole"] = "training"
-    """Where the rollout engines live. 'training': in the training layout's tensor
-    parallelism, one engine per TP group (its ranks generate together), and refit copies each
-    rank's own shards, so no rank holds a second full copy of the model; layouts the engine
-    cannot run yet (pipeline parallelism, experts split over data-parallel ranks) fall back
-    to 'whole' and log why. 'whole': every rank's engine holds the whole model (more engines
-    at once, each the model's full size) and refit assembles every tensor on every rank."""
+    """Where the rollout engines live. 'training': in the training layout's tensor and
+    pipeline parallelism, one engine per data-parallel rank (its TP and PP ranks generate
+    together), and refit copies each rank's own shards, so no rank holds a second full copy of
+    the model; layouts the engine cannot run yet (virtual pipeline stages, experts split over
+    data-parallel ranks) fall back to 'whole' and log why. 'whole': every rank's engine holds
+    the whole model (more engines at once, each the model's full size) and refit assembles
+    every tensor on every rank."""
     inference_max_requests: int | None = None
     """Requests the engine runs at once; unset means this engine's share of a step's rollouts
     (inference.max_requests when that is larger)."""

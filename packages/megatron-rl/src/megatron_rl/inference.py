@@ -1,10 +1,10 @@
 """The model copies the RL loop needs besides the policy: the engine's and the reference's.
 
 - :func:`engine_layout`: where the engines live. In the training layout where the engine runs
-  it (``sharded``: tensor parallelism, experts inside the TP group; one engine per TP group,
-  whose ranks add the same requests and step together), else a whole single-process model on
-  every rank (``whole``: pipeline parallelism, experts spread over data-parallel ranks, or
-  ``rl.engine_layout = "whole"``).
+  it (``sharded``: tensor and pipeline parallelism, experts inside the TP group; one engine per
+  model replica, i.e. per data-parallel rank, whose TP and PP ranks add the same requests and
+  step together), else a whole single-process model on every rank (``whole``: virtual pipeline
+  stages, experts spread over data-parallel ranks, or ``rl.engine_layout = "whole"``).
 - :func:`build_engine`: a ``DynamicInferenceEngine`` over that model, built on ``meta`` and
   given storage for only this rank's shards (its weights arrive by refit), on this rank's
   device, sized for this engine's rollouts.
@@ -62,19 +62,25 @@ def engine_layout(runtime: Any, choice: str = "training") -> EngineLayout:
     """The engines' layout for ``runtime``'s training layout (``rl.engine_layout``).
 
     ``training`` shards the engine as training shards the policy wherever the engine runs that
-    layout: tensor parallelism, with experts split only inside the TP group (the ranks that
-    step together). Pipeline-parallel engines are pending, and experts split over
-    data-parallel ranks would need those ranks' rollouts in lockstep: both keep the whole
-    model per rank, and the log says so.
+    layout: tensor and pipeline parallelism (each stage's engine holds that stage's layers
+    under their training names), with experts split only inside the TP group. One engine
+    serves each data-parallel rank: all its TP and PP ranks add the same requests in the same
+    order and step together, and its first rank reports the rollouts. Virtual pipeline stages
+    (a stage holding several chunks, where the engine holds one run of layers) and experts
+    split over data-parallel ranks (whose rollouts would have to run in lockstep) keep the
+    whole model per rank, and the log says so.
     """
     ps = runtime.parallel_state
+    vp_size = getattr(runtime, "vp_size", None) or 1
     reason = ""
     if choice == "whole":
         reason = "rl.engine_layout = 'whole'"
-    elif ps.pp_size > 1:
+    elif vp_size > 1:
         reason = (
-            f"pipeline-parallel engines are pending (parallel.pp = {ps.pp_size}): each rank's "
-            "engine holds the whole model and refit gathers it"
+            "virtual pipeline stages (parallel.virtual_pipeline_model_parallel_size = "
+            f"{vp_size}) interleave each stage's layers over chunks, while a pipeline stage's "
+            "engine holds one run of layers: each rank's engine holds the whole model and "
+            "refit gathers it"
         )
     elif ps.tp_size % (ps.ep_size * ps.etp_size):
         reason = (
@@ -87,8 +93,10 @@ def engine_layout(runtime: Any, choice: str = "training") -> EngineLayout:
         if choice != "whole" and ps.rank == 0:
             log.warning("mcore rl: %s", reason)
         return EngineLayout(False, single_process_state(), ps.world_size, ps.rank, True, reason)
-    state = ps if ps.tp_size > 1 else single_process_state()
-    return EngineLayout(True, state, ps.dp_size, ps.dp_rank, ps.tp_rank == 0)
+    split = ps.tp_size > 1 or ps.pp_size > 1
+    state = ps if split else single_process_state()
+    reports = ps.tp_rank == 0 and ps.pp_rank == 0
+    return EngineLayout(True, state, ps.dp_size, ps.dp_rank, reports)
 
 
 def build_engine(

@@ -2,10 +2,10 @@
 
 Every rank runs it. Each rank trains its part of the policy in the training layout (whatever
 ``[parallel]`` says: DP, TP, PP, EP, FSDP) and holds its part of an inference engine, which
-generates that engine's share of the step's groups: under tensor parallelism the engine is
-split as training splits the policy and the ranks of a TP group run it together; under
-pipeline parallelism each rank's engine holds the whole model
-(:func:`megatron_rl.inference.engine_layout`). A new run may first warm the policy up with
+generates that engine's share of the step's groups: the engine is split as training splits
+the policy over tensor and pipeline parallelism, one engine per data-parallel rank, whose TP
+and PP ranks run it together (:func:`megatron_rl.inference.engine_layout` says where it holds
+the whole model instead). A new run may first warm the policy up with
 ``rl.sft_iters`` supervised steps on the environment's demonstrations. A step:
 
 1. **Rollout**: resume the engine, let the agents play this engine's groups (its share

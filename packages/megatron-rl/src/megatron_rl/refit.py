@@ -2,11 +2,13 @@
 
 Two ways, by where the engine's model lives (:func:`megatron_rl.inference.engine_layout`):
 
-- **Shards** (the engine in the training layout): the engine's tensors correspond one to one
-  with this rank's tensors of the training model, TP and expert shards alike, so each rank
-  copies its own (:func:`local_weights`). A fully sharded parameter (megatron-fsdp's
-  ``DTensor``) is gathered over its data-parallel mesh only, a bucket at a time; no rank ever
-  holds a whole tensor of a TP-sharded parameter.
+- **Shards** (the engine in the training layout): the engine's tensors correspond one to one,
+  by state-dict name and shape, with this rank's tensors of the training model (TP and expert
+  shards, a pipeline stage's layers under their global numbers, the last stage's own copy of
+  tied word embeddings), so each rank copies its own (:func:`local_weights`); a name or shape
+  without its counterpart is refused before anything is copied. A fully sharded parameter
+  (megatron-fsdp's ``DTensor``) is gathered over its data-parallel mesh only, a bucket at a
+  time; no rank ever holds a whole tensor of a TP-sharded parameter.
 - **Whole** (each rank's engine holds the single-process model): training holds each tensor as
   pieces of the global tensor (TP shards, pipeline stages' layers, expert shards, FSDP chunks;
   :func:`mcore.parallel.sharding.model_sharded_tensors` says which piece sits where), and
@@ -177,6 +179,7 @@ def local_weights(
 def copy_local_weights(target: nn.Module, chunk: nn.Module, *, bucket_mb: float = 256.0) -> int:
     """Copy this rank's tensors of training chunk ``chunk`` into ``target``, a model built in
     the same layout (:func:`local_weights`); returns the number of tensors copied."""
+    check_counterparts(target, chunk)
     own = target.state_dict()
     copied = 0
     for bucket in local_weights(chunk, bucket_mb=bucket_mb):
@@ -190,6 +193,43 @@ def copy_local_weights(target: nn.Module, chunk: nn.Module, *, bucket_mb: float 
             own[name].copy_(value)
             copied += 1
     return copied
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """State-dict tensors of ``module`` by name: their (global, for a ``DTensor``) shapes;
+    rotary frequencies, derived on every rank, left out."""
+    return {
+        name: tuple(t.shape)
+        for name, t in unwrap(module).state_dict(keep_vars=True).items()
+        if isinstance(t, torch.Tensor) and not name.endswith("inv_freq")
+    }
+
+
+def check_counterparts(target: nn.Module, chunk: nn.Module) -> None:
+    """Refuse, by name, unless ``target``'s tensors and this rank's tensors of the training
+    ``chunk`` match one to one in name and shape (what :func:`local_weights` copies)."""
+    mine, theirs = _shapes(target), _shapes(chunk)
+    problems = []
+    only_training = sorted(set(theirs) - set(mine))
+    if only_training:
+        problems.append(f"training's {only_training[:5]} are not in the engine")
+    only_engine = sorted(set(mine) - set(theirs))
+    if only_engine:
+        problems.append(f"the engine's {only_engine[:5]} are not in training")
+    shapes = [
+        f"{k} {theirs[k]} vs {mine[k]}" for k in sorted(set(mine) & set(theirs))
+        if mine[k] != theirs[k]
+    ]  # fmt: skip
+    if shapes:
+        problems.append(f"shapes differ (training vs engine): {shapes[:5]}")
+    if problems:
+        stage = getattr(getattr(unwrap(chunk), "parallel_state", None), "pp_rank", 0)
+        raise McoreError(
+            f"refit: this rank's training tensors (pipeline stage {stage}) and the engine's do "
+            f"not match one to one: {'; '.join(problems)}. Build the engine from the same "
+            "model config in the same parallel layout (engine_layout), or refit the whole "
+            "model (sharded=False)"
+        )
 
 
 @torch.no_grad()
@@ -216,8 +256,9 @@ def refit_engine(
         if len(chunks) != 1:
             raise McoreError(
                 f"refit: an engine in the training layout holds one model chunk, training has "
-                f"{len(chunks)} (pipeline stages): refit it with sharded=False"
+                f"{len(chunks)} (virtual pipeline stages): refit it with sharded=False"
             )
+        check_counterparts(engine.model, chunks[0])
         buckets = local_weights(chunks[0], bucket_mb=bucket_mb)
     else:
         buckets = full_weights(chunks, bucket_mb=bucket_mb)

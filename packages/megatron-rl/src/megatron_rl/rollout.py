@@ -4,9 +4,9 @@ Each rank keeps a :class:`RolloutRunner`. ``collect(count)`` starts groups (prob
 ``k * world_size + rank``, so engines never repeat each other's problems and a resumed run draws
 the same ones) and runs the event loop until ``count`` of them are done. ``rank`` and
 ``world_size`` count engines, not processes: the ranks of an engine split over tensor-parallel
-ranks pass the same, and since nothing here depends on time or on the process, they add the
-same requests in the same order and their engines step in lockstep. For partial rollouts
-it keeps more in flight than it returns (``in_flight``) and may stop early on a
+ranks and pipeline stages pass the same, and since nothing here depends on time or on the
+process, they add the same requests in the same order and their engines step in lockstep. For
+partial rollouts it keeps more in flight than it returns (``in_flight``) and may stop early on a
 ``token_budget``: the groups not returned stay in flight, their coroutines parked on the loop
 and their requests inside the engine, and continue on the next ``collect``, possibly under
 newer weights (each token keeps the log-probability it was sampled with).
