@@ -32,7 +32,7 @@ import torch.distributed as dist
 from mcore.inference.config import InferenceConfig
 from mcore.inference.engine import DynamicInferenceEngine
 from mcore.inference.errors import EngineLostError, InvalidRequestError
-from mcore.inference.request import OutputCollector, RequestDelta, RequestOutput
+from mcore.inference.request import RequestDelta, RequestOutput
 from mcore.inference.sampling import SamplingParams
 
 
@@ -139,18 +139,13 @@ class ExpertParallelEngine(DynamicInferenceEngine):
     ) -> list[RequestOutput]:
         """Run this rank's ``prompts`` to completion; every rank of the group calls it (with
         its own prompts, possibly none) and it returns once no rank has work left."""
-        params = sampling_params
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        added = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
-        collectors = {rid: OutputCollector() for rid in added}
+        outputs = super().generate(prompts, sampling_params)
+        # Done here; keep joining the group's steps until a step where nobody has work (every
+        # rank reaches that same step, so all return together).
         while True:
-            for delta in self.step():
-                if delta.request_id in collectors:
-                    collectors[delta.request_id].add(delta)
+            self.step()
             if self.group_tokens == 0:
-                break
-        return [collectors[rid].output() for rid in added]
+                return outputs
 
     def _agree(self, tokens: int, *, closing: bool = False) -> int:
         """The group's largest batch (all-reduce MAX), and whether any rank is closing."""
