@@ -54,9 +54,12 @@ def test_megatron_newer_name_is_accepted_and_pattern_checked_against_num_layers(
         TransformerConfig(num_layers=4, hybrid_override_pattern="*-|*").checked()
 
 
-def test_mtp_blocks_are_parsed_but_refused_until_mtp_layers_exist() -> None:
+def test_mtp_blocks_give_the_mtp_depths() -> None:
+    assert (
+        TransformerConfig(num_layers=2, hybrid_override_pattern="*-/*-/E").checked().mtp_depth == 2
+    )
     with pytest.raises(ConfigError, match="multi-token-prediction block"):
-        TransformerConfig(num_layers=2, hybrid_override_pattern="*-/*-").checked()
+        TransformerConfig(num_layers=2, hybrid_override_pattern="*-/*-", mtp_num_layers=3).checked()
 
 
 def test_pipe_segments_follow_the_pipeline_or_are_refused() -> None:

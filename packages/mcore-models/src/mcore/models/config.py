@@ -114,6 +114,14 @@ class TransformerConfig:
     (mcore-moe), ``M`` Mamba-2 and ``G`` gated delta net (mcore-ssm); ``|`` ends a pipeline
     stage, each ``/`` starts a multi-token-prediction block (Megatron's grammar, also accepted
     as hybrid_layer_pattern). Unset builds GPT layers (attention and MLP each)."""
+    mtp_num_layers: int | None = None
+    """Multi-token-prediction depths (DeepSeek-V3's MTP) after the main stack, on the last
+    pipeline stage: depth k predicts the token k + 1 places ahead. Each is one layer with the
+    last main layer's spec, or one '/' block of hybrid_override_pattern. Unset: as many as the
+    pattern has '/' blocks (none without a pattern)."""
+    mtp_loss_scaling_factor: float | None = None
+    """Weight of the MTP loss (the mean over depths) in the training loss; unset means 0.1.
+    Only valid with MTP depths."""
 
     # --- derived sizes ---------------------------------------------------------------------
 
@@ -143,6 +151,23 @@ class TransformerConfig:
         """The parsed ``hybrid_override_pattern`` (None without one)."""
         pattern = self.hybrid_override_pattern
         return None if pattern is None else parse_hybrid_pattern(pattern)
+
+    @property
+    def mtp_depth(self) -> int:
+        """Multi-token-prediction depths: mtp_num_layers, else the pattern's '/' blocks."""
+        if self.mtp_num_layers is not None:
+            return self.mtp_num_layers
+        try:
+            pattern = self.layer_pattern
+        except PatternError:  # reported by validate()
+            return 0
+        return 0 if pattern is None else len(pattern.mtp_layers)
+
+    @property
+    def mtp_loss_factor(self) -> float:
+        """mtp_loss_scaling_factor with its default filled in."""
+        factor = self.mtp_loss_scaling_factor
+        return 0.1 if factor is None else factor
 
     @property
     def pipeline_stage_layer_counts(self) -> tuple[int, ...] | None:
@@ -186,6 +211,26 @@ class TransformerConfig:
             errors.add("rope_scaling_factor", f"must be > 0, got {self.rope_scaling_factor}")
         if self.hybrid_override_pattern is not None:
             self._validate_pattern(errors)
+        if self.mtp_depth and self.position_embedding_type == "learned_absolute":
+            errors.add(
+                "mtp_num_layers",
+                "multi-token prediction needs position_embedding_type 'rope' or 'none' "
+                "(its depths would need the learned position table on the last stage)",
+            )
+        if self.mtp_num_layers is not None and self.mtp_num_layers < 0:
+            errors.add("mtp_num_layers", f"must be >= 0, got {self.mtp_num_layers}")
+        factor = self.mtp_loss_scaling_factor
+        if factor is not None:
+            if factor < 0:
+                errors.add("mtp_loss_scaling_factor", f"must be >= 0, got {factor}")
+            elif self.mtp_num_layers == 0 or (
+                self.mtp_num_layers is None and not self._pattern_has_mtp()
+            ):
+                errors.add(
+                    "mtp_loss_scaling_factor",
+                    f"is set ({factor}) but the model has no multi-token-prediction layers: "
+                    "set mtp_num_layers (or add '/' blocks to hybrid_override_pattern)",
+                )
         if not 0.0 < self.rotary_percent <= 1.0:
             errors.add("rotary_percent", f"must lie in (0, 1], got {self.rotary_percent}")
         elif self.position_embedding_type == "rope" and int(self.rotary_dim) % 2:
@@ -199,6 +244,13 @@ class TransformerConfig:
         if self.multi_latent_attention and self.position_embedding_type != "rope":
             errors.add("multi_latent_attention", "needs position_embedding_type = 'rope'")
 
+    def _pattern_has_mtp(self) -> bool:
+        try:
+            pattern = self.layer_pattern
+        except PatternError:
+            return False
+        return pattern is not None and bool(pattern.mtp_layers)
+
     def _validate_pattern(self, errors: ConfigErrors) -> None:
         try:
             pattern = parse_hybrid_pattern(self.hybrid_override_pattern)
@@ -211,11 +263,12 @@ class TransformerConfig:
                 f"has {len(pattern.layers)} layer symbols but num_layers is {self.num_layers}; "
                 f"give one symbol per layer or set num_layers = {len(pattern.layers)}",
             )
-        if pattern.mtp_layers:
+        depths = self.mtp_num_layers
+        if pattern.mtp_layers and depths is not None and depths != len(pattern.mtp_layers):
             errors.add(
-                "hybrid_override_pattern",
-                f"has {len(pattern.mtp_layers)} multi-token-prediction block(s) after '/', but "
-                "mcore builds no MTP layers yet: remove the '/' parts",
+                "mtp_num_layers",
+                f"is {depths}, but hybrid_override_pattern has {len(pattern.mtp_layers)} "
+                "multi-token-prediction block(s) after '/': give one block per depth",
             )
         ends = (self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage)
         if pattern.stage_layer_counts is not None and any(n is not None for n in ends):
@@ -249,6 +302,14 @@ def validate_against_parallel(config: Config, errors: ConfigErrors) -> None:
             f"parallel.tensor_model_parallel_size={tp}",
         )
     _validate_stage_splits(config, errors)
+    cp = getattr(config.parallel, "context_parallel_size", 1)
+    depths = model.mtp_depth
+    if depths and cp > 1:
+        errors.add(
+            "model.mtp_num_layers",
+            f"multi-token prediction ({depths} depth(s)) does not run under "
+            f"parallel.context_parallel_size={cp} yet: its shifted tokens cross the CP shards",
+        )
     groups = model.num_query_groups
     if groups is not None and groups % tp:
         errors.add(

@@ -29,7 +29,8 @@ from torch.utils.checkpoint import checkpoint
 from mcore.models.config import TransformerConfig
 from mcore.models.context import ModelContext
 from mcore.models.inference import KVCacheSpec, PagedBatch, RecurrentStateSpec
-from mcore.models.layer import LayerSpec, TransformerLayer, layer_specs
+from mcore.models.layer import LayerSpec, TransformerLayer, layer_specs, mtp_layer_specs
+from mcore.models.mtp import MultiTokenPrediction, mtp_targets
 from mcore.models.packing import PackedSeqParams
 from mcore.models.rope import RotaryEmbedding
 from mcore.parallel import (
@@ -147,7 +148,11 @@ class GPTModel(torch.nn.Module):
 
         self.embedding = None
         self.position_embeddings = None
-        if self.pre_process:
+        # Multi-token prediction runs on the last stage and embeds tokens there too: without
+        # the embedding on that chunk, it keeps a copy (stored and initialised under the
+        # embedding's name, kept equal by allreduce_embedding_grads, as tied output layers do).
+        self.mtp_copies_embedding = self.post_process and config.mtp_depth > 0
+        if self.pre_process or self.mtp_copies_embedding:
             self.embedding = VocabParallelEmbedding(
                 config.vocab_size,
                 config.hidden_size,
@@ -155,11 +160,14 @@ class GPTModel(torch.nn.Module):
                 init_method=ctx.init_method(),
                 sequence_parallel=ctx.sequence_parallel,
             )
-            if config.position_embedding_type == "learned_absolute":
-                self.position_embeddings = torch.nn.Embedding(
-                    config.max_position_embeddings, config.hidden_size
-                )
-                set_init(self.position_embeddings.weight, ctx.init_method())
+            if not self.pre_process:
+                mark_shared_embedding(self.embedding.weight)
+                self.embedding.weight.checkpoint_key = "embedding.weight"
+        if self.pre_process and config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = torch.nn.Embedding(
+                config.max_position_embeddings, config.hidden_size
+            )
+            set_init(self.position_embeddings.weight, ctx.init_method())
         self.rotary = None
         if config.position_embedding_type == "rope":
             rope_dim = (
@@ -183,11 +191,12 @@ class GPTModel(torch.nn.Module):
             self.final_layernorm = ctx.norm(config.hidden_size)
             if ctx.sequence_parallel:
                 mark_tp_partial_grad(*self.final_layernorm.parameters())
-            # Tied and on the embedding's chunk: reuse the embedding table. Tied on another
-            # stage: a copy of it, stored and initialised under the embedding's name (same full
-            # shape, same row split over TP), kept equal by allreduce_embedding_grads.
-            shares_table = self.tied_embeddings and self.pre_process
-            copies_table = self.tied_embeddings and not self.pre_process
+            # Tied and on a chunk with the embedding (or MTP's copy of it): reuse that table.
+            # Tied on another stage: a copy of it, stored and initialised under the embedding's
+            # name (same full shape, same row split over TP), kept equal by
+            # allreduce_embedding_grads.
+            shares_table = self.tied_embeddings and self.embedding is not None
+            copies_table = self.tied_embeddings and not shares_table
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size,
                 config.vocab_size,
@@ -202,7 +211,16 @@ class GPTModel(torch.nn.Module):
                 mark_shared_embedding(self.output_layer.weight)
                 # The same tensor as the first stage's table: checkpoints store it once.
                 self.output_layer.weight.checkpoint_key = "embedding.weight"
-        if self.tied_embeddings and self.pre_process and not self.post_process:
+        self.mtp = None
+        if self.post_process and config.mtp_depth > 0:
+            self.mtp = MultiTokenPrediction(
+                ctx,
+                mtp_layer_specs(config, spec, sections=ctx.sections, registries=ctx.registries),
+                first_layer_number=config.num_layers,
+            )
+        # The first stage's table has a copy on the last stage (tied output layer, or MTP's).
+        copied = self.tied_embeddings or config.mtp_depth > 0
+        if copied and self.pre_process and not self.post_process:
             mark_shared_embedding(self.embedding.weight)
         self.recompute_layers = config.recompute_granularity == "full"
 
@@ -232,13 +250,113 @@ class GPTModel(torch.nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
+        loss_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[b, s, vocab]``, or with ``labels`` the per-token loss ``[b, s]``; a stage
         without the output layer returns its hidden states ``[s, b, h]`` instead.
 
         ``packed_seq_params``: the rows hold several sequences each (see
         :mod:`mcore.models.packing`): attention stays within each; pass its ``position_ids()``.
+
+        With multi-token prediction (``mtp_num_layers``) and ``labels``, the returned loss is
+        still the LM loss; the MTP depths' loss (tokens where ``loss_mask`` ``[b, s]`` is 0 do
+        not count) reaches backward through it (see :mod:`mcore.models.mtp`). The last stage
+        needs ``input_ids`` then, to embed the shifted tokens.
         """
+        x, position_ids, mask = self._main_stack(input_ids, position_ids, packed_seq_params)
+        if not self.post_process:
+            return x
+        x = self.final_layernorm(x)
+        if labels is None:
+            return self._logits(x)
+        loss = self._per_token_loss(x, labels)  # [s, b]
+        if self.mtp is not None:
+            loss = self._attach_mtp_loss(
+                loss, x, input_ids, position_ids, labels, loss_mask, packed_seq_params, mask
+            )
+        return loss.t().contiguous()
+
+    def mtp_logits(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> list[torch.Tensor]:
+        """Logits ``[b, s, vocab]`` of each multi-token-prediction depth: depth ``k`` at
+        position ``t`` predicts token ``t + k + 1`` (its last ``k`` positions see no real
+        token). Needs the whole model on this rank's chunk (one pipeline stage)."""
+        if self.mtp is None:
+            raise ValueError("mtp_logits: this model has no multi-token-prediction depths")
+        if not (self.pre_process and self.post_process):
+            raise ValueError("mtp_logits needs a single-stage model (no pipeline parallelism)")
+        x, position_ids, mask = self._main_stack(input_ids, position_ids, packed_seq_params)
+        hidden = self._mtp_hidden(
+            self.final_layernorm(x), input_ids, position_ids, packed_seq_params, mask
+        )
+        return [self._logits(h) for h in hidden]
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Gathered logits ``[b, s, vocab]`` of final-normed hidden states ``[s, b, h]``."""
+        logits = self.output_layer(x, weight=self._output_weight())  # [s, b, vocab / tp]
+        logits = gather_from_tensor_parallel_region(logits, self.parallel_state.tp_group)
+        return logits.transpose(0, 1).contiguous()
+
+    def _per_token_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross entropy ``[s, b]`` of final-normed ``x`` against ``labels`` ``[b, s]``, on
+        the vocab-parallel logits."""
+        logits = self.output_layer(x, weight=self._output_weight())
+        return vocab_parallel_cross_entropy(
+            logits, labels.t(), tp_group=self.parallel_state.tp_group
+        )
+
+    def _output_weight(self) -> torch.Tensor | None:
+        return (
+            self.embedding.weight if self.tied_embeddings and self.embedding is not None else None
+        )
+
+    def _run_layer(self, layer, x, rotary, mask, packed_seq_params) -> torch.Tensor:
+        if self.recompute_layers and torch.is_grad_enabled():
+            return checkpoint(layer, x, rotary, None, mask, packed_seq_params, use_reentrant=False)
+        if mask is not None:
+            return layer(x, rotary, attn_mask=mask, packed_seq_params=packed_seq_params)
+        return layer(x, rotary)
+
+    def _mtp_hidden(self, x, input_ids, position_ids, packed_seq_params, mask):
+        """Each MTP depth's final-normed hidden states, from the main ones ``x``."""
+        if input_ids is None:
+            raise ValueError(
+                "GPTModel.forward needs input_ids on the last pipeline stage too when the model "
+                "has multi-token-prediction depths (they embed the shifted tokens)"
+            )
+        if position_ids is None:
+            position_ids = self.default_positions(*input_ids.shape, input_ids.device)
+        rotaries = {}
+
+        def run_layer(k, layer, h):
+            if k not in rotaries:  # depth k sits at the positions of the tokens it embeds
+                rotaries[k] = self.rotary(position_ids + k) if self.rotary is not None else None
+            return self._run_layer(layer, h, rotaries[k], mask, packed_seq_params)
+
+        return self.mtp.hidden_states(x, input_ids, lambda ids: self.embedding(ids.t()), run_layer)
+
+    def _attach_mtp_loss(
+        self, loss, x, input_ids, position_ids, labels, loss_mask, packed_seq_params, mask
+    ) -> torch.Tensor:
+        hidden = self._mtp_hidden(x, input_ids, position_ids, packed_seq_params, mask)
+        depth_losses = [
+            self._per_token_loss(h, mtp_targets(labels, k)).t()
+            for k, h in enumerate(hidden, start=1)
+        ]
+        return self.mtp.attach_loss(loss, depth_losses, labels, loss_mask, packed_seq_params)
+
+    def _main_stack(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        packed_seq_params: PackedSeqParams | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The embedding (or the previous stage's hidden states) through this chunk's layers:
+        ``(hidden [s, b, h], position_ids, packed attention mask)``."""
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("GPTModel.forward needs input_ids on the embedding stage")
@@ -267,24 +385,8 @@ class GPTModel(torch.nn.Module):
         if packed_seq_params is not None:
             mask = packed_seq_params.attention_mask(x.device)
         for layer in self.layers.values():
-            if self.recompute_layers and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rotary, None, mask, packed_seq_params, use_reentrant=False)
-            elif mask is not None:
-                x = layer(x, rotary, attn_mask=mask, packed_seq_params=packed_seq_params)
-            else:
-                x = layer(x, rotary)
-        if not self.post_process:
-            return x
-        x = self.final_layernorm(x)
-        weight = self.embedding.weight if self.tied_embeddings and self.pre_process else None
-        logits = self.output_layer(x, weight=weight)  # [s, b, vocab / tp]
-        if labels is None:
-            logits = gather_from_tensor_parallel_region(logits, self.parallel_state.tp_group)
-            return logits.transpose(0, 1).contiguous()
-        loss = vocab_parallel_cross_entropy(
-            logits, labels.t(), tp_group=self.parallel_state.tp_group
-        )
-        return loss.t().contiguous()
+            x = self._run_layer(layer, x, rotary, mask, packed_seq_params)
+        return x, position_ids, mask
 
     def kv_cache_specs(self) -> dict[int, KVCacheSpec]:
         """What each attention layer keeps per token in a paged KV cache, by layer number
@@ -346,8 +448,7 @@ class GPTModel(torch.nn.Module):
         if not self.post_process:
             return x
         x = self.final_layernorm(x[batch.logits_rows])  # [R, 1, h]
-        weight = self.embedding.weight if self.tied_embeddings and self.pre_process else None
-        logits = self.output_layer(x, weight=weight)
+        logits = self.output_layer(x, weight=self._output_weight())
         logits = gather_from_tensor_parallel_region(logits, self.parallel_state.tp_group)
         return logits[:, 0]
 

@@ -95,6 +95,32 @@ def layer_specs(
     return {i: registries.get("layer", pattern.layers[i])(config) for i in layer_numbers}
 
 
+def mtp_layer_specs(
+    config: TransformerConfig,
+    spec: LayerSpec | None = None,
+    *,
+    sections: Mapping[str, Any] | None = None,
+    registries: Any = None,
+) -> list[list[LayerSpec]]:
+    """The layers of each multi-token-prediction depth: the symbols of its ``/`` block of the
+    hybrid pattern, else one layer with ``spec`` or the spec of the main stack's last layer
+    (Megatron's choice; DeepSeek-V3's MTP layer is an MoE layer like its last one)."""
+    pattern = config.layer_pattern
+    if pattern is not None and pattern.mtp_layers:
+        if registries is None:
+            from mcore.core import get_plugin_manager
+
+            registries = get_plugin_manager().registries
+        return [
+            [registries.get("layer", symbol)(config) for symbol in block]
+            for block in pattern.mtp_layers
+        ]
+    if spec is None:
+        last = config.num_layers - 1
+        spec = layer_specs(config, [last], sections=sections, registries=registries)[last]
+    return [[spec] for _ in range(config.mtp_depth)]
+
+
 class TransformerLayer(torch.nn.Module):
     """``x + attn(norm(x))`` then ``x + mlp(norm(x))``, with dropout on each branch."""
 

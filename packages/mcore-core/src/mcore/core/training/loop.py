@@ -73,7 +73,12 @@ def _micro_batches(dataset: Any, step: int, *, gbs: int, mbs: int, dp_rank: int,
 def _forward_step(device: torch.device, runtime: Any):
     def forward_step(data_iterator: Iterator, model: Any):
         batch = runtime.prepare_batch({k: v.to(device) for k, v in next(data_iterator).items()})
-        output = model(batch["tokens"], position_ids=batch["position_ids"], labels=batch["labels"])
+        output = model(
+            batch["tokens"],
+            position_ids=batch["position_ids"],
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+        )
 
         def loss_func(per_token: torch.Tensor):
             mask = batch["loss_mask"].float()

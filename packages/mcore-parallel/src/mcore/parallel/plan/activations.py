@@ -268,16 +268,16 @@ def measure_chunk(
     mode = MetaRun(excluded=[*params, *chunk.buffers()])
     try:
         with flash_attention_on_meta(), mode:
-            if getattr(chunk, "pre_process", True):
-                ids = torch.zeros(micro_batch_size, seq, dtype=torch.long, device="meta")
-                inputs = {"input_ids": ids}
-            else:
+            # Every stage gets the tokens, as in training: the last one embeds them again
+            # when the model has multi-token-prediction depths.
+            ids = torch.zeros(micro_batch_size, seq, dtype=torch.long, device="meta")
+            inputs = {"input_ids": ids}
+            if not getattr(chunk, "pre_process", True):
                 s_local = seq // sequence_parallel_tp
                 hidden = torch.empty(
                     s_local, micro_batch_size, hidden_size, dtype=dtype, device="meta"
                 ).requires_grad_()
                 chunk.set_input_tensor(hidden)
-                inputs = {}
             if getattr(chunk, "post_process", True):
                 inputs["labels"] = torch.zeros(
                     micro_batch_size, seq, dtype=torch.long, device="meta"

@@ -109,6 +109,37 @@ def head_flops(model: Any) -> float:
     return 3.0 * 2.0 * model.hidden_size * model.vocab_size
 
 
+def mtp_blocks(model: Any, moe: Any) -> list[list[tuple[tuple[bool, str | None], str | None]]]:
+    """Per multi-token-prediction depth, its layers as ``((has attention, mlp kind), symbol)``:
+    the depth's ``/`` block of the pattern, else one layer like the last main one."""
+    depth = getattr(model, "mtp_depth", 0)
+    if not depth:
+        return []
+    parsed = getattr(model, "layer_pattern", None)
+    if parsed is not None and parsed.mtp_layers:
+        table = {"*": (True, None), "-": (False, "dense"), "E": (False, "moe")}
+        return [[(table.get(c, (False, None)), c) for c in block] for block in parsed.mtp_layers]
+    kinds = layer_kinds(model, moe)
+    symbol = parsed.layers[-1] if parsed is not None else None
+    return [[(kinds[-1], symbol)] for _ in range(depth)]
+
+
+def mtp_flops(model: Any, moe: Any, seq_length: int, ssm: Any = None) -> float:
+    """Training FLOPs per token of the multi-token-prediction depths (on the last stage): each
+    depth's 2h x h projection, its layers and its pass through the output layer."""
+    h = model.hidden_size
+    attention = attention_flops(model, seq_length)
+    total = 0.0
+    for block in mtp_blocks(model, moe):
+        forward = 2.0 * 2 * h * h + 2.0 * h * model.vocab_size
+        for (has_attention, kind), symbol in block:
+            forward += attention if has_attention else 0.0
+            forward += mlp_flops(model, moe, kind) + mixer_flops(model, ssm, symbol, seq_length)
+        total += 3.0 * forward
+    return total
+
+
 def model_flops_per_token(model: Any, moe: Any, seq_length: int, ssm: Any = None) -> float:
-    """Training model FLOPs per token of the whole model."""
-    return sum(layer_flops(model, moe, seq_length, ssm)) + head_flops(model)
+    """Training model FLOPs per token of the whole model, MTP depths included."""
+    layers = sum(layer_flops(model, moe, seq_length, ssm))
+    return layers + head_flops(model) + mtp_flops(model, moe, seq_length, ssm)

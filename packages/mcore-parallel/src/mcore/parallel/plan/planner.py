@@ -25,7 +25,14 @@ from mcore.parallel.errors import ParallelLayoutError
 from mcore.parallel.pipeline.layout import stage_layers
 from mcore.parallel.plan.activations import measure_chunk
 from mcore.parallel.plan.comm import step_comm
-from mcore.parallel.plan.flops import head_flops, layer_flops, layer_kinds, model_flops_per_token
+from mcore.parallel.plan.flops import (
+    head_flops,
+    layer_flops,
+    layer_kinds,
+    model_flops_per_token,
+    mtp_blocks,
+    mtp_flops,
+)
 from mcore.parallel.plan.memory import compute_dtype, model_state
 from mcore.parallel.plan.stage import build_stage, fake_world, stage_rank
 from mcore.parallel.state import _FIELD, _TIMES, _quotient
@@ -164,6 +171,7 @@ def make_plan(
     dtype = compute_dtype(config) or torch.float32
     per_layer = layer_flops(model, moe, seq, ssm)
     kinds = layer_kinds(model, moe)
+    mtp_kinds = [kind for block in mtp_blocks(model, moe) for kind, _ in block]
     per_token = model_flops_per_token(model, moe, seq, ssm)
     pp, vpp = layout["pp"], layout["vpp"]
     ends = _stage_ends(model, pp)
@@ -199,7 +207,7 @@ def make_plan(
             comm = step_comm(
                 config,
                 ps,
-                kinds=[kinds[i] for i in layer_ids],
+                kinds=[kinds[i] for i in layer_ids] + (mtp_kinds if s == pp - 1 else []),
                 pre_process=ps.is_first_pp_stage,
                 post_process=ps.is_last_pp_stage,
                 num_chunks=len(chunks),
@@ -211,7 +219,8 @@ def make_plan(
         extra = max(f.peak - f.kept for f in figures)
         flying = in_flight(pp, s, vpp, micro)
         stage_flops = sum(per_layer[i] for i in layer_ids)
-        stage_flops += head_flops(model) if s == pp - 1 else 0.0
+        if s == pp - 1:
+            stage_flops += head_flops(model) + mtp_flops(model, moe, seq, ssm)
         replicas = layout["dp"] * layout["tp"] * layout["cp"]
         total = (
             state.params + state.grads + state.optimizer + state.transient + flying * kept + extra
