@@ -5,6 +5,10 @@ Each is an :class:`~mcore.models.hf.architectures.HFArchitecture` whose config.j
 layer's ``router``, stacked ``experts`` and ``shared_experts``. transformers 5 keeps experts
 fused in memory, but its files name them one by one (``mlp.experts.{e}.gate_proj.weight``),
 which is what these maps read and write.
+
+DeepSeek-V3's multi-token-prediction depths (``num_nextn_predict_layers``) are stored as extra
+decoder layers after the main ones: depth ``k`` is ``model.layers.{num_hidden_layers + k}``,
+holding an MoE decoder layer plus ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.norm``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 from mcore.core import ConfigError, ConfigErrors
 from mcore.models.config import TransformerConfig
+from mcore.models.hf import mtp_block_params, mtp_depth_params
 from mcore.models.hf.architectures import (
     Deinterleave,
     HFArchitecture,
@@ -74,7 +79,7 @@ def _refuse_unless(checks: dict[str, bool], arch: str) -> None:
 
 def moe_params(
     moe: MoEConfig,
-    layers: tuple[int, ...],
+    layers: tuple[int, ...] | None,
     hf: str,
     *,
     router: str = "gate",
@@ -83,7 +88,8 @@ def moe_params(
     shared: str | None = None,
     shared_gate: str | None = None,
 ) -> list[ParamMap]:
-    """The MoE layer's weights in ``layers``, from HF module ``hf`` (``{i}`` for the layer).
+    """The MoE layer's weights in ``layers`` (None: every layer the maps are used for), from HF
+    module ``hf`` (``{i}`` for the layer).
 
     ``router`` names the router module; ``experts`` the gate, up and down projections of
     ``{hf}.experts.{e}`` (a ``None`` gate: non-gated experts and shared expert, e.g.
@@ -466,6 +472,7 @@ def _deepseek_config(hf: dict[str, Any]) -> TransformerConfig:
         )
     _require_silu(hf)
     rope = rope_from_hf(hf)
+    depths = _deepseek_mtp_depths(hf)
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if params.get("mscale_all_dim") and rope.get("rope_scaling") != "yarn":
         # transformers scales MLA's softmax by mscale_all_dim for any scaled rope; mcore for yarn.
@@ -489,8 +496,18 @@ def _deepseek_config(hf: dict[str, Any]) -> TransformerConfig:
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         init_method_std=float(hf.get("initializer_range", 0.02)),
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        mtp_num_layers=depths or None,
         **rope,
     )
+
+
+def _deepseek_mtp_depths(hf: dict[str, Any]) -> int:
+    """Multi-token-prediction depths of a config.json: ``num_nextn_predict_layers`` (or its
+    alias ``num_mtp_layers``); absent means none."""
+    depths = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers")) or 0
+    if not isinstance(depths, int) or depths < 0:
+        raise NotImplementedError(f"num_nextn_predict_layers = {depths!r}: expected an int >= 0")
+    return depths
 
 
 def _deepseek_sections(hf: dict[str, Any]) -> dict[str, Any]:
@@ -525,6 +542,7 @@ def _deepseek_hf(cfg: TransformerConfig, sections: Sections) -> dict[str, Any]:
     ffn = moe.ffn_hidden_size or cfg.ffn_size
     shared = moe.shared_expert_intermediate_size
     dense = dense_layers(cfg, moe)
+    mtp_after_moe = not cfg.mtp_depth or moe.is_moe_layer(cfg.num_layers - 1)
     _refuse_unless(
         {
             "RMSNorm and swiglu only": cfg.normalization == "RMSNorm"
@@ -540,6 +558,9 @@ def _deepseek_hf(cfg: TransformerConfig, sections: Sections) -> dict[str, Any]:
             "shared experts other than n x moe.ffn_hidden_size": shared is not None
             and shared % ffn == 0,
             "shared_expert_gate": not moe.shared_expert_gate,
+            "a hybrid layer pattern": cfg.hybrid_override_pattern is None,
+            # mcore builds the MTP layers like the last main layer; DeepSeek-V3's are MoE.
+            "multi-token prediction after a dense last layer": mtp_after_moe,
         },
         name,
     )
@@ -568,7 +589,7 @@ def _deepseek_hf(cfg: TransformerConfig, sections: Sections) -> dict[str, Any]:
         "topk_group": moe.router_group_topk or 1,
         "norm_topk_prob": moe.router_norm_topk_prob,
         "routed_scaling_factor": moe.router_topk_scaling_factor or 1.0,
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": cfg.mtp_depth,
         "attention_bias": False,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings,
@@ -622,6 +643,16 @@ def mla_params(cfg: TransformerConfig) -> list[ParamMap]:
     ]
 
 
+def _deepseek_moe_params(moe: MoEConfig, layers: tuple[int, ...] | None) -> list[ParamMap]:
+    return moe_params(
+        moe,
+        layers,
+        "model.layers.{i}.mlp",
+        expert_bias="gate.e_score_correction_bias",
+        shared="shared_experts",
+    )
+
+
 def _deepseek_params(cfg: TransformerConfig, sections: Sections) -> list[ParamMap]:
     moe = _moe_section(sections, DEEPSEEK_V3.name)
     return [
@@ -629,14 +660,41 @@ def _deepseek_params(cfg: TransformerConfig, sections: Sections) -> list[ParamMa
         *layer_norm_params(),
         *mla_params(cfg),
         *gated_mlp_params("layers.{i}.mlp", "model.layers.{i}.mlp", layers=dense_layers(cfg, moe)),
-        *moe_params(
-            moe,
-            moe_layers(cfg, moe),
-            "model.layers.{i}.mlp",
-            expert_bias="gate.e_score_correction_bias",
-            shared="shared_experts",
-        ),
+        *_deepseek_moe_params(moe, moe_layers(cfg, moe)),
+        *_deepseek_mtp_params(cfg, moe),
     ]
+
+
+def _deepseek_mtp_params(cfg: TransformerConfig, moe: MoEConfig) -> list[ParamMap]:
+    """The multi-token-prediction depths: depth ``k`` is HF layer ``num_layers + k``, an MoE
+    decoder layer (mcore's block ``0``) with ``enorm``, ``hnorm``, ``eh_proj`` and
+    ``shared_head.norm`` (the depth's final norm). The layer's ``embed_tokens`` and
+    ``shared_head.head`` in DeepSeek's files copy the main model's, which mcore shares: they
+    are not read, nor written (transformers' ``MtpModel`` ignores them too)."""
+    if not cfg.mtp_depth:
+        return []
+    if not moe.is_moe_layer(cfg.num_layers - 1):
+        # transformers builds MTP layers as MoE layers whatever first_k_dense_replace says;
+        # mcore gives them the last main layer's spec, here dense.
+        raise NotImplementedError(
+            f"num_nextn_predict_layers = {cfg.mtp_depth} with first_k_dense_replace covering "
+            f"every layer ({cfg.num_layers}): DeepSeek-V3's MTP layers are MoE layers, but mcore "
+            "builds them like the last main layer, which is dense"
+        )
+    layer = [*layer_norm_params(), *mla_params(cfg), *_deepseek_moe_params(moe, None)]
+    params = []
+    for k in range(cfg.mtp_depth):
+        n = cfg.num_layers + k
+        hf = f"model.layers.{n}"
+        params += mtp_depth_params(
+            k,
+            enorm=f"{hf}.enorm.weight",
+            hnorm=f"{hf}.hnorm.weight",
+            eh_proj=f"{hf}.eh_proj.weight",
+            final_layernorm=f"{hf}.shared_head.norm.weight",
+        )
+        params += mtp_block_params(layer, k, 0, n)
+    return params
 
 
 DEEPSEEK_V3 = HFArchitecture(

@@ -12,6 +12,20 @@ sizing their Mamba-2 (``M``) or gated-delta-net (``G``) layers, plus a ``[moe]``
   and ``2i + 1`` (``E`` or ``-``). Norms are zero-centred, attention has an output gate, qk-norm
   and partial rope; MoE blocks have a softmax router and a gated shared expert.
 
+Multi-token prediction (``num_nextn_predict_layers`` depths) becomes the pattern's ``/`` blocks,
+one per depth:
+
+- Nemotron-H: each depth is the blocks of ``mtp_layers_block_type`` (e.g. ``/*E``), stored as
+  Megatron-Bridge and vLLM do: depth ``k``'s block ``j`` is ``mtp.layers.{k * L + j}`` (``L``
+  blocks a depth) with Nemotron-H's block names, its first block also holding ``enorm``,
+  ``hnorm`` and ``eh_proj`` and its last ``final_layernorm``. transformers has no Nemotron-H MTP
+  (it ignores ``mtp.*``).
+- Qwen3-Next: one depth, a full-attention decoder layer (``/*E``, or ``/*-`` where HF layer 0
+  is dense, as transformers and vLLM choose its MLP), stored as the released checkpoints do:
+  ``mtp.fc`` (eh_proj), ``mtp.pre_fc_norm_embedding`` / ``mtp.pre_fc_norm_hidden`` (enorm /
+  hnorm), ``mtp.layers.0.*`` and ``mtp.norm`` (the final norm). The released config.json does
+  not count the depth; :func:`mcore.models.hf.read_hf_config` reads it from the weights.
+
 transformers is the oracle of what a config.json means: where it ignores a field (Nemotron-H's
 ``time_step_limit``, ``attention_bias``, ``residual_in_fp32``) so does this mapping; what
 mcore cannot express is refused with ``NotImplementedError`` naming the field.
@@ -26,6 +40,7 @@ from typing import Any
 
 from mcore.core import ConfigError, ConfigErrors, McoreError
 from mcore.models.config import TransformerConfig
+from mcore.models.hf import mtp_block_params, mtp_depth_params
 from mcore.models.hf.architectures import (
     HFArchitecture,
     ParamMap,
@@ -37,6 +52,7 @@ from mcore.models.hf.architectures import (
     rope_from_hf,
     rope_to_hf,
 )
+from mcore.models.hybrid import MTP_SEPARATOR
 from mcore.ssm.config import SSMConfig
 
 __all__ = ["NEMOTRON_H", "QWEN3_NEXT"]
@@ -155,6 +171,7 @@ _NEMOTRON_H_DEFAULTS: dict[str, Any] = {
     "use_bias": False,
     "initializer_range": 0.02,
     "layer_norm_epsilon": 1e-5,
+    "num_nextn_predict_layers": 0,
 }
 # Older config.json files use Megatron-style names; transformers renames them on load.
 _NEMOTRON_H_LEGACY = {
@@ -174,6 +191,7 @@ _LEGACY_LAYER_TYPES = {"mamba": "linear_attention", "attention": "full_attention
 _NEMOTRON_H_SYMBOLS = {"linear_attention": "M", "full_attention": "*", "mlp": "-", "moe": "E"}
 _NEMOTRON_H_TYPES = {symbol: kind for kind, symbol in _NEMOTRON_H_SYMBOLS.items()}
 _NEMOTRON_H_ACTIVATIONS = {"relu2": "squared_relu", "gelu": "gelu"}
+_NEMOTRON_H_MTP_DEFAULT = ["full_attention", "moe"]
 
 
 def _nemotron_h_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -196,15 +214,43 @@ def _nemotron_h_fields(hf: dict[str, Any]) -> dict[str, Any]:
     hf["layers_block_type"] = [_LEGACY_LAYER_TYPES.get(t, t) for t in hf["layers_block_type"]]
     if "head_dim" not in hf and "attention_head_dim" in hf:  # the name early files used
         hf["head_dim"] = hf["attention_head_dim"]
+    # The MTP blocks: transformers' default, unless the list is left at it and the pattern
+    # Megatron-Bridge writes (mtp_hybrid_override_pattern) says otherwise.
+    mtp_types = [_LEGACY_LAYER_TYPES.get(t, t) for t in hf.get("mtp_layers_block_type") or []]
+    legacy_mtp = hf.get("mtp_hybrid_override_pattern")
+    if mtp_types in ([], _NEMOTRON_H_MTP_DEFAULT) and legacy_mtp:
+        try:
+            mtp_types = [_NEMOTRON_H_TYPES[s] for s in legacy_mtp]
+        except KeyError as error:
+            raise NotImplementedError(
+                f"mtp_hybrid_override_pattern {legacy_mtp!r}: unknown layer symbol {error}"
+            ) from None
+    hf["mtp_layers_block_type"] = mtp_types or list(_NEMOTRON_H_MTP_DEFAULT)
+    if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
+        hf["num_nextn_predict_layers"] = hf["num_mtp_layers"]
     return {**_NEMOTRON_H_DEFAULTS, **hf}
 
 
-def _nemotron_h_pattern(hf: dict[str, Any]) -> str:
-    kinds = hf["layers_block_type"]
+def _nemotron_h_pattern(hf: dict[str, Any], field: str = "layers_block_type") -> str:
+    kinds = hf[field]
     unknown = sorted(set(kinds) - set(_NEMOTRON_H_SYMBOLS))
     if unknown:
-        raise NotImplementedError(f"layers_block_type holds unknown layer types {unknown}")
+        raise NotImplementedError(f"{field} holds unknown layer types {unknown}")
     return "".join(_NEMOTRON_H_SYMBOLS[k] for k in kinds)
+
+
+def _nemotron_h_mtp(hf: dict[str, Any]) -> tuple[str, ...]:
+    """One pattern block per MTP depth (``num_nextn_predict_layers``), each the symbols of
+    ``mtp_layers_block_type``."""
+    depths = hf["num_nextn_predict_layers"] or 0
+    if not isinstance(depths, int) or depths < 0:
+        raise NotImplementedError(f"num_nextn_predict_layers = {depths!r}: expected an int >= 0")
+    if not depths:
+        return ()
+    block = _nemotron_h_pattern(hf, "mtp_layers_block_type")
+    if not block:
+        raise NotImplementedError("mtp_layers_block_type is empty: an MTP depth needs a layer")
+    return (block,) * depths
 
 
 def _nemotron_h_config(hf: dict[str, Any]) -> TransformerConfig:
@@ -220,6 +266,7 @@ def _nemotron_h_config(hf: dict[str, Any]) -> TransformerConfig:
     return _hybrid_config(
         hf,
         _nemotron_h_pattern(hf),
+        _nemotron_h_mtp(hf),
         norm_epsilon=float(hf["layer_norm_epsilon"]),
         activation=_NEMOTRON_H_ACTIVATIONS[act],
         add_qkv_bias=False,  # transformers builds q/k/v/o without biases, whatever attention_bias
@@ -230,9 +277,11 @@ def _nemotron_h_config(hf: dict[str, Any]) -> TransformerConfig:
     )
 
 
-def _hybrid_config(hf: dict[str, Any], pattern: str, **fields: Any) -> TransformerConfig:
+def _hybrid_config(
+    hf: dict[str, Any], pattern: str, mtp: tuple[str, ...], **fields: Any
+) -> TransformerConfig:
     """The ``TransformerConfig`` fields both hybrids read alike from config.json, plus
-    ``fields``."""
+    ``fields``: main layers ``pattern``, then a ``/`` block per MTP depth of ``mtp``."""
     heads, head_dim = hf["num_attention_heads"], hf["head_dim"]
     return TransformerConfig(
         num_layers=len(pattern),
@@ -246,7 +295,7 @@ def _hybrid_config(hf: dict[str, Any], pattern: str, **fields: Any) -> Transform
         normalization="RMSNorm",
         init_method_std=float(hf["initializer_range"]),
         attention_dropout=float(hf["attention_dropout"]),
-        hybrid_override_pattern=pattern,
+        hybrid_override_pattern=pattern + "".join(MTP_SEPARATOR + block for block in mtp),
         **fields,
     )
 
@@ -260,7 +309,7 @@ def _nemotron_h_sections(hf: dict[str, Any]) -> dict[str, Any]:
             f"mamba_proj_bias = {hf['mamba_proj_bias']} differs from use_bias = {hf['use_bias']} "
             "(transformers gives the Mamba projections biases by use_bias): ambiguous"
         )
-    pattern = _nemotron_h_pattern(hf)
+    pattern = _nemotron_h_pattern(hf) + "".join(_nemotron_h_mtp(hf))
     ssm = SSMConfig(
         mamba_state_dim=hf["ssm_state_size"],
         mamba_head_dim=hf["mamba_head_dim"],
@@ -313,13 +362,17 @@ def _ssm_section(sections: Sections | None) -> SSMConfig:
     return (sections or {}).get("ssm") or SSMConfig()
 
 
-def _pattern_of(cfg: TransformerConfig, arch: str) -> str:
+def _pattern_of(cfg: TransformerConfig, arch: str) -> tuple[str, tuple[str, ...]]:
+    """The main layers' symbols and the MTP depths' blocks of ``cfg``'s pattern."""
     pattern = cfg.layer_pattern
     if pattern is None:
         raise NotImplementedError(f"{arch} needs a hybrid_override_pattern (a hybrid model)")
-    if pattern.mtp_layers:
-        raise NotImplementedError(f"{arch}: multi-token-prediction blocks ('/') are not mapped")
-    return pattern.layers
+    if cfg.mtp_num_layers is not None and cfg.mtp_num_layers != len(pattern.mtp_layers):
+        raise NotImplementedError(
+            f"{arch}: mtp_num_layers = {cfg.mtp_num_layers} without one '/' block of "
+            "hybrid_override_pattern per depth; HF names each depth's layers"
+        )
+    return pattern.layers, pattern.mtp_layers
 
 
 def _moe_section(sections: Sections | None, arch: str) -> Any:
@@ -333,13 +386,16 @@ def _moe_section(sections: Sections | None, arch: str) -> Any:
 
 def _nemotron_h_hf(cfg: TransformerConfig, sections: Sections) -> dict[str, Any]:
     name = NEMOTRON_H.name
-    pattern = _pattern_of(cfg, name)
+    pattern, mtp = _pattern_of(cfg, name)
     ssm = _ssm_section(sections)
     act = {v: k for k, v in _NEMOTRON_H_ACTIVATIONS.items()}
+    symbols = set(pattern).union(*mtp)
     _refuse_unless(
         {
             **_common_checks(cfg),
-            "layer symbols other than M * - E": set(pattern) <= set(_NEMOTRON_H_TYPES),
+            "layer symbols other than M * - E": symbols <= set(_NEMOTRON_H_TYPES),
+            # config.json has one mtp_layers_block_type for every depth.
+            "MTP depths with different blocks": len(set(mtp)) <= 1,
             "activation other than squared_relu or gelu": cfg.activation in act,
             "qk_layernorm": not cfg.qk_layernorm,
             "attention_output_gate": not cfg.attention_output_gate,
@@ -388,14 +444,18 @@ def _nemotron_h_hf(cfg: TransformerConfig, sections: Sections) -> dict[str, Any]
         "chunk_size": ssm.mamba_chunk_size,
         "mamba_proj_bias": ssm.mamba_proj_bias,
         "use_bias": ssm.mamba_proj_bias,
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": len(mtp),
         "residual_in_fp32": False,
         "tie_word_embeddings": False,
         "layer_norm_epsilon": cfg.norm_epsilon,
         "initializer_range": cfg.init_method_std,
         "torch_dtype": "float32",
     }
-    if "E" in pattern:
+    if mtp:
+        # transformers' field, and the pattern Megatron-Bridge writes and vLLM reads.
+        out["mtp_layers_block_type"] = [_NEMOTRON_H_TYPES[s] for s in mtp[0]]
+        out["mtp_hybrid_override_pattern"] = mtp[0]
+    if "E" in pattern + "".join(mtp):
         out.update(_nemotron_h_moe_hf(cfg, _moe_section(sections, name)))
     return out
 
@@ -428,9 +488,10 @@ def _nemotron_h_moe_hf(cfg: TransformerConfig, moe: Any) -> dict[str, Any]:
 
 
 def mamba_params(
-    cfg: TransformerConfig, ssm: SSMConfig, layers: tuple[int, ...], hf: str
+    cfg: TransformerConfig, ssm: SSMConfig, layers: tuple[int, ...] | None, hf: str
 ) -> list[ParamMap]:
-    """Mamba-2 mixers of ``layers`` from HF module ``hf`` (``{i}`` for the layer).
+    """Mamba-2 mixers of ``layers`` (None: every layer the maps are used for) from HF module
+    ``hf`` (``{i}`` for the layer).
 
     HF's ``in_proj`` rows ``[z, x, B, C, dt]`` and conv channels ``[x, B, C]`` are each one
     tensor whose blocks mcore splits over TP on their own (``parts``); the per-head vectors and
@@ -465,39 +526,59 @@ def mamba_params(
     return params
 
 
+def _nemotron_h_layer_params(
+    cfg: TransformerConfig, sections: Sections, symbol: str, hf: str
+) -> list[ParamMap]:
+    """Per-layer maps of an mcore layer with pattern ``symbol``, from the Nemotron-H block
+    ``hf`` (``{i}`` for the layer): its one norm and its mixer."""
+    norm = "input_layernorm" if symbol in "M*" else "pre_mlp_layernorm"
+    params = [ParamMap(f"layers.{{i}}.{norm}.weight", (f"{hf}.norm.weight",), "replicated")]
+    if symbol == "M":
+        return params + mamba_params(cfg, _ssm_section(sections), None, f"{hf}.mixer")
+    if symbol == "*":
+        return params + attention_params(cfg, f"{hf}.mixer")
+    if symbol == "-":
+        return params + gated_mlp_params("layers.{i}.mlp", f"{hf}.mixer", names=_PLAIN_MLP)
+    from mcore.moe.hf import moe_params
+
+    # Router with a score-correction bias, non-gated experts and shared expert.
+    return params + moe_params(
+        _moe_section(sections, NEMOTRON_H.name),
+        None,
+        f"{hf}.mixer",
+        experts=_PLAIN_MLP,
+        expert_bias="gate.e_score_correction_bias",
+        shared="shared_experts",
+    )
+
+
 def _nemotron_h_params(cfg: TransformerConfig, sections: Sections) -> list[ParamMap]:
-    hf = "backbone.layers.{i}"
-    mixers, mlps = _layers_of(cfg, "M*"), _layers_of(cfg, "-E")
+    _, mtp = _pattern_of(cfg, NEMOTRON_H.name)
     params = [
         ParamMap("embedding.weight", ("backbone.embeddings.weight",), "vocab"),
         ParamMap("final_layernorm.weight", ("backbone.norm_f.weight",), "replicated"),
         ParamMap("output_layer.weight", ("lm_head.weight",), "vocab"),
-        ParamMap(
-            "layers.{i}.input_layernorm.weight", (f"{hf}.norm.weight",), "replicated", layers=mixers
-        ),
-        ParamMap(
-            "layers.{i}.pre_mlp_layernorm.weight", (f"{hf}.norm.weight",), "replicated", layers=mlps
-        ),
-        *mamba_params(cfg, _ssm_section(sections), _layers_of(cfg, "M"), f"{hf}.mixer"),
-        *_at(attention_params(cfg, f"{hf}.mixer"), _layers_of(cfg, "*")),
-        *gated_mlp_params(
-            "layers.{i}.mlp", f"{hf}.mixer", names=_PLAIN_MLP, layers=_layers_of(cfg, "-")
-        ),
     ]
-    experts = _layers_of(cfg, "E")
-    if experts:
-        from mcore.moe.hf import moe_params
-
-        moe = _moe_section(sections, NEMOTRON_H.name)
-        # Router with a score-correction bias, non-gated experts and shared expert.
-        params += moe_params(
-            moe,
-            experts,
-            f"{hf}.mixer",
-            experts=_PLAIN_MLP,
-            expert_bias="gate.e_score_correction_bias",
-            shared="shared_experts",
+    for symbol in "M*-E":
+        layers = _layers_of(cfg, symbol)
+        if layers:
+            layer = _nemotron_h_layer_params(cfg, sections, symbol, "backbone.layers.{i}")
+            params += _at(layer, layers)
+    # Depth k's blocks are HF MTP layers k * L ... k * L + L - 1, numbered on across depths.
+    base = 0
+    for k, block in enumerate(mtp):
+        first, last = f"mtp.layers.{base}", f"mtp.layers.{base + len(block) - 1}"
+        params += mtp_depth_params(
+            k,
+            enorm=f"{first}.enorm.weight",
+            hnorm=f"{first}.hnorm.weight",
+            eh_proj=f"{first}.eh_proj.weight",
+            final_layernorm=f"{last}.final_layernorm.weight",
         )
+        for j, symbol in enumerate(block):
+            layer = _nemotron_h_layer_params(cfg, sections, symbol, "mtp.layers.{i}")
+            params += mtp_block_params(layer, k, j, base + j)
+        base += len(block)
     return params
 
 
@@ -580,6 +661,30 @@ def _qwen3_next_pattern(hf: dict[str, Any]) -> str:
     )
 
 
+def _qwen3_next_mtp(hf: dict[str, Any]) -> tuple[str, ...]:
+    """The MTP depth's pattern block, if ``num_nextn_predict_layers`` (or ``num_mtp_layers``)
+    gives one: a full-attention decoder layer whose MLP follows HF layer 0's rule, as
+    transformers' ``MtpModel`` and vLLM build it."""
+    depths = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers")) or 0
+    if not isinstance(depths, int) or depths < 0:
+        raise NotImplementedError(f"num_nextn_predict_layers = {depths!r}: expected an int >= 0")
+    if depths > 1:
+        # vLLM runs several such layers as successive draft steps behind one shared mtp.fc and
+        # set of norms; mcore's depths each have their own.
+        raise NotImplementedError(
+            f"num_nextn_predict_layers = {depths}: Qwen3-Next's MTP layers share one fc and "
+            "norms, which mcore's MTP depths do not; only 0 or 1 is supported"
+        )
+    if not depths:
+        return ()
+    kinds = hf.get("mtp_layer_types") or ["full_attention"]
+    if list(kinds) != ["full_attention"]:
+        raise NotImplementedError(
+            f"mtp_layer_types = {kinds}: Qwen3-Next's MTP layer is one full-attention layer"
+        )
+    return ("*" + ("E" if _qwen3_next_sparse(hf, 0) else "-"),)
+
+
 def _partial_rotary_factor(hf: dict[str, Any]) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25))
@@ -597,6 +702,7 @@ def _qwen3_next_config(hf: dict[str, Any]) -> TransformerConfig:
     return _hybrid_config(
         hf,
         _qwen3_next_pattern(hf),
+        _qwen3_next_mtp(hf),
         norm_epsilon=float(hf["rms_norm_eps"]),
         activation="swiglu",
         qk_layernorm=True,
@@ -610,7 +716,7 @@ def _qwen3_next_config(hf: dict[str, Any]) -> TransformerConfig:
 
 def _qwen3_next_sections(hf: dict[str, Any]) -> dict[str, Any]:
     hf = _qwen3_next_fields(hf)
-    pattern = _qwen3_next_pattern(hf)
+    pattern = _qwen3_next_pattern(hf) + "".join(_qwen3_next_mtp(hf))
     ssm = SSMConfig(
         linear_conv_kernel_dim=hf["linear_conv_kernel_dim"],
         linear_key_head_dim=hf["linear_key_head_dim"],
@@ -642,7 +748,7 @@ def _qwen3_next_sections(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _qwen3_next_hf(cfg: TransformerConfig, sections: Sections) -> dict[str, Any]:
     name = QWEN3_NEXT.name
-    pattern = _pattern_of(cfg, name)
+    pattern, mtp = _pattern_of(cfg, name)
     pairs = [pattern[j : j + 2] for j in range(0, len(pattern), 2)]
     ssm = _ssm_section(sections)
     _refuse_unless(
@@ -650,6 +756,14 @@ def _qwen3_next_hf(cfg: TransformerConfig, sections: Sections) -> dict[str, Any]
             **_common_checks(cfg),
             "layer patterns other than pairs of (G or *) and (E or -)": all(
                 len(p) == 2 and p[0] in "G*" and p[1] in "E-" for p in pairs
+            ),
+            "more than one MTP depth": len(mtp) <= 1,
+            "MTP blocks other than an attention and an MLP layer (*E or *-)": all(
+                block in ("*E", "*-") for block in mtp
+            ),
+            # HF gives the MTP layer the MLP its rule gives layer 0.
+            "an MTP MLP unlike layer 0's (HF chooses it by layer 0's rule)": all(
+                not pairs or block[1] == pairs[0][1] for block in mtp
             ),
             "activation other than swiglu": cfg.activation == "swiglu",
             "attention without qk_layernorm": cfg.qk_layernorm,
@@ -689,7 +803,12 @@ def _qwen3_next_hf(cfg: TransformerConfig, sections: Sections) -> dict[str, Any]
         "mlp_only_layers": [i for i, p in enumerate(pairs) if p[1] == "-"],
         "rope_parameters": rope,
         "torch_dtype": "float32",
+        # vLLM assumes one MTP layer where the count is missing: state it, even when 0.
+        "num_nextn_predict_layers": len(mtp),
     }
+    if mtp:
+        # What transformers' generic MtpModel reads (it ignores num_nextn_predict_layers here).
+        out.update(num_mtp_layers=len(mtp), mtp_layer_types=["full_attention"] * len(mtp))
     if "E" not in pattern:
         out["num_experts"] = 0
         return out
@@ -716,8 +835,11 @@ def _qwen3_next_hf(cfg: TransformerConfig, sections: Sections) -> dict[str, Any]
     return out
 
 
-def gated_delta_net_params(ssm: SSMConfig, layers: tuple[int, ...], hf: str) -> list[ParamMap]:
-    """Gated delta nets of ``layers`` from HF module ``hf`` (``{i}`` for the layer).
+def gated_delta_net_params(
+    ssm: SSMConfig, layers: tuple[int, ...] | None, hf: str
+) -> list[ParamMap]:
+    """Gated delta nets of ``layers`` (None: every layer the maps are used for) from HF module
+    ``hf`` (``{i}`` for the layer).
 
     ``in_proj_qkvz``/``in_proj_ba`` keep HF's per-key-head grouping, so TP splits them evenly
     by rows; the conv splits its ``[q, k, v]`` channel blocks on their own, ``dt_bias`` and
@@ -741,40 +863,63 @@ def gated_delta_net_params(ssm: SSMConfig, layers: tuple[int, ...], hf: str) -> 
     ]
 
 
-def _qwen3_next_params(cfg: TransformerConfig, sections: Sections) -> list[ParamMap]:
-    hf = "model.layers.{i}"
-    mixers, mlps = _layers_of(cfg, "G*"), _layers_of(cfg, "E-")
-    per_layer = [
-        ParamMap(
-            "layers.{i}.input_layernorm.weight",
-            (f"{hf}.input_layernorm.weight",),
-            "replicated",
-            layers=mixers,
-        ),
-        ParamMap(
-            "layers.{i}.pre_mlp_layernorm.weight",
-            (f"{hf}.post_attention_layernorm.weight",),
-            "replicated",
-            layers=mlps,
-        ),
-        *gated_delta_net_params(_ssm_section(sections), _layers_of(cfg, "G"), f"{hf}.linear_attn"),
-        *_at(attention_params(cfg, f"{hf}.self_attn"), _layers_of(cfg, "*")),
-        *gated_mlp_params("layers.{i}.mlp", f"{hf}.mlp", layers=_layers_of(cfg, "-")),
-    ]
-    experts = _layers_of(cfg, "E")
-    if experts:
-        from mcore.moe.hf import moe_params
-
-        moe = _moe_section(sections, QWEN3_NEXT.name)
-        per_layer += moe_params(
-            moe,
-            experts,
-            f"{hf}.mlp",
-            shared="shared_expert",
-            shared_gate="shared_expert_gate",
+def _qwen3_next_layer_params(
+    cfg: TransformerConfig, sections: Sections, symbol: str, hf: str
+) -> list[ParamMap]:
+    """Per-layer maps of an mcore layer with pattern ``symbol``, from its half of the Qwen3-Next
+    decoder layer ``hf`` (``{i}`` for the layer): the token mixer and its norm, or the MLP and
+    its norm."""
+    if symbol in "G*":
+        norm = ParamMap(
+            "layers.{i}.input_layernorm.weight", (f"{hf}.input_layernorm.weight",), "replicated"
         )
+        if symbol == "G":
+            return [
+                norm,
+                *gated_delta_net_params(_ssm_section(sections), None, f"{hf}.linear_attn"),
+            ]
+        return [norm, *attention_params(cfg, f"{hf}.self_attn")]
+    norm = ParamMap(
+        "layers.{i}.pre_mlp_layernorm.weight",
+        (f"{hf}.post_attention_layernorm.weight",),
+        "replicated",
+    )
+    if symbol == "-":
+        return [norm, *gated_mlp_params("layers.{i}.mlp", f"{hf}.mlp")]
+    from mcore.moe.hf import moe_params
+
+    moe = _moe_section(sections, QWEN3_NEXT.name)
+    return [
+        norm,
+        *moe_params(
+            moe, None, f"{hf}.mlp", shared="shared_expert", shared_gate="shared_expert_gate"
+        ),
+    ]
+
+
+def _qwen3_next_params(cfg: TransformerConfig, sections: Sections) -> list[ParamMap]:
+    _, mtp = _pattern_of(cfg, QWEN3_NEXT.name)
+    per_layer = []
+    for symbol in "G*-E":
+        layers = _layers_of(cfg, symbol)
+        if layers:
+            per_layer += _at(
+                _qwen3_next_layer_params(cfg, sections, symbol, "model.layers.{i}"), layers
+            )
     # mcore layers 2i and 2i + 1 hold HF layer i's token mixer and MLP.
-    return [*outer_params(cfg), *_renumber(per_layer, lambda j: j // 2, cfg.num_layers)]
+    params = [*outer_params(cfg), *_renumber(per_layer, lambda j: j // 2, cfg.num_layers)]
+    for k, block in enumerate(mtp):  # one depth: HF's mtp.layers.0 is mcore's block 0 and 1
+        params += mtp_depth_params(
+            k,
+            enorm="mtp.pre_fc_norm_embedding.weight",
+            hnorm="mtp.pre_fc_norm_hidden.weight",
+            eh_proj="mtp.fc.weight",
+            final_layernorm="mtp.norm.weight",
+        )
+        for j, symbol in enumerate(block):
+            layer = _qwen3_next_layer_params(cfg, sections, symbol, "mtp.layers.{i}")
+            params += mtp_block_params(layer, k, j, k)
+    return params
 
 
 QWEN3_NEXT = HFArchitecture(

@@ -6,6 +6,11 @@ layout and loads the weights, each rank reading only the slices of the safetenso
 path)`` gathers the shards and writes config.json + model.safetensors that ``transformers``
 loads. Architectures (:class:`HFArchitecture`) say how names and config fields map; MoE ones
 come with mcore-moe and add a ``moe`` config section to the model.
+
+Multi-token-prediction depths (``model.mtp``) map like the main layers: an architecture lists
+each depth's norms and projection (:func:`mtp_depth_params`) and moves the main layers' maps
+onto the depth's block (:func:`mtp_block_params`). Whether a checkpoint has them is settled by
+its weights as well as its config.json (:func:`read_hf_config`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ import torch.distributed as dist
 from mcore.core import McoreError, get_plugin_manager
 from mcore.models.config import TransformerConfig
 from mcore.models.gpt import GPTModel
-from mcore.models.hf.architectures import Deinterleave, HFArchitecture, ParamMap, RowTransform
+from mcore.models.hf.architectures import (
+    Deinterleave,
+    HFArchitecture,
+    ParamMap,
+    RowTransform,
+    Sections,
+)
+from mcore.models.hybrid import MTP_SEPARATOR
 from mcore.models.layer import gpt_layer_spec
 from mcore.parallel import ParallelState
 from mcore.parallel.init import materialize
@@ -39,8 +51,11 @@ __all__ = [
     "hf_state_dict",
     "load_hf",
     "model_sections",
+    "mtp_block_params",
+    "mtp_depth_params",
     "read_hf_config",
     "save_hf",
+    "without_mtp",
 ]
 
 
@@ -59,7 +74,11 @@ class HFConfig(NamedTuple):
 
 
 def read_hf_config(path: str | Path) -> HFConfig:
-    """The architecture mapping, ``TransformerConfig`` and sections of the HF directory ``path``."""
+    """The architecture mapping, ``TransformerConfig`` and sections of the HF directory ``path``.
+
+    The multi-token-prediction depths are those config.json declares and the safetensors files
+    hold (see :func:`_settle_mtp`); a directory without weight files gets what config.json says.
+    """
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise McoreError(f"{str(path)!r} is not a Hugging Face model directory: no config.json")
@@ -68,7 +87,150 @@ def read_hf_config(path: str | Path) -> HFConfig:
     if not names:
         raise McoreError(f"{config_file}: 'architectures' is missing; cannot tell the model type")
     arch = architecture_for(names[0])
-    return HFConfig(arch, arch.to_config(hf), dict(arch.sections_from_hf(hf)))
+    config, sections = arch.to_config(hf), dict(arch.sections_from_hf(hf))
+    config, sections = _settle_mtp(Path(path), arch, hf, config, sections)
+    return HFConfig(arch, config, sections)
+
+
+# --- multi-token prediction -------------------------------------------------------------------
+
+_MTP_COUNT_FIELDS = ("num_nextn_predict_layers", "num_mtp_layers")
+"""The config.json fields that count the multi-token-prediction depths (transformers reads the
+second as an alias of the first)."""
+
+
+def mtp_depth_params(
+    depth: int, *, enorm: str, hnorm: str, eh_proj: str, final_layernorm: str
+) -> list[ParamMap]:
+    """The tensors of multi-token-prediction depth ``depth`` (0-based) outside its layers: the
+    two input norms, the projection of their concatenation (replicated over TP, like mcore's
+    ``eh_proj``) and the output norm, from the HF tensors named."""
+    mcore = f"mtp.layers.{depth}"
+    return [
+        ParamMap(f"{mcore}.enorm.weight", (enorm,), "replicated"),
+        ParamMap(f"{mcore}.hnorm.weight", (hnorm,), "replicated"),
+        ParamMap(f"{mcore}.eh_proj.weight", (eh_proj,), "replicated"),
+        ParamMap(f"{mcore}.final_layernorm.weight", (final_layernorm,), "replicated"),
+    ]
+
+
+def mtp_block_params(
+    params: list[ParamMap], depth: int, layer: int, hf_layer: int
+) -> list[ParamMap]:
+    """Per-layer maps of the main stack (mcore names ``layers.{i}....``) moved onto layer
+    ``layer`` of multi-token-prediction depth ``depth``'s block: mcore names under
+    ``mtp.layers.{depth}.block.{layer}.``, ``{i}`` in the HF names set to ``hf_layer``.
+
+    The maps' ``layers`` restriction is dropped: pass the maps of the layer the block holds
+    (its MoE maps for an MoE layer, say), as an architecture builds them for one main layer.
+    """
+    out = []
+    prefix = "layers.{i}."
+    for pm in params:
+        if not pm.mcore.startswith(prefix):
+            raise ValueError(f"{pm.mcore}: not a per-layer map of the main stack ({prefix}...)")
+        out.append(
+            dataclasses.replace(
+                pm,
+                mcore=f"mtp.layers.{depth}.block.{layer}.{pm.mcore.removeprefix(prefix)}",
+                hf=tuple(_fill(h, i=hf_layer) for h in pm.hf),
+                layers=None,
+            )
+        )
+    return out
+
+
+def without_mtp(config: TransformerConfig) -> TransformerConfig:
+    """``config`` without multi-token-prediction depths (a pattern's ``/`` blocks dropped)."""
+    pattern = config.hybrid_override_pattern
+    if pattern is not None:
+        pattern = pattern.split(MTP_SEPARATOR)[0]
+    return dataclasses.replace(
+        config, hybrid_override_pattern=pattern, mtp_num_layers=None, mtp_loss_scaling_factor=None
+    )
+
+
+def _checkpoint_keys(path: Path) -> set[str] | None:
+    """The tensor names of the safetensors files of ``path`` (headers only); None without any."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            keys.update(handle.keys())
+    return keys
+
+
+def _hf_names(params: list[ParamMap], num_layers: int) -> set[str]:
+    """Every HF tensor name ``params`` read (expert maps for each expert)."""
+    names: set[str] = set()
+    for pm in params:
+        for _, hf_names in _expand(pm, num_layers):
+            for name in hf_names:
+                if pm.experts is None:
+                    names.add(name)
+                else:
+                    names.update(_fill(name, e=e) for e in range(pm.experts))
+    return names
+
+
+def _mtp_names(arch: HFArchitecture, config: TransformerConfig, sections: Sections) -> set[str]:
+    """The HF tensors of the model's multi-token-prediction depths (maps of ``mtp.*``)."""
+    params = [pm for pm in arch.params(config, sections) if pm.mcore.startswith("mtp.")]
+    return _hf_names(params, config.num_layers)
+
+
+def _holds_mtp(
+    keys: set[str], arch: HFArchitecture, config: TransformerConfig, sections: Sections
+) -> bool:
+    """Whether the checkpoint (tensor names ``keys``) holds any of ``config``'s MTP tensors."""
+    try:
+        return bool(_mtp_names(arch, config, sections) & keys)
+    except NotImplementedError:
+        # The mapping refuses these depths. Tensors the main model does not read count as
+        # theirs: the load then says why it refuses, and a file without them loads without.
+        main = without_mtp(config)
+        return bool(keys - _hf_names(arch.params(main, sections), main.num_layers))
+
+
+def _settle_mtp(
+    path: Path,
+    arch: HFArchitecture,
+    hf: dict[str, Any],
+    config: TransformerConfig,
+    sections: dict[str, Any],
+) -> tuple[TransformerConfig, dict[str, Any]]:
+    """The model's multi-token-prediction depths, as config.json declares and the files hold.
+
+    config.json alone is not enough. transformers writes DeepSeek-V3's default of one depth
+    (``num_nextn_predict_layers: 1``) beside files without MTP weights, since its main model
+    drops them on load; Qwen3-Next's released config.json states no count for weights that are
+    there (vLLM assumes one depth). So declared depths whose tensors are all missing are
+    dropped, and a config.json that states no count gets one depth when the files hold every
+    tensor of it. A directory without safetensors files keeps what config.json says.
+    """
+    if config.mtp_depth:
+        keys = _checkpoint_keys(path)
+        if keys is None or _holds_mtp(keys, arch, config, sections):
+            return config, sections
+        return without_mtp(config), sections
+    if any(name in hf for name in _MTP_COUNT_FIELDS):
+        return config, sections
+    one = {**hf, _MTP_COUNT_FIELDS[0]: 1}
+    try:
+        config_one, sections_one = arch.to_config(one), dict(arch.sections_from_hf(one))
+        names = _mtp_names(arch, config_one, sections_one) if config_one.mtp_depth else set()
+    except (NotImplementedError, McoreError):
+        return config, sections
+    if names and names <= (_checkpoint_keys(path) or set()):
+        return config_one, sections_one
+    return config, sections
 
 
 def _fill(template: str, **values: int) -> str:
