@@ -68,6 +68,12 @@ class InferenceConfig:
     """Replicas whose MoE layers share their experts: each of these engine processes holds
     num_experts / ep experts and its own requests, and they step together (a multiple of it
     makes data_parallel_size; tensor and pipeline sizes 1)."""
+    num_speculative_tokens: int = 0
+    """Speculative decoding: tokens each decoding request drafts per step with the model's
+    multi-token-prediction depths (at most mtp_num_layers), all verified by one forward of the
+    model; a request's sampling parameters may ask for fewer (0 turns it off for that
+    request). Greedy outputs are those of plain decoding; sampled ones keep its distribution
+    (rejection sampling). 0: off (the MTP layers' KV cache is not allocated)."""
     heartbeat_timeout_s: float = 10.0
     """The coordinator declares an engine rank dead after this long without a heartbeat."""
 
@@ -98,6 +104,14 @@ class InferenceConfig:
                 f"expert-parallel engines run with tensor_model_parallel_size and "
                 f"pipeline_model_parallel_size 1 for now (got {self.tensor_model_parallel_size} "
                 f"and {self.pipeline_model_parallel_size})",
+            )
+        if self.num_speculative_tokens < 0:
+            errors.add("num_speculative_tokens", f"must be >= 0, got {self.num_speculative_tokens}")
+        if self.num_speculative_tokens and self.replica_size * self.expert_model_parallel_size > 1:
+            errors.add(
+                "num_speculative_tokens",
+                "speculative decoding runs on single-process engines for now (tensor, pipeline "
+                "and expert parallel sizes 1); replicate with data_parallel_size instead",
             )
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 2:
             errors.add(

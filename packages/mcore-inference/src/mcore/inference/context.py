@@ -29,7 +29,7 @@ import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -73,9 +73,12 @@ class StepBatch:
     paged: PagedBatch
     dims: BatchDims
     sample_chunks: list[ScheduledChunk]
-    """The chunks that sample a token, in the order of ``sample_rows``."""
+    """The chunks with logits rows (those that sample a token), in the order of the rows;
+    each has ``num_logits`` consecutive rows."""
     sample_rows: torch.Tensor | None
     """Rows of the forward's logits for ``sample_chunks``; None: all rows, in order."""
+    first_rows: dict[int, int] = field(default_factory=dict)
+    """The row of each chunk's first token in the flat batch, by ``id(chunk)``."""
 
 
 @dataclass
@@ -357,8 +360,11 @@ class DynamicInferenceContext:
             paged.decode_state_slots = tensor(host.state_slots[:D])
             paged.prefill_state_slots = tensor(host.state_slots[D:])
             paged.states = self.states
-        sample_chunks = [c for c in ordered if c.samples]
-        return StepBatch(paged, dims, sample_chunks, sample_rows)
+        sample_chunks = [c for c in ordered if c.num_logits]
+        first_rows = {
+            id(c): last - c.num_tokens + 1 for c, last in zip(ordered, host.last_rows, strict=True)
+        }
+        return StepBatch(paged, dims, sample_chunks, sample_rows, first_rows)
 
     def _host_batch(
         self,
@@ -379,7 +385,10 @@ class DynamicInferenceContext:
         if nd:
             rows[:nd] = [table.row(c.request.request_id) for c in decode]
             positions[:nd] = [c.start for c in decode]
-            ids[:nd] = [c.request.all_token_ids[c.start] for c in decode]
+            ids[:nd] = [
+                c.request.all_token_ids[c.start] if c.token_ids is None else c.token_ids[0]
+                for c in decode
+            ]
             if self.states is not None:
                 state_slots[:nd] = [self._state_slot(c) for c in decode]
         query_len = T - D if padded else max((c.num_tokens for c in prefill), default=0)
@@ -393,7 +402,7 @@ class DynamicInferenceContext:
             start, n = chunk.start, chunk.num_tokens
             rows[D + j] = token_rows[row : row + n] = table.row(chunk.request.request_id)
             state_slots[D + j] = self._state_slot(chunk)
-            ids[row : row + n] = chunk.request.all_token_ids[start : start + n]
+            ids[row : row + n] = chunk.ids()
             positions[row : row + n] = query_positions[j, :n] = np.arange(start, start + n)
             query_rows[j, :n] = np.arange(row, row + n)
             row += n
@@ -433,7 +442,10 @@ class DynamicInferenceContext:
     ) -> tuple[list[int], torch.Tensor | None]:
         """The rows the forward returns logits for, and (padded) which of them sample."""
         if not padded:
-            return [r for r, c in zip(last_rows, ordered, strict=True) if c.samples], None
+            rows = []
+            for last, chunk in zip(last_rows, ordered, strict=True):
+                rows += range(last - chunk.num_logits + 1, last + 1)
+            return rows, None
         # Static shape: a row for every decode slot and every prefill slot.
         D, P = dims.num_decode, dims.num_prefill
         nd = len(ordered) - sum(1 for c in ordered if c.num_tokens > 1)

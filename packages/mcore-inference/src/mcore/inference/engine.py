@@ -49,6 +49,7 @@ from mcore.inference.recurrent_state import RecurrentStateConfig
 from mcore.inference.request import OutputCollector, Request, RequestDelta, RequestOutput
 from mcore.inference.sampling import Sampler, SamplingParams
 from mcore.inference.scheduler import Scheduler
+from mcore.inference.speculative import Speculator
 from mcore.inference.tokenizer import IncrementalDetokenizer, TextTokenizer
 from mcore.models.inference import prepare_for_inference
 
@@ -91,6 +92,16 @@ class EngineStats:
     """Bytes of the recurrent-state tensors (0 without sequence-mixer layers, or suspended)."""
     kv_cache_bytes: int = 0
     """Bytes of the KV-cache tensors (0 while suspended)."""
+    spec_draft_tokens: int = 0
+    """Speculative decoding: tokens drafted and sent to verification."""
+    spec_accepted_tokens: int = 0
+    """Speculative decoding: drafted tokens the model accepted."""
+    spec_acceptance_rate: float = 0.0
+    spec_accepted_per_position: list[int] | None = None
+    """Accepted drafts by draft position (the k-th draft of a step comes from MTP depth k)."""
+    spec_drafted_per_position: list[int] | None = None
+    spec_tokens_per_verify_step: float = 0.0
+    """Tokens a request produced per step that verified its drafts (1 + accepted drafts)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -147,6 +158,13 @@ class DynamicInferenceEngine:
         """This rank's pipeline stage, when the model is split over stages."""
         if parallel_state is not None and parallel_state.pp_size > 1:
             self.stages = PipelineStages(parallel_state)
+        self.speculator = None
+        """Speculative decoding with the model's MTP depths (None: off)."""
+        if config.num_speculative_tokens:
+            self.speculator = Speculator(self.model, config.num_speculative_tokens)
+            if config.enable_cuda_graph:
+                log.info("speculative decoding runs eagerly: CUDA graphs are off")
+                config = dataclasses.replace(config, enable_cuda_graph=False)
         self.context = self._build_context(config)
         self.scheduler = Scheduler(
             self.context.kv,
@@ -171,8 +189,13 @@ class DynamicInferenceEngine:
         on the smallest block count, so a request admitted on one stage fits on all."""
 
         def build(config: InferenceConfig) -> DynamicInferenceContext:
+            specs = (
+                self.model.kv_cache_specs(mtp=True)
+                if self.speculator is not None
+                else self.model.kv_cache_specs()
+            )
             return DynamicInferenceContext.from_config(
-                self.model.kv_cache_specs(),
+                specs,
                 config,
                 device=self.device,
                 dtype=self.dtype,
@@ -217,6 +240,16 @@ class DynamicInferenceEngine:
             )
         prompt_ids = self._prompt_ids(prompt, request_id)
         max_new = self._check_fits(len(prompt_ids), params, request_id)
+        wanted = params.num_speculative_tokens
+        most = self.config.num_speculative_tokens
+        if wanted and wanted > most:
+            raise InvalidRequestError(
+                f"num_speculative_tokens is {wanted}, but this engine drafts at most {most} "
+                "token(s) per step (inference.num_speculative_tokens, bounded by the model's "
+                "multi-token-prediction depths)",
+                field="num_speculative_tokens",
+                request_id=request_id,
+            )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError(
                 "stop strings need a tokenizer; give the engine one or use stop_token_ids",
@@ -363,6 +396,8 @@ class DynamicInferenceEngine:
         self._preemptions += len(scheduled.preempted)
         if not scheduled.chunks:
             return []
+        if self.speculator is not None:
+            return self.speculator.run(self, scheduled.chunks)
         logits, sampling = self.runner.execute(scheduled.chunks)
         self._steps += 1
         for chunk in scheduled.chunks:
@@ -523,6 +558,7 @@ class DynamicInferenceEngine:
             state_slots_in_use=0 if slots is None else slots.num_in_use,
             recurrent_state_bytes=self.context.state_memory_bytes(),
             kv_cache_bytes=self.context.kv_memory_bytes(),
+            **(self.speculator.stats.to_dict() if self.speculator is not None else {}),
         )
 
     def get_request(self, request_id: RequestId) -> Request | None:

@@ -76,6 +76,25 @@ class ModelRunner:
             logits = logits.index_select(0, batch.sample_rows)
         return logits, batch.sample_chunks
 
+    @torch.inference_mode()
+    def execute_with_hidden(self, chunks: Sequence[ScheduledChunk]):
+        """Eagerly: ``(logits, batch, hidden)``: the logits rows of ``batch.sample_chunks``
+        (``num_logits`` rows each), the batch, and every row's final-normed hidden states
+        ``[T, 1, h]``, which the multi-token-prediction depths read (speculative decoding)."""
+        batch = self.context.build_batch(chunks)
+        logits, hidden = self.model.forward_paged(batch.paged, return_hidden=True)
+        self.eager_steps += 1
+        return logits, batch, hidden
+
+    @torch.inference_mode()
+    def execute_mtp(self, chunks: Sequence[ScheduledChunk], hidden: torch.Tensor, depth: int):
+        """Eagerly: multi-token-prediction depth ``depth`` over ``chunks`` (their ``token_ids``
+        are the shifted tokens; ``hidden`` the previous depth's rows in the batch's order):
+        ``(logits, batch, hidden of this depth)``."""
+        batch = self.context.build_batch(chunks)
+        hidden, logits = self.model.mtp_forward_paged(batch.paged, hidden, depth)
+        return logits, batch, hidden
+
     def release_graphs(self) -> None:
         if self.graphs is not None:
             self.graphs.release()

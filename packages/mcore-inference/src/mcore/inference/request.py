@@ -272,6 +272,11 @@ class Request:
         self.stop_reason: int | str | None = None
         self.error: str | None = None
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
+        self.draft: list[int] = []
+        """Tokens proposed to follow (speculative decoding), verified by the next step."""
+        self.draft_probs: Any = None
+        """``[len(draft), vocab]`` the distributions the drafts were sampled from (sampled
+        requests; None for greedy ones): rejection sampling needs them."""
         self._num_reported = 0
         """Generated tokens already handed out in deltas."""
         self._reported = False
@@ -318,6 +323,10 @@ class Request:
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.metrics.num_preemptions += 1
+        self.clear_draft()
+
+    def clear_draft(self) -> None:
+        self.draft, self.draft_probs = [], None
 
     def take_delta(self) -> RequestDelta:
         """What the request produced since its previous delta; the first one carries the

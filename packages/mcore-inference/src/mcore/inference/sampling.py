@@ -68,6 +68,10 @@ class SamplingParams:
     logprobs: int | None = None
     """Report the log-probability of each generated token, and of this many top alternatives
     (0: only the generated token's); None reports none."""
+    num_speculative_tokens: int | None = None
+    """Tokens this request drafts per step with the model's MTP depths (speculative
+    decoding); at most the engine's inference.num_speculative_tokens; 0 turns speculation
+    off for this request; None takes the engine's."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the decoded text."""
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -102,6 +106,9 @@ class SamplingParams:
             raise bad("min_p", "must lie in [0, 1]")
         if self.seed is not None and not is_int(self.seed):
             raise bad("seed", "must be an integer")
+        spec = self.num_speculative_tokens
+        if spec is not None and (not is_int(spec) or spec < 0):
+            raise bad("num_speculative_tokens", "must be an integer >= 0")
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             raise bad("logprobs", "must be an integer >= 0")
         for name in ("stop",):
@@ -164,10 +171,8 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> SampleResult:
         """``logits [R, V]`` (row i belongs to ``requests[i]``) -> one token per row."""
-        logits = logits.float()
-        if self.vocab_size is not None and self.vocab_size < logits.shape[-1]:
-            logits = logits.clone()  # the forward's output may be a CUDA graph's own buffer
-            logits[:, self.vocab_size :] = float("-inf")
+        # A copy when limited: the forward's output may be a CUDA graph's own buffer.
+        logits = self.limit_vocab(logits)
         params = [r.params for r in requests]
         greedy = [p.greedy for p in params]
         tokens = logits.argmax(dim=-1)
@@ -196,7 +201,41 @@ class Sampler:
     def _sample(
         self, logits: torch.Tensor, params: list[SamplingParams], requests: Sequence[Request]
     ) -> torch.Tensor:
-        rows, vocab = logits.shape
+        return self.draw(self.probs(logits, params), requests)
+
+    def limit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` in fp32 with the ids past ``vocab_size`` made impossible."""
+        logits = logits.float()
+        if self.vocab_size is not None and self.vocab_size < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, self.vocab_size :] = float("-inf")
+        return logits
+
+    def draw(self, probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """One token per row of ``probs [R, V]``, from each request's generator (or the
+        sampler's): ``argmax(p / e)`` with exponential noise ``e``."""
+        noise = torch.empty_like(probs)
+        seeded = [i for i, r in enumerate(requests) if r.generator is not None]
+        if len(seeded) < probs.shape[0]:
+            noise.exponential_(generator=self.generator)
+        for i in seeded:
+            noise[i].exponential_(generator=requests[i].generator)
+        # A zero draw would turn a filtered-out token's 0 / 0 into NaN.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        return (probs / noise).argmax(dim=-1)
+
+    def uniform(self, requests: Sequence[Request]) -> list[float]:
+        """One uniform draw in [0, 1) per request, from its generator (or the sampler's)."""
+        out = []
+        for request in requests:
+            generator = request.generator or self.generator
+            out.append(float(torch.rand((), generator=generator, device=self.device)))
+        return out
+
+    def probs(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+        """The distribution each row samples from ``[R, V]``: temperature, then top-k, top-p
+        and min-p (greedy rows: temperature 1, no filter; callers take their argmax)."""
+        vocab = logits.shape[-1]
         device = logits.device
         temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
         scaled = logits / temperature[:, None]
@@ -209,16 +248,7 @@ class Sampler:
             probs = torch.softmax(scaled, dim=-1)
             floor = torch.tensor(min_p, device=device)[:, None] * probs.amax(-1, keepdim=True)
             scaled = scaled.masked_fill(probs < floor, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
-        noise = torch.empty_like(probs)
-        seeded = [i for i, r in enumerate(requests) if r.generator is not None]
-        if len(seeded) < rows:
-            noise.exponential_(generator=self.generator)
-        for i in seeded:
-            noise[i].exponential_(generator=requests[i].generator)
-        # A zero draw would turn a filtered-out token's 0 / 0 into NaN.
-        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-        return (probs / noise).argmax(dim=-1)
+        return torch.softmax(scaled, dim=-1)
 
 
 def _top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

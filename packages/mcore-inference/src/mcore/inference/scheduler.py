@@ -7,6 +7,9 @@ over several steps); then waiting requests are admitted, oldest first, while the
 request limit and the KV cache allow. A waiting request first takes the cached blocks of its
 prompt's prefix.
 
+A decoding request with draft tokens (speculative decoding, ``request.draft``) computes its
+last token and the drafts in one chunk, as many drafts as the budget leaves room for.
+
 When a running request needs a block and none is free, the most recently admitted running
 request is preempted: its blocks are released and it goes back to the front of the queue with
 everything it generated, to be recomputed later. No request is ever dropped; a step that had to
@@ -32,16 +35,40 @@ from mcore.inference.request import Request, RequestStatus
 
 @dataclass
 class ScheduledChunk:
-    """``request`` computes its tokens ``[start, start + num_tokens)`` this step."""
+    """``request`` computes its tokens ``[start, start + num_tokens)`` this step.
+
+    ``draft``: tokens proposed after the request's last one (speculative decoding), computed
+    in the same chunk so one forward verifies them; ``num_tokens`` counts them.
+    ``token_ids``: the chunk's ids when they are not the request's own (the shifted tokens a
+    multi-token-prediction depth reads); ``logits``: how many of the last rows get logits
+    when that is not the default (one row when the chunk samples, plus one per draft token).
+    """
 
     request: Request
     start: int
     num_tokens: int
+    draft: tuple[int, ...] = ()
+    token_ids: list[int] | None = None
+    logits: int | None = None
 
     @property
     def samples(self) -> bool:
         """Whether the chunk reaches the request's last token, so a new one is sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        return self.start + self.num_tokens - len(self.draft) == self.request.num_tokens
+
+    @property
+    def num_logits(self) -> int:
+        """Rows at the end of the chunk whose logits the step returns."""
+        if self.logits is not None:
+            return self.logits
+        return 1 + len(self.draft) if self.samples else 0
+
+    def ids(self) -> list[int]:
+        """The chunk's token ids."""
+        if self.token_ids is not None:
+            return self.token_ids
+        own = self.request.all_token_ids[self.start : self.start + self.num_tokens]
+        return own + list(self.draft) if self.draft else own
 
 
 @dataclass
@@ -87,15 +114,19 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = int(min(request.num_tokens - request.num_computed_tokens, budget))
-            while not self.kv.allocate(request, n):
+            draft = ()
+            if request.draft and n == request.num_tokens - request.num_computed_tokens == 1:
+                draft = tuple(request.draft[: int(min(len(request.draft), budget - 1))])
+            while not self.kv.allocate(request, n + len(draft)):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     break
             else:
-                out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
-                budget -= n
+                chunk = ScheduledChunk(request, request.num_computed_tokens, n + len(draft), draft)
+                out.chunks.append(chunk)
+                budget -= chunk.num_tokens
                 i += 1
         if out.preempted:
             return out

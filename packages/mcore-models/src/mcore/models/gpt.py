@@ -388,11 +388,15 @@ class GPTModel(torch.nn.Module):
             x = self._run_layer(layer, x, rotary, mask, packed_seq_params)
         return x, position_ids, mask
 
-    def kv_cache_specs(self) -> dict[int, KVCacheSpec]:
+    def kv_cache_specs(self, mtp: bool = False) -> dict[int, KVCacheSpec]:
         """What each attention layer keeps per token in a paged KV cache, by layer number
-        (layers without attention keep nothing)."""
+        (layers without attention keep nothing); with ``mtp``, the multi-token-prediction
+        depths' layers too (numbered after the main stack), which speculative decoding runs."""
         specs = {}
-        for layer in self.layers.values():
+        layers = list(self.layers.values())
+        if mtp and self.mtp is not None:
+            layers += [m for depth in self.mtp.layers for m in depth.block]
+        for layer in layers:
             attention = layer.self_attention
             if attention is None:
                 continue
@@ -415,15 +419,20 @@ class GPTModel(torch.nn.Module):
         }
 
     def forward_paged(
-        self, batch: PagedBatch, hidden_states: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        batch: PagedBatch,
+        hidden_states: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[len(batch.logits_rows), vocab]`` of the inference engine's flat token
         batch: every attention layer writes the tokens' keys/values into the paged cache and
         attends over each request's cached context (see ``mcore.models.inference``).
 
-        Only the rows in ``batch.logits_rows`` go through the final norm and output layer.
-        On a pipeline stage, ``hidden_states`` ``[T, 1, h]`` (the previous stage's output) stand
-        in for the embedding, and a stage before the last returns its own ``[T, 1, h]``.
+        Only the rows in ``batch.logits_rows`` go through the output layer. On a pipeline
+        stage, ``hidden_states`` ``[T, 1, h]`` (the previous stage's output) stand in for the
+        embedding, and a stage before the last returns its own ``[T, 1, h]``.
+        ``return_hidden``: also return every row's final-normed hidden states ``[T, 1, h]``
+        (what the first multi-token-prediction depth reads, :meth:`mtp_forward_paged`).
         """
         if self.sequence_parallel:
             raise NotImplementedError(
@@ -447,10 +456,40 @@ class GPTModel(torch.nn.Module):
             x = layer(x, rotary, paged=batch)
         if not self.post_process:
             return x
-        x = self.final_layernorm(x[batch.logits_rows])  # [R, 1, h]
+        if return_hidden:
+            normed = self.final_layernorm(x)
+            return self._paged_logits(normed[batch.logits_rows]), normed
+        return self._paged_logits(self.final_layernorm(x[batch.logits_rows]))
+
+    def _paged_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Gathered logits ``[R, vocab]`` of final-normed rows ``[R, 1, h]``."""
         logits = self.output_layer(x, weight=self._output_weight())
         logits = gather_from_tensor_parallel_region(logits, self.parallel_state.tp_group)
         return logits[:, 0]
+
+    def mtp_forward_paged(
+        self, batch: PagedBatch, hidden: torch.Tensor, depth: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multi-token-prediction depth ``depth`` (1-based) over the engine's flat batch:
+        ``batch.input_ids`` hold, at each row of position ``t``, the token at ``t + depth``,
+        and ``hidden`` ``[T, 1, h]`` the previous depth's final-normed hidden states at the
+        same rows (the main model's, from ``forward_paged(return_hidden=True)``, for depth 1).
+        The depth's layers keep their keys/values at position ``t`` in their own paged cache
+        (``kv_cache_specs(mtp=True)``). Returns this depth's hidden states ``[T, 1, h]`` and
+        the logits ``[len(batch.logits_rows), vocab]`` of its prediction of token
+        ``t + depth + 1``: the draft of speculative decoding."""
+        if self.mtp is None or not 1 <= depth <= self.mtp.depth:
+            have = 0 if self.mtp is None else self.mtp.depth
+            raise ValueError(
+                f"mtp_forward_paged: depth {depth}, but the model has {have} MTP depths"
+            )
+        batch.begin_forward()
+        x = self.embedding(batch.input_ids.unsqueeze(1))  # [T, 1, h]
+        # Depth k sits at the positions of the tokens it embeds (t + k), as in training.
+        positions = (batch.positions + depth).unsqueeze(0)
+        rotary = self.rotary(positions) if self.rotary is not None else None
+        out = self.mtp.layers[depth - 1](x, hidden, lambda layer, y: layer(y, rotary, paged=batch))
+        return out, self._paged_logits(out[batch.logits_rows])
 
     def reduce_partial_grads(self) -> None:
         """Sum over TP the gradients of replicated parameters that each rank sees part of.

@@ -4,7 +4,8 @@ A body is checked field by field; the first bad one raises ``InvalidRequestError
 (the server answers 400 with ``param`` set). Fields of the OpenAI API this server does not
 implement are refused when given a non-default value rather than silently ignored; unknown
 fields are ignored, as OpenAI-compatible servers commonly do. vLLM's extensions ``top_k``,
-``min_p``, ``stop_token_ids``, ``ignore_eos`` and ``skip_special_tokens`` are accepted.
+``min_p``, ``stop_token_ids``, ``ignore_eos`` and ``skip_special_tokens`` are accepted, and
+``num_speculative_tokens`` (drafted tokens per step for this request; 0 turns speculation off).
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | N
             body, "skip_special_tokens", lambda v: isinstance(v, bool), "must be a bool", True
         ),
         logprobs=logprobs,
+        num_speculative_tokens=_field(
+            body,
+            "num_speculative_tokens",
+            lambda v: _is_int(v) and v >= 0,
+            "must be an integer >= 0",
+        ),
     )
 
 
