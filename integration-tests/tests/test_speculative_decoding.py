@@ -201,3 +201,109 @@ def test_bad_speculation_settings_name_the_knob() -> None:
     plain = _engine(no_mtp, 0)
     with pytest.raises(InvalidRequestError, match="drafts at most 0"):
         plain.add_request([1, 2], SamplingParams(num_speculative_tokens=1))
+
+
+# -- the trained example, served ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mtp_checkpoint(tmp_path_factory) -> str:
+    """``mcore train`` with two MTP depths on the built-in corpus, saved (one process)."""
+    from mcore.core import load_config
+    from mcore.core.training.loop import train
+
+    folder = tmp_path_factory.mktemp("mtp-run")
+    overrides = {
+        "model.num-layers": "2", "model.hidden-size": "64", "model.num-attention-heads": "4",
+        "model.mtp-num-layers": "2", "model.mtp-loss-scaling-factor": "0.5",
+        "train.train-iters": "40", "train.seq-length": "64", "train.micro-batch-size": "8",
+        "optimizer.lr": "3e-3", "data.max-bytes": "200000",
+        "data.cache-dir": str(folder / "data"), "checkpoint.save": str(folder / "ckpt"),
+        "logger.log-interval": "1000",
+    }  # fmt: skip
+    losses = train(load_config(overrides=overrides)).losses
+    assert losses[-1] < losses[0] - 1.0
+    return str(folder / "ckpt")
+
+
+def test_mcore_serve_with_speculation_equals_plain_greedy(mtp_checkpoint) -> None:
+    """The checkpoint served by ``mcore serve --inference.num-speculative-tokens 2``, with
+    chunked prefill (16-token steps) and a KV cache small enough to preempt: 8 concurrent
+    greedy completions equal the plain engine's, and /metrics reports the drafts."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from mcore.inference import load_model
+
+    model, tokenizer = load_model(mtp_checkpoint)
+    assert model.mtp is not None and model.mtp.depth == 2
+    g = torch.Generator().manual_seed(9)
+    vocab = tokenizer.vocab_size
+    prompts = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (5, 40, 12, 33) * 2]
+    plain = DynamicInferenceEngine(
+        model, InferenceConfig(device="cpu", kv_cache_blocks=64, block_size_tokens=8),
+        tokenizer=tokenizer,
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in plain.generate(prompts, params)]
+
+    bin_dir = Path(sys.executable).parent
+    server = subprocess.Popen(
+        [str(bin_dir / "mcore"), "serve", "--model", mtp_checkpoint, "--inference.device", "cpu",
+         "--inference.num-speculative-tokens", "2", "--inference.max-tokens", "16",
+         "--inference.max-requests", "8",
+         "--inference.kv-cache-blocks", "16", "--inference.block-size-tokens", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("mcore serve: http://127.0.0.1:"), server.stderr.read()
+        url = line.split()[2]
+
+        def complete(prompt: list[int]) -> list[int]:
+            body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True}  # fmt: skip
+            request = urllib.request.Request(
+                url + "/v1/completions", data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )  # fmt: skip
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return json.load(response)["choices"][0]["token_ids"]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(complete, prompts))
+        assert got == want
+        # A per-request setting above the engine's is refused by name; the server keeps going.
+        body = {"prompt": prompts[0], "max_tokens": 2, "num_speculative_tokens": 5}
+        request = urllib.request.Request(
+            url + "/v1/completions", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 400
+        assert json.load(refused.value)["error"]["param"] == "num_speculative_tokens"
+        with urllib.request.urlopen(url + "/metrics", timeout=60) as response:
+            metrics = response.read().decode()
+        assert "mcore_preemptions_total" in metrics
+        values = {
+            line.split()[0]: float(line.split()[1])
+            for line in metrics.splitlines()
+            if line and not line.startswith("#")
+        }
+        assert values["mcore_spec_decode_draft_tokens_total"] > 0
+        assert values['mcore_spec_decode_accepted_tokens_per_position_total{position="2"}'] >= 0
+        assert 0 < values["mcore_spec_acceptance_rate"] <= 1
+        assert values["mcore_preemptions_total"] > 0
+        assert complete(prompts[1]) == want[1]  # still serving
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

@@ -38,7 +38,7 @@ def test_a_packed_layer_computes_f_linear_and_follows_its_weight() -> None:
     assert column.kernel is None and row.kernel is None
 
 
-def test_with_autograd_or_few_rows_the_layer_runs_f_linear(monkeypatch) -> None:
+def test_with_autograd_or_one_row_the_layer_runs_f_linear(monkeypatch) -> None:
     kernel = PackedLinear()
     weight = torch.nn.Parameter(torch.randn(64, 32))
     calls = []
@@ -46,8 +46,10 @@ def test_with_autograd_or_few_rows_the_layer_runs_f_linear(monkeypatch) -> None:
     out = kernel(torch.randn(8, 32), weight, None)  # grad on: trainable output, no oneDNN
     assert out.requires_grad and not calls
     with torch.inference_mode():
-        kernel(torch.randn(3, 32), weight, None)  # one to three rows: matrix-vector BLAS
-    assert not calls
+        kernel(torch.randn(1, 32), weight, None)  # one row: the BLAS's matrix-vector path
+        assert not calls
+        kernel(torch.randn(2, 32), weight, None)  # two rows and more: oneDNN
+    assert len(calls) == 1
 
 
 def test_packed_engine_generates_what_transformers_does(

@@ -59,6 +59,38 @@ class Backend(Protocol):
     async def stats(self) -> dict[str, Any]: ...
 
 
+def _speculation_lines(stats: dict[str, Any]) -> list[str]:
+    """Speculative decoding in Prometheus' text format: drafted and accepted tokens (in all and
+    by draft position), the acceptance rate and the tokens a verifying step produces."""
+    if not stats.get("spec_drafted_per_position"):
+        return []
+    lines = _counter(
+        "mcore_spec_decode_draft_tokens_total", "Drafted tokens sent to verification.",
+        stats["spec_draft_tokens"],
+    )  # fmt: skip
+    lines += _counter(
+        "mcore_spec_decode_accepted_tokens_total", "Drafted tokens the model accepted.",
+        stats["spec_accepted_tokens"],
+    )  # fmt: skip
+    name = "mcore_spec_decode_accepted_tokens_per_position_total"
+    lines += [
+        f"# HELP {name} Accepted drafts by draft position (position k: MTP depth k).",
+        f"# TYPE {name} counter",
+    ]
+    for k, accepted in enumerate(stats["spec_accepted_per_position"], start=1):
+        lines.append(f'{name}{{position="{k}"}} {accepted}')
+    for key, help_text in (
+        ("spec_acceptance_rate", "Share of drafted tokens accepted."),
+        ("spec_tokens_per_verify_step", "Tokens a request produces per verifying step."),
+    ):
+        lines += [
+            f"# HELP mcore_{key} {help_text}",
+            f"# TYPE mcore_{key} gauge",
+            f"mcore_{key} {stats[key]}",
+        ]
+    return lines
+
+
 def json_error(status: int, message: str, kind: str, param: str | None = None) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return web.json_response(body, status=status)
@@ -252,6 +284,7 @@ class OpenAIServer:
         for key in ("preemptions", "prefix_cache_hit_tokens"):
             if key in stats:
                 lines += _counter(f"mcore_{key}_total", key.replace("_", " ") + ".", stats[key])
+        lines += _speculation_lines(stats)
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     # -- generation ---------------------------------------------------------------------------
