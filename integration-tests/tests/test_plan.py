@@ -67,6 +67,20 @@ def test_dense_ddp_figures_match_hand_formulas(tp: int, pp: int) -> None:
         assert role.optimizer_cpu_bytes == 0
 
 
+@pytest.mark.parametrize("pp", [1, 2])
+def test_mtp_depths_are_counted_on_the_last_stage(pp: int) -> None:
+    """Two MTP depths: per depth two norms, the replicated 2h x h projection, one layer and
+    its output norm; with pp 2 the last stage already holds the tied embedding's copy."""
+    p = plan({**DENSE, "parallel.pp": str(pp), "model.mtp-num-layers": "2"}, 8)
+    base = plan({**DENSE, "parallel.pp": str(pp)}, 8)
+    per_layer, _ = layer(1)
+    per_depth = 2 * H + 2 * H * H + per_layer + H
+    assert p.roles[-1].num_params == base.roles[-1].num_params + 2 * per_depth
+    if pp == 2:
+        assert p.roles[0].num_params == base.roles[0].num_params
+    assert p.model_flops_per_token > base.model_flops_per_token
+
+
 def test_distributed_optimizer_shards_main_weights_and_state_over_dp() -> None:
     world = dp = 4
     p = plan({**DENSE, "optimizer.use-distributed-optimizer": "true"}, world)
@@ -160,8 +174,13 @@ def _saved_bytes_of_a_real_cpu_run(overrides: dict[str, str]) -> int:
 
 @pytest.mark.parametrize(
     "overrides",
-    [DENSE, MOE, {**DENSE, "model.recompute-granularity": "full"}],
-    ids=["dense", "moe", "full-recompute"],
+    [
+        DENSE,
+        MOE,
+        {**DENSE, "model.recompute-granularity": "full"},
+        {**MOE, "model.mtp-num-layers": "2"},
+    ],
+    ids=["dense", "moe", "full-recompute", "moe-mtp"],
 )
 def test_activation_figure_matches_a_real_cpu_run(overrides: dict[str, str]) -> None:
     config = load_config(None, {**overrides, "train.micro-batch-size": "2"})

@@ -206,20 +206,32 @@ def test_bad_speculation_settings_name_the_knob() -> None:
 # -- the trained example, served ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def mtp_checkpoint(tmp_path_factory) -> str:
-    """``mcore train`` with two MTP depths on the built-in corpus, saved (one process)."""
+KINDS = {
+    "dense": {},
+    "moe": {"moe.num-experts": "4", "moe.router-topk": "2", "moe.ffn-hidden-size": "64"},
+    "hybrid": {
+        "model.num-layers": "3", "model.hybrid-override-pattern": "M*-/*-/*-",
+        "ssm.mamba-head-dim": "16", "ssm.mamba-num-groups": "2", "ssm.mamba-state-dim": "8",
+        "ssm.mamba-chunk-size": "16",
+    },
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def mtp_checkpoint(request, tmp_path_factory) -> str:
+    """``mcore train`` with two MTP depths on the built-in corpus, saved (one process): a
+    dense, an MoE and a hybrid (Mamba-2) model."""
     from mcore.core import load_config
     from mcore.core.training.loop import train
 
-    folder = tmp_path_factory.mktemp("mtp-run")
+    folder = tmp_path_factory.mktemp(f"mtp-run-{request.param}")
     overrides = {
         "model.num-layers": "2", "model.hidden-size": "64", "model.num-attention-heads": "4",
         "model.mtp-num-layers": "2", "model.mtp-loss-scaling-factor": "0.5",
         "train.train-iters": "40", "train.seq-length": "64", "train.micro-batch-size": "8",
         "optimizer.lr": "3e-3", "data.max-bytes": "200000",
         "data.cache-dir": str(folder / "data"), "checkpoint.save": str(folder / "ckpt"),
-        "logger.log-interval": "1000",
+        "logger.log-interval": "1000", **KINDS[request.param],
     }  # fmt: skip
     losses = train(load_config(overrides=overrides)).losses
     assert losses[-1] < losses[0] - 1.0

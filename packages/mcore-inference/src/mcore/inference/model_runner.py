@@ -87,13 +87,13 @@ class ModelRunner:
         return logits, batch, hidden
 
     @torch.inference_mode()
-    def execute_mtp(self, chunks: Sequence[ScheduledChunk], hidden: torch.Tensor, depth: int):
-        """Eagerly: multi-token-prediction depth ``depth`` over ``chunks`` (their ``token_ids``
-        are the shifted tokens; ``hidden`` the previous depth's rows in the batch's order):
-        ``(logits, batch, hidden of this depth)``."""
-        batch = self.context.build_batch(chunks)
-        hidden, logits = self.model.mtp_forward_paged(batch.paged, hidden, depth)
-        return logits, batch, hidden
+    def execute_mtp(self, paged, hidden: torch.Tensor, depth: int, *, first: bool = True):
+        """Eagerly: multi-token-prediction depth ``depth`` over the paged batch ``paged``
+        (its ids are the shifted tokens; ``hidden`` the previous depth's rows in its order):
+        ``(logits of paged.logits_rows, hidden of this depth)``. ``first``: the batch is new
+        (later depths over the same batch reuse its attention masks)."""
+        hidden, logits = self.model.mtp_forward_paged(paged, hidden, depth, new_batch=first)
+        return logits, hidden
 
     def release_graphs(self) -> None:
         if self.graphs is not None:

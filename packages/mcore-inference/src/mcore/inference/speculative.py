@@ -234,29 +234,41 @@ class Speculator:
         depth = max((d for *_, d in rows), default=0)
         if not depth:
             return
-        # Depth 1 reads the main model's hidden states of the same rows, in its batch order.
-        first = {
-            id(c.request): batch.first_rows[id(c)] for c in chunks if id(c) in batch.first_rows
-        }
-        order = [r for r in rows if r[2] == 1] + [r for r in rows if r[2] > 1]
-        index = [first[id(req)] + i for req, _, count, _ in order for i in range(count)]
-        h = hidden.index_select(0, torch.tensor(index, device=hidden.device))
         drafted: dict[int, list[int]] = {id(req): [] for req, *_ in rows}
         probs: dict[int, list[torch.Tensor]] = {id(req): [] for req, *_ in rows}
+        # One batch for every depth: the same rows (positions, cache slots, masks); depth k
+        # only changes the ids (tokens t + k) and which rows give logits (requests drafting
+        # k tokens or more).
+        mtp_chunks = [
+            ScheduledChunk(request, start, count, token_ids=[0] * count, logits=int(drafts >= 1))
+            for request, start, count, drafts in rows
+        ]
+        mtp_batch = engine.context.build_batch(mtp_chunks)
+        paged, device = mtp_batch.paged, hidden.device
+        starts = [mtp_batch.first_rows[id(c)] for c in mtp_chunks]
+        # Depth 1 reads the main model's hidden states of the same positions.
+        target_rows = {id(c.request): batch.first_rows[id(c)] for c in chunks}
+        index = torch.empty(paged.num_tokens, dtype=torch.long)
+        for (request, _, count, _), row in zip(rows, starts, strict=True):
+            first = target_rows[id(request)]
+            index[row : row + count] = torch.arange(first, first + count)
+        h = hidden.index_select(0, index.to(device))
         for k in range(1, depth + 1):
-            mtp_chunks = []
-            for request, start, count, drafts in rows:
-                ids = [
-                    _token_at(request, drafted[id(request)], t + k)
-                    for t in range(start, start + count)
-                ]
-                mtp_chunks.append(
-                    ScheduledChunk(
-                        request, start, count, token_ids=ids, logits=1 if drafts >= k else 0
-                    )
+            ids = torch.zeros(paged.num_tokens, dtype=torch.long)
+            sampling, last_rows = [], []
+            for (request, start, count, drafts), row in sorted(
+                zip(rows, starts, strict=True), key=lambda pair: pair[1]
+            ):
+                known = drafted[id(request)]
+                ids[row : row + count] = torch.tensor(
+                    [_token_at(request, known, t + k) for t in range(start, start + count)]
                 )
-            logits, mtp_batch, h = engine.runner.execute_mtp(mtp_chunks, h, k)
-            sampling = [c.request for c in mtp_batch.sample_chunks]
+                if drafts >= k:
+                    sampling.append(request)
+                    last_rows.append(row + count - 1)
+            paged.input_ids = ids.to(device)
+            paged.logits_rows = torch.tensor(last_rows, dtype=torch.long, device=device)
+            logits, h = engine.runner.execute_mtp(paged, h, k, first=k == 1)
             if not sampling:
                 continue
             scores = engine.sampler.limit_vocab(logits)

@@ -468,7 +468,7 @@ class GPTModel(torch.nn.Module):
         return logits[:, 0]
 
     def mtp_forward_paged(
-        self, batch: PagedBatch, hidden: torch.Tensor, depth: int
+        self, batch: PagedBatch, hidden: torch.Tensor, depth: int, new_batch: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Multi-token-prediction depth ``depth`` (1-based) over the engine's flat batch:
         ``batch.input_ids`` hold, at each row of position ``t``, the token at ``t + depth``,
@@ -477,13 +477,16 @@ class GPTModel(torch.nn.Module):
         The depth's layers keep their keys/values at position ``t`` in their own paged cache
         (``kv_cache_specs(mtp=True)``). Returns this depth's hidden states ``[T, 1, h]`` and
         the logits ``[len(batch.logits_rows), vocab]`` of its prediction of token
-        ``t + depth + 1``: the draft of speculative decoding."""
+        ``t + depth + 1``: the draft of speculative decoding. ``new_batch=False``: the batch
+        ran the previous depth (same rows and positions, new ids), so its attention masks are
+        kept."""
         if self.mtp is None or not 1 <= depth <= self.mtp.depth:
             have = 0 if self.mtp is None else self.mtp.depth
             raise ValueError(
                 f"mtp_forward_paged: depth {depth}, but the model has {have} MTP depths"
             )
-        batch.begin_forward()
+        if new_batch:
+            batch.begin_forward()
         x = self.embedding(batch.input_ids.unsqueeze(1))  # [T, 1, h]
         # Depth k sits at the positions of the tokens it embeds (t + k), as in training.
         positions = (batch.positions + depth).unsqueeze(0)
