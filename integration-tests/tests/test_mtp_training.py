@@ -1,5 +1,5 @@
 """``mcore train`` with multi-token prediction (DeepSeek-V3's MTP, two depths, MoE layers):
-the loss curve under TP+SP, PP (tied and untied embeddings), EP, megatron-fsdp and the
+the loss curve under TP+SP, PP (tied and untied embeddings), EP, CP, megatron-fsdp and the
 distributed optimizer with recompute equals one process; the MTP loss factor trains the model
 (0 leaves the LM curve of a model without MTP); each depth's loss reaches the metrics."""
 
@@ -60,6 +60,7 @@ LAYOUTS = {
     "pp2_tied": (2, {"parallel.pp": "2"}),
     "pp2_untied": (2, {"parallel.pp": "2", "model.untie-embeddings-and-output-weights": "true"}),
     "ep2": (2, {"parallel.ep": "2"}),
+    "cp2": (2, {"parallel.cp": "2"}),
     "megatron_fsdp": (
         2,
         {
@@ -122,7 +123,6 @@ def test_each_depth_loss_reaches_the_metrics(reference, tmp_path) -> None:
     ("overrides", "message"),
     [
         ({"model.mtp-num-layers": "0"}, "mtp_loss_scaling_factor: is set"),
-        ({"parallel.cp": "2"}, "does not run under parallel.context_parallel_size=2"),
         (
             {"model.position-embedding-type": "learned_absolute"},
             "needs position_embedding_type 'rope' or 'none'",

@@ -302,14 +302,6 @@ def validate_against_parallel(config: Config, errors: ConfigErrors) -> None:
             f"parallel.tensor_model_parallel_size={tp}",
         )
     _validate_stage_splits(config, errors)
-    cp = getattr(config.parallel, "context_parallel_size", 1)
-    depths = model.mtp_depth
-    if depths and cp > 1:
-        errors.add(
-            "model.mtp_num_layers",
-            f"multi-token prediction ({depths} depth(s)) does not run under "
-            f"parallel.context_parallel_size={cp} yet: its shifted tokens cross the CP shards",
-        )
     groups = model.num_query_groups
     if groups is not None and groups % tp:
         errors.add(

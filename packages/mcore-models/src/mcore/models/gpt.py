@@ -39,11 +39,13 @@ from mcore.parallel import (
     ParallelState,
     VocabParallelEmbedding,
     cp_local_positions,
+    gather_from_context_parallel,
     gather_from_tensor_parallel_region,
     mark_shared_embedding,
     mark_tp_partial_grad,
     reduce_tp_partial_grads,
     scatter_to_sequence_parallel_region,
+    split_for_context_parallel,
     stage_layers,
     vocab_parallel_cross_entropy,
 )
@@ -337,17 +339,40 @@ class GPTModel(torch.nn.Module):
                 rotaries[k] = self.rotary(position_ids + k) if self.rotary is not None else None
             return self._run_layer(layer, h, rotaries[k], mask, packed_seq_params)
 
-        return self.mtp.hidden_states(x, input_ids, lambda ids: self.embedding(ids.t()), run_layer)
+        return self.mtp.hidden_states(
+            x, input_ids, lambda ids: self.embedding(ids.t()), run_layer, self._mtp_shift
+        )
+
+    def _mtp_shift(self, x: torch.Tensor, depth: int, fill: int | float = 0) -> torch.Tensor:
+        """:func:`~mcore.models.mtp.mtp_targets` of this rank's ``[b, s]`` shard of a
+        sequence: under context parallelism the shards are gathered (token ids and masks,
+        b x s numbers), shifted as a whole and split again."""
+        group = self.parallel_state.cp_group
+        if self.parallel_state.cp_size == 1:
+            return mtp_targets(x, depth, fill)
+        whole = gather_from_context_parallel(x, dim=1, cp_group=group)
+        return split_for_context_parallel(mtp_targets(whole, depth, fill), dim=1, cp_group=group)
 
     def _attach_mtp_loss(
         self, loss, x, input_ids, position_ids, labels, loss_mask, packed_seq_params, mask
     ) -> torch.Tensor:
         hidden = self._mtp_hidden(x, input_ids, position_ids, packed_seq_params, mask)
         depth_losses = [
-            self._per_token_loss(h, mtp_targets(labels, k)).t()
+            self._per_token_loss(h, self._mtp_shift(labels, k)).t()
             for k, h in enumerate(hidden, start=1)
         ]
-        return self.mtp.attach_loss(loss, depth_losses, labels, loss_mask, packed_seq_params)
+        return self.mtp.attach_loss(
+            loss, depth_losses, labels, loss_mask, packed_seq_params, self._mtp_shift,
+            counts=self._cp_mean_counts if self.parallel_state.cp_size > 1 else None,
+        )  # fmt: skip
+
+    def _cp_mean_counts(self, local: torch.Tensor) -> torch.Tensor:
+        """Per-depth valid-token counts that make each CP rank's MTP loss its share of the
+        whole sequence's mean: the sum over the CP group / its size (gradients are averaged
+        over data and context parallel ranks, as the LM loss's are)."""
+        total = local.detach().clone()
+        torch.distributed.all_reduce(total, group=self.parallel_state.cp_group)
+        return total / self.parallel_state.cp_size
 
     def _main_stack(
         self,

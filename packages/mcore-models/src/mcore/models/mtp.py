@@ -60,16 +60,19 @@ def mtp_targets(tensor: torch.Tensor, depth: int, fill: int | float = 0) -> torc
     return out
 
 
+Shift = Callable[[torch.Tensor, int, int | float], torch.Tensor]
+"""``shift(tensor [b, s], depth, fill)``: :func:`mtp_targets` of the whole sequence, as this
+rank holds it (under context parallelism the model gathers the shards, shifts and splits)."""
+
+
 def _valid_positions(
-    shape: torch.Size, depth: int, device: torch.device, packed: PackedSeqParams | None
+    like: torch.Tensor, depth: int, packed: PackedSeqParams | None, shift: Shift
 ) -> torch.Tensor:
     """``[b, s]`` True where token ``t + depth`` exists and belongs to ``t``'s sequence."""
-    b, s = shape
-    index = torch.arange(s, device=device).expand(b, s)
-    valid = index < s - depth
+    valid = shift(torch.ones_like(like, dtype=torch.long), depth, 0).bool()
     if packed is not None:
-        seg = packed.segment_ids.to(device)
-        valid = valid & (mtp_targets(seg, depth, fill=-1) == seg) & (seg >= 0)
+        seg = packed.segment_ids.to(like.device)
+        valid = valid & (shift(seg, depth, -1) == seg) & (seg >= 0)
     return valid
 
 
@@ -143,6 +146,7 @@ class MultiTokenPrediction(torch.nn.Module):
         input_ids: torch.Tensor,
         embed: Callable[[torch.Tensor], torch.Tensor],
         run_layer: Callable[[int, TransformerLayer, torch.Tensor], torch.Tensor],
+        shift: Shift = mtp_targets,
     ) -> list[torch.Tensor]:
         """Each depth's final-normed hidden states ``[s, b, h]``, from the main model's
         ``hidden`` and the tokens ``input_ids`` ``[b, s]``. ``embed(ids [b, s])`` gives the
@@ -150,7 +154,7 @@ class MultiTokenPrediction(torch.nn.Module):
         one layer of depth ``k`` (1-based), with that depth's positions."""
         out = []
         for k, layer in enumerate(self.layers, start=1):
-            embedded = embed(mtp_targets(input_ids, k))
+            embedded = embed(shift(input_ids, k, 0))
             hidden = layer(embedded, hidden, lambda lay, x, k=k: run_layer(k, lay, x))
             out.append(hidden)
         return out
@@ -162,19 +166,27 @@ class MultiTokenPrediction(torch.nn.Module):
         labels: torch.Tensor,
         loss_mask: torch.Tensor | None,
         packed: PackedSeqParams | None,
+        shift: Shift = mtp_targets,
+        counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``lm_loss`` (returned unchanged) carrying the depths' scaled mean loss into backward.
 
         ``depth_losses[k - 1]`` ``[b, s]``: depth ``k``'s cross entropy against
-        ``mtp_targets(labels, k)``; positions past the end, across a packed boundary or
-        masked by ``mtp_targets(loss_mask, k)`` do not count."""
-        means = []
+        ``shift(labels, k)``; positions past the end, across a packed boundary or masked by
+        ``shift(loss_mask, k)`` do not count. ``counts(local [depths])``: the token counts
+        each depth's mean divides by, when they are not this rank's (context parallelism: the
+        shards hold different numbers of valid targets, and the mean is the sequence's)."""
+        sums, weights = [], []
         for k, per_token in enumerate(depth_losses, start=1):
-            weight = _valid_positions(labels.shape, k, per_token.device, packed).float()
+            weight = _valid_positions(labels, k, packed, shift).float()
             if loss_mask is not None:
-                weight = weight * mtp_targets(loss_mask.float(), k)
-            means.append((per_token.float() * weight).sum() / weight.sum().clamp(min=1))
-        stacked = torch.stack(means)
+                weight = weight * shift(loss_mask.float(), k, 0)
+            sums.append((per_token.float() * weight).sum())
+            weights.append(weight.sum())
+        denominators = torch.stack(weights)
+        if counts is not None:
+            denominators = counts(denominators)
+        stacked = torch.stack(sums) / denominators.clamp(min=1)
         self._record(stacked.detach())
         if not torch.is_grad_enabled():
             return lm_loss
