@@ -243,13 +243,12 @@ def test_mcore_serve_with_speculation_equals_plain_greedy(mtp_checkpoint) -> Non
     chunked prefill (16-token steps) and a KV cache small enough to preempt: 8 concurrent
     greedy completions equal the plain engine's, and /metrics reports the drafts."""
     import json
-    import signal
-    import subprocess
     import sys
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
+    from mcore.core.testing import served
     from mcore.inference import load_model
 
     model, tokenizer = load_model(mtp_checkpoint)
@@ -264,45 +263,37 @@ def test_mcore_serve_with_speculation_equals_plain_greedy(mtp_checkpoint) -> Non
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     want = [o.token_ids for o in plain.generate(prompts, params)]
 
-    bin_dir = Path(sys.executable).parent
-    server = subprocess.Popen(
-        [str(bin_dir / "mcore"), "serve", "--model", mtp_checkpoint, "--inference.device", "cpu",
-         "--inference.num-speculative-tokens", "2", "--inference.max-tokens", "16",
-         "--inference.max-requests", "8",
-         "--inference.kv-cache-blocks", "16", "--inference.block-size-tokens", "8"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        line = server.stdout.readline()
-        assert line.startswith("mcore serve: http://127.0.0.1:"), server.stderr.read()
-        url = line.split()[2]
+    command = [
+        str(Path(sys.executable).parent / "mcore"), "serve", "--model", mtp_checkpoint,
+        "--inference.device", "cpu", "--inference.num-speculative-tokens", "2",
+        "--inference.max-tokens", "16", "--inference.max-requests", "8",
+        "--inference.kv-cache-blocks", "16", "--inference.block-size-tokens", "8",
+    ]  # fmt: skip
 
-        def complete(prompt: list[int]) -> list[int]:
-            body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
-                    "return_token_ids": True}  # fmt: skip
-            request = urllib.request.Request(
-                url + "/v1/completions", data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            )  # fmt: skip
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return json.load(response)["choices"][0]["token_ids"]
-
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            got = list(pool.map(complete, prompts))
-        assert got == want
-        # A per-request setting above the engine's is refused by name; the server keeps going.
-        body = {"prompt": prompts[0], "max_tokens": 2, "num_speculative_tokens": 5}
+    def post(url: str, body: dict):
         request = urllib.request.Request(
             url + "/v1/completions", data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )  # fmt: skip
+        return urllib.request.urlopen(request, timeout=120)
+
+    def complete(url: str, prompt: list[int]) -> list[int]:
+        body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}  # fmt: skip
+        with post(url, body) as response:
+            return json.load(response)["choices"][0]["token_ids"]
+
+    with served(command) as url:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(lambda p: complete(url, p), prompts))
+        assert got == want
+        # A per-request setting above the engine's is refused by name; the server keeps going.
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=60)
+            post(url, {"prompt": prompts[0], "max_tokens": 2, "num_speculative_tokens": 5})
         assert refused.value.code == 400
         assert json.load(refused.value)["error"]["param"] == "num_speculative_tokens"
         with urllib.request.urlopen(url + "/metrics", timeout=60) as response:
             metrics = response.read().decode()
-        assert "mcore_preemptions_total" in metrics
         values = {
             line.split()[0]: float(line.split()[1])
             for line in metrics.splitlines()
@@ -312,10 +303,4 @@ def test_mcore_serve_with_speculation_equals_plain_greedy(mtp_checkpoint) -> Non
         assert values['mcore_spec_decode_accepted_tokens_per_position_total{position="2"}'] >= 0
         assert 0 < values["mcore_spec_acceptance_rate"] <= 1
         assert values["mcore_preemptions_total"] > 0
-        assert complete(prompts[1]) == want[1]  # still serving
-        server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=60) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        assert complete(url, prompts[1]) == want[1]  # still serving

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mcore.core import McoreError, hookimpl, load_config, register_plugin, unregister_plugin
+from mcore.core.testing import served
 from mcore.inference import DynamicInferenceEngine, SamplingParams, load_model
 from mcore.inference.loading import detect_model_kind
 from mcore.inference.tokenizer import CoreTextTokenizer, HFTextTokenizer
@@ -200,26 +200,11 @@ def test_mcore_generate_in_process_json_and_errors(formats, tmp_path, capsys) ->
 
 
 def test_mcore_serve_answers_http_until_interrupted(llama_dir) -> None:
-    process = subprocess.Popen(
-        [
-            str(BIN / "mcore"),
-            "serve",
-            "--model",
-            str(llama_dir),
-            "--api-key",
-            "k",
-            "--served-model-name",
-            "tiny",
-            *CPU,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = process.stdout.readline()
-        assert line.startswith("mcore serve: http://127.0.0.1:"), process.stderr.read()
-        url = line.split()[2]
+    command = [
+        str(BIN / "mcore"), "serve", "--model", str(llama_dir), "--api-key", "k",
+        "--served-model-name", "tiny", *CPU,
+    ]  # fmt: skip
+    with served(command) as url:
         with urllib.request.urlopen(url + "/health", timeout=60) as response:
             assert json.load(response)["status"] == "ok"
         request = urllib.request.Request(
@@ -230,12 +215,6 @@ def test_mcore_serve_answers_http_until_interrupted(llama_dir) -> None:
         with urllib.request.urlopen(request, timeout=60) as response:
             body = json.load(response)
         assert body["model"] == "tiny" and body["usage"]["completion_tokens"] <= 3
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_cli_commands_are_registered_with_their_knobs() -> None:

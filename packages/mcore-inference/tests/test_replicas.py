@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from mcore.core import McoreError
-from mcore.core.testing import run_ranks
+from mcore.core.testing import run_ranks, served
 from mcore.inference import (
     DynamicInferenceEngine,
     InferenceClient,
@@ -226,16 +226,7 @@ def test_mcore_serve_and_generate_over_model_parallel_ranks_equal_transformers(
     folder, hf = hf_dirs[case]
     prompts = random_prompts([7, 19, 3], hf.config.vocab_size, seed=4)
     expected = [hf_greedy(hf, p, 6) for p in prompts]
-    server = subprocess.Popen(
-        [str(BIN / "mcore"), "serve", "--model", str(folder), *layout, *CPU],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = server.stdout.readline()
-        assert line.startswith("mcore serve: http://127.0.0.1:"), server.stderr.read()
-        url = line.split()[2]
+    with served([str(BIN / "mcore"), "serve", "--model", str(folder), *layout, *CPU]) as url:
         for prompt, want in zip(prompts, expected, strict=True):
             body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
             body["return_token_ids"] = True
@@ -247,12 +238,6 @@ def test_mcore_serve_and_generate_over_model_parallel_ranks_equal_transformers(
             with urllib.request.urlopen(request, timeout=120) as response:
                 choice = json.load(response)["choices"][0]
             assert choice["token_ids"] == want
-        server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=60) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
     if generate_layout is None:
         return
     # mcore generate over 2 replicas (of 2 pipeline stages, or sharing experts): the local

@@ -28,7 +28,7 @@ MtpModel = pytest.importorskip("transformers.modeling_layers").MtpModel
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from mcore.core.testing import run_ranks  # noqa: E402
+from mcore.core.testing import randomise_weights, run_ranks  # noqa: E402
 from mcore.models.hf import hf_state_dict, load_hf, read_hf_config, save_hf  # noqa: E402
 from mcore.moe.hf import DEEPSEEK_V3  # noqa: E402
 from mcore.parallel import ParallelState  # noqa: E402
@@ -46,19 +46,6 @@ CONFIG = dict(
 )  # fmt: skip
 MTP_LAYERS = tuple(range(LAYERS, LAYERS + DEPTHS))
 """The HF layer numbers of the MTP depths."""
-
-
-def _randomise(module: torch.nn.Module, std: float, skip: tuple[str, ...] = ()) -> None:
-    """Random weights, noise on every 1-D tensor (norms start constant, the score bias at
-    zero), so a misplaced tensor shows in a comparison."""
-    with torch.no_grad():
-        for name, p in [*module.named_parameters(), *module.named_buffers()]:
-            if name.startswith(skip) or "inv_freq" in name:
-                continue
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.2)
-            else:
-                p.normal_(0.0, std)
 
 
 def _mtp_file_tensors(mtp) -> dict[str, torch.Tensor]:
@@ -98,9 +85,9 @@ def make_hf(folder: Path):
     config = transformers.DeepseekV3Config(**CONFIG)
     torch.manual_seed(0)
     main = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    _randomise(main, 0.1, skip=("model.embed_tokens", "lm_head"))
+    randomise_weights(main, 0.1, skip=("model.embed_tokens", "lm_head"))
     mtp = MtpModel(main, DEPTHS).float().eval()
-    _randomise(mtp, 0.1, skip=("embed_tokens", "shared_head", "rotary_emb"))
+    randomise_weights(mtp, 0.1, skip=("embed_tokens", "shared_head", "rotary_emb"))
     main.save_pretrained(folder)
     weights = folder / "model.safetensors"
     save_file({**load_file(str(weights)), **_mtp_file_tensors(mtp)}, str(weights),

@@ -39,6 +39,7 @@ pytest.importorskip("mcore.moe")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from mcore.core.testing import randomise_weights  # noqa: E402
 from mcore.models.hf import hf_state_dict, load_hf, read_hf_config, save_hf  # noqa: E402
 from mcore.ssm.hf import NEMOTRON_H, QWEN3_NEXT  # noqa: E402
 
@@ -75,19 +76,6 @@ NEMOTRON_H_CONFIG = dict(
     norm_topk_prob=True, num_nextn_predict_layers=2,
     mtp_layers_block_type=["full_attention", "moe"],
 )  # fmt: skip
-
-
-def _randomise(module: torch.nn.Module, std: float, skip: tuple[str, ...] = ()) -> None:
-    """Random weights, noise on every 1-D tensor (norms and biases start constant), so a
-    misplaced tensor shows in a comparison."""
-    with torch.no_grad():
-        for name, p in [*module.named_parameters(), *module.named_buffers()]:
-            if name.startswith(skip) or "inv_freq" in name:
-                continue
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.2)
-            else:
-                p.normal_(0.0, std)
 
 
 def _saved_layers(config, layers: dict[int, torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -165,9 +153,9 @@ def make_qwen3_next(folder: Path):
     ``num_nextn_predict_layers: 1`` in config.json; returns (main, mtp), fp32, eval."""
     torch.manual_seed(0)
     main = transformers.AutoModelForCausalLM.from_config(qwen3_next_config()).float().eval()
-    _randomise(main, 0.1, skip=("model.embed_tokens", "lm_head"))
+    randomise_weights(main, 0.1, skip=("model.embed_tokens", "lm_head"))
     mtp = MtpModel(main, 1).float().eval()
-    _randomise(mtp, 0.1, skip=("embed_tokens", "shared_head", "rotary_emb"))
+    randomise_weights(mtp, 0.1, skip=("embed_tokens", "shared_head", "rotary_emb"))
     main.save_pretrained(folder)
     # The MTP decoder layer saved as layer 2 of a model one full-attention layer longer.
     n = QWEN3_NEXT_CONFIG["num_hidden_layers"]
@@ -386,9 +374,9 @@ def make_nemotron_h(folder: Path):
     config = transformers.NemotronHConfig(**NEMOTRON_H_CONFIG)
     torch.manual_seed(0)
     main = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    _randomise(main, 0.1, skip=("backbone.embeddings", "lm_head"))
+    randomise_weights(main, 0.1, skip=("backbone.embeddings", "lm_head"))
     oracle = NemotronHMtpOracle(main.config).float().eval()
-    _randomise(oracle, 0.1)
+    randomise_weights(oracle, 0.1)
     main.save_pretrained(folder)
     _add_tensors(folder, oracle.file_tensors())
     return main, oracle

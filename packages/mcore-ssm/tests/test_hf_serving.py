@@ -9,8 +9,6 @@ greedy completion equals transformers' greedy decoding of the same prompt alone.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +20,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("mcore.moe")
 
+from mcore.core.testing import served
 from mcore.ssm.testing import make_hf
 
 BIN = Path(sys.executable).parent
@@ -67,18 +66,7 @@ def test_mcore_serve_greedy_equals_transformers_generate(case, tmp_path) -> None
         "--inference.max-tokens", "24", "--inference.max-requests", "16",
         "--inference.kv-cache-blocks", "64", "--inference.block-size-tokens", "8",
     ]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = server.stdout.readline()
-        assert line.startswith("mcore serve: http://127.0.0.1:"), server.stderr.read()
-        url = line.split()[2]
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            served = list(pool.map(lambda p: complete(url, p), prompts))
-        server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=60) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    for prompt, tokens in zip(prompts, served, strict=True):
+    with served(command) as url, ThreadPoolExecutor(len(prompts)) as pool:
+        outputs = list(pool.map(lambda p: complete(url, p), prompts))
+    for prompt, tokens in zip(prompts, outputs, strict=True):
         assert tokens == hf_greedy(hf, prompt), f"prompt of {len(prompt)} tokens"

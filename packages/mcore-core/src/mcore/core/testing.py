@@ -7,21 +7,25 @@ raised here with that rank's traceback.
 
 ``pytest_in_child`` / ``check_pytest_child`` run some of a test file's tests in a fresh
 interpreter with extra environment variables, for settings a library reads once at import
-(Triton's ``TRITON_INTERPRET``).
+(Triton's ``TRITON_INTERPRET``). ``served`` runs a server command (``mcore serve ...``) for the
+length of a ``with`` block; ``randomise_weights`` gives a module weights a comparison would
+catch misplaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -205,3 +209,40 @@ def check_pytest_child(child: subprocess.Popen, log: Path, timeout_s: float = 60
         raise AssertionError(f"the child pytest run failed:\n{report}")
     if " passed" not in report or "skipped" in report:
         raise AssertionError(f"the child pytest run passed nothing or skipped:\n{report}")
+
+
+@contextlib.contextmanager
+def served(command: list[str], *, shutdown_timeout_s: float = 60) -> Iterator[str]:
+    """Run ``command`` (a server that prints ``"<name>: <url> ..."`` on its first line, as
+    ``mcore serve`` does) and yield the URL. On leaving, the server gets SIGINT and must exit
+    cleanly; on an error it is killed. Fails with the server's stderr if it never prints."""
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        if not line.startswith("mcore serve: http://"):
+            raise AssertionError(f"the server did not start: {line!r}\n{server.stderr.read()}")
+        yield line.split()[2]
+        server.send_signal(signal.SIGINT)
+        code = server.wait(timeout=shutdown_timeout_s)
+        if code != 0:
+            raise AssertionError(f"the server exited with {code}:\n{server.stderr.read()}")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def randomise_weights(module: Any, std: float, skip: tuple[str, ...] = ()) -> None:
+    """Random weights ``N(0, std)``, and noise on every 1-D tensor (norms and biases start
+    constant), so a tensor in the wrong place shows in a comparison. Names starting with one
+    of ``skip`` and rotary ``inv_freq`` buffers are left alone."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in [*module.named_parameters(), *module.named_buffers()]:
+            if name.startswith(skip) or "inv_freq" in name:
+                continue
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+            else:
+                p.normal_(0.0, std)

@@ -15,41 +15,24 @@ tied output embeddings do), summed with the first stage's by ``allreduce_embeddi
 
 In training the depths' losses, each the masked mean cross entropy of its shifted targets,
 are averaged over depths and scaled by ``mtp_loss_scaling_factor``; they reach the gradients
-through :class:`MTPLossAutoScaler` without changing the loss the model returns (the LM loss),
+through :class:`~mcore.models.aux_loss.AuxLossAutoScaler` without changing the loss the model
+returns (the LM loss),
 and are logged per depth (``mtp_1_loss``, ...) at log intervals, read from the device then.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
+from mcore.models.aux_loss import AuxLossAutoScaler
 from mcore.models.context import ModelContext, mark_tp_partial_grad
 from mcore.models.layer import LayerSpec, TransformerLayer
 from mcore.models.packing import PackedSeqParams
 from mcore.parallel.init import set_init
 
-__all__ = ["MTPLossAutoScaler", "MultiTokenPrediction", "MultiTokenPredictionLayer", "mtp_targets"]
-
-
-class MTPLossAutoScaler(torch.autograd.Function):
-    """Identity on ``output`` whose backward also gives ``mtp_loss`` the gradient ``scale``:
-    the MTP loss trains the model as if added to the LM loss, which the model still returns
-    alone. ``scale`` is the LM loss's backward scale (1 / micro-batches, times the fp16 loss
-    scale), which the training runtime sets as ``aux_loss_scale``."""
-
-    @staticmethod
-    def forward(ctx: Any, output: torch.Tensor, mtp_loss: torch.Tensor, scale: float):
-        ctx.save_for_backward(mtp_loss)
-        ctx.scale = scale
-        return output
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):
-        (mtp_loss,) = ctx.saved_tensors
-        return grad_output, torch.full_like(mtp_loss, ctx.scale), None
+__all__ = ["MultiTokenPrediction", "MultiTokenPredictionLayer", "mtp_targets"]
 
 
 def mtp_targets(tensor: torch.Tensor, depth: int, fill: int | float = 0) -> torch.Tensor:
@@ -191,7 +174,7 @@ class MultiTokenPrediction(torch.nn.Module):
         if not torch.is_grad_enabled():
             return lm_loss
         total = stacked.mean() * self.loss_scaling_factor
-        return MTPLossAutoScaler.apply(lm_loss, total, self.aux_loss_scale)
+        return AuxLossAutoScaler.apply(lm_loss, total, self.aux_loss_scale)
 
     def _record(self, means: torch.Tensor) -> None:
         self._totals = means if self._totals is None else self._totals + means

@@ -4,7 +4,7 @@ The router, dispatcher and experts come by name from their registries (``moe.rou
 ``moe.token_dispatcher_type``), so a plugin swaps any of them. Between the router and the
 dispatcher the layer applies what every router shares: router replay, capacity and token
 dropping, padding for quantised GEMMs and the balancing losses, whose gradient joins backward
-through :class:`~mcore.moe.routing.AuxLossAutoScaler`.
+through :class:`~mcore.models.aux_loss.AuxLossAutoScaler`.
 
 Per-step bookkeeping follows small protocols that ``mcore.parallel``'s training runtime calls
 on any module that has them: ``aux_loss_scale`` (set to the main loss's backward scale),
@@ -25,10 +25,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mcore.models import ModelContext
+from mcore.models.aux_loss import AuxLossAutoScaler
 from mcore.moe.experts import GroupedMLP, SharedExpertMLP
 from mcore.moe.replay import ReplaySlot
 from mcore.moe.routing import (
-    AuxLossAutoScaler,
     apply_capacity,
     expert_capacity,
     global_token_counts,

@@ -4,8 +4,9 @@
 boolean ``routing_map`` (``[tokens, num_experts]``) the dispatchers take; :func:`apply_capacity`
 drops (and optionally pads) tokens beyond each expert's capacity; :func:`pad_for_quantization`
 routes extra zero-probability tokens so each expert's count is a multiple of the quantised
-GEMM's alignment; the losses keep experts balanced, and :class:`AuxLossAutoScaler` carries their
-gradient into backward without changing the forward.
+GEMM's alignment; the losses keep experts balanced, and
+:class:`~mcore.models.aux_loss.AuxLossAutoScaler` carries their gradient into backward without
+changing the forward.
 """
 
 from __future__ import annotations
@@ -155,23 +156,3 @@ def global_token_counts(
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(both, group=group)
     return both[:-1], both[-1]
-
-
-class AuxLossAutoScaler(torch.autograd.Function):
-    """Identity on ``output`` whose backward also gives ``aux_loss`` the gradient ``scale``.
-
-    This adds ``scale * d aux_loss`` to the parameters' gradients as if ``aux_loss`` had been
-    added to the training loss, without changing the loss the loop reports; ``scale`` matches
-    the main loss's (1 / micro-batches, times the fp16 loss scale).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, output: torch.Tensor, aux_loss: torch.Tensor, scale: float):
-        ctx.save_for_backward(aux_loss)
-        ctx.scale = scale
-        return output
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):
-        (aux_loss,) = ctx.saved_tensors
-        return grad_output, torch.full_like(aux_loss, ctx.scale), None
