@@ -45,9 +45,11 @@ class TrainConfig:
     exit_interval: int | None = None
     """Stop (saving a checkpoint) once the step number is a multiple of this."""
     eval_interval: int | None = None
-    """Run evaluation every this many steps; unset disables evaluation."""
+    """Run evaluation every this many steps: eval_iters global batches of the validation
+    split, forward only, the model in eval mode; valid_loss and valid_ppl go to the console,
+    metrics.jsonl and TensorBoard. Unset disables evaluation."""
     eval_iters: int = 10
-    """Batches per evaluation."""
+    """Global batches per evaluation (each evaluation reads the next ones of the split)."""
 
     def validate(self, errors: ConfigErrors) -> None:
         _positive(

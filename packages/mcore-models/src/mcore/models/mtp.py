@@ -170,7 +170,8 @@ class MultiTokenPrediction(torch.nn.Module):
         if counts is not None:
             denominators = counts(denominators)
         stacked = torch.stack(sums) / denominators.clamp(min=1)
-        self._record(stacked.detach())
+        if self.training:  # evaluation reports its own loss
+            self._record(stacked.detach())
         if not torch.is_grad_enabled():
             return lm_loss
         total = stacked.mean() * self.loss_scaling_factor

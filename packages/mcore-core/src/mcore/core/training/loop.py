@@ -125,9 +125,19 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
         )
     num_micro = gbs // (mbs * ps.dp_size)
     seq = train_cfg.seq_length
-    train_set, _, _ = build_datasets(
-        config, tokenizer, num_samples={"train": train_cfg.train_iters * gbs, "valid": 0, "test": 0}
-    )
+    eval_interval, eval_iters = train_cfg.eval_interval, train_cfg.eval_iters
+    evaluations = train_cfg.train_iters // eval_interval if eval_interval else 0
+    samples = {
+        "train": train_cfg.train_iters * gbs,
+        "valid": evaluations * eval_iters * gbs,
+        "test": 0,
+    }
+    train_set, valid_set, _ = build_datasets(config, tokenizer, num_samples=samples)
+    if evaluations and (valid_set is None or len(valid_set) == 0):
+        raise McoreError(
+            f"train.eval_interval is {eval_interval}, but the validation split is empty: give "
+            f"it a share in data.split (now {getattr(config.data, 'split', None)!r})"
+        )
     device = next(chunks[0].parameters()).device
     forward_step = _forward_step(device, runtime)
 
@@ -201,6 +211,14 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
                 "lr": float(optimizer.param_groups[0]["lr"]),
                 "tokens_per_s": gbs * seq / elapsed,
             }
+            evaluated = bool(eval_interval) and step % eval_interval == 0
+            if evaluated:
+                step_metrics.update(
+                    _evaluate(
+                        runtime, chunks, valid_set, forward_step, round_=step // eval_interval,
+                        iters=eval_iters, gbs=gbs, mbs=mbs, num_micro=num_micro, seq=seq,
+                    )
+                )  # fmt: skip
             if logger.should_log(step) and hasattr(runtime, "read_metrics"):
                 # e.g. MoE balancing losses and expert load: they wait on the device, summed
                 # over the interval, and are read (one collective) only when logged.
@@ -212,7 +230,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
             result.grad_norms.append(float(grad_norm))
             result.step_seconds.append(elapsed)
             result.tokens_per_step = gbs * seq
-            logger.log(step, step_metrics)
+            logger.log(step, step_metrics, force=evaluated)
             if logger.should_log(step):
                 if logger_cfg.timing_log_level > 0 and ps.rank == 0 and timers.summary():
                     print(timers.format(reset=True), flush=True)
@@ -238,6 +256,52 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
         logger.close()
         hook.mcore_on_train_end(trainer=result)
     return result
+
+
+def _evaluate(
+    runtime: Any,
+    chunks: list[Any],
+    valid_set: Any,
+    forward_step: Any,
+    *,
+    round_: int,
+    iters: int,
+    gbs: int,
+    mbs: int,
+    num_micro: int,
+    seq: int,
+) -> dict[str, float]:
+    """``iters`` global batches of the validation split, forward only, the model in eval mode
+    (no dropout, no statistics): their mean loss and its perplexity, known on every rank. Each
+    evaluation reads the next batches of the split, as Megatron's does."""
+    ps = runtime.parallel_state
+    for chunk in chunks:
+        chunk.eval()
+    losses = []
+    try:
+        for i in range(iters):
+            index = (round_ - 1) * iters + i + 1
+            iterators = [
+                _micro_batches(
+                    valid_set, index, gbs=gbs, mbs=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size
+                )
+                for _ in chunks
+            ]
+            metrics = runtime.forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(chunks) > 1 else iterators[0],
+                model=chunks,
+                num_microbatches=num_micro,
+                seq_length=seq,
+                micro_batch_size=mbs,
+                forward_only=True,
+            )
+            losses.append(runtime.reduce_loss([float(m["loss"]) for m in metrics]))
+    finally:
+        for chunk in chunks:
+            chunk.train()
+    loss = sum(losses) / len(losses)
+    return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 20.0))}
 
 
 def _checkpointer(config: Config, runtime: Any, manager: PluginManager) -> Any:

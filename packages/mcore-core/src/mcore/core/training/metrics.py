@@ -143,15 +143,16 @@ class MetricsLogger:
         """Whether ``step`` gets a console line, a JSONL record and TensorBoard scalars."""
         return step % self.log_interval == 0 or step == self.total_steps
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Record one finished step: advance the bar; on logging steps write everywhere."""
+    def log(self, step: int, metrics: dict[str, Any], *, force: bool = False) -> None:
+        """Record one finished step: advance the bar; on logging steps (or with ``force``, a
+        step that evaluated) write everywhere."""
         if not self.active:
             return
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             if "loss" in metrics:
                 self._bar.set_postfix_str(f"loss {float(metrics['loss']):.4f}", refresh=False)
-        if not self.should_log(step):
+        if not (force or self.should_log(step)):
             return
         values = {key: _plain(value) for key, value in metrics.items()}
         line = format_line(step, self.total_steps, values)
@@ -165,7 +166,8 @@ class MetricsLogger:
         if self._writer is not None:
             for key, value in values.items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
-                    self._writer.add_scalar(f"train/{key}", value, step)
+                    tag = f"valid/{key[6:]}" if key.startswith("valid_") else f"train/{key}"
+                    self._writer.add_scalar(tag, value, step)
 
     def check_finite(self, step: int, loss: Any) -> None:
         """``check_finite`` of this module, reachable from the logger the loop already holds."""

@@ -16,7 +16,7 @@ from typing import Any
 from mcore.core.errors import McoreError
 from mcore.core.registry import CliCommand
 
-DEFAULT_KEYS = ("loss", "grad_norm", "lr", "tokens_per_s")
+DEFAULT_KEYS = ("loss", "valid_loss", "grad_norm", "lr", "tokens_per_s")
 
 
 def read_metrics(jsonl_path: str | Path) -> list[dict[str, Any]]:
