@@ -1,6 +1,7 @@
 """``train.eval_interval`` / ``train.eval_iters``: ``mcore train`` evaluates on the validation
 split every N steps, forward only, in every layout; the figures reach the console,
-metrics.jsonl and ``mcore plot``; evaluating does not change training."""
+metrics.jsonl and ``mcore plot``; evaluating does not change training. And
+``logger.log_level`` decides which of mcore's log records show."""
 
 from __future__ import annotations
 
@@ -102,3 +103,13 @@ def test_evaluation_runs_without_dropout(reference, tmp_path) -> None:
 def test_an_empty_validation_split_is_refused_by_name(tmp_path) -> None:
     with pytest.raises(McoreError, match="train.eval_interval is 3, but the validation split"):
         train(config(str(tmp_path), **{"data.split": "100,0,0"}))
+
+
+@pytest.mark.parametrize(("level", "shown"), [("info", True), ("warning", False)])
+def test_log_level_decides_which_records_show(reference, caplog, level, shown) -> None:
+    cache = reference[0]
+    overrides = {"train.train-iters": "1", "train.eval-interval": "1000",
+                 "logger.log-level": level}  # fmt: skip
+    train(config(cache, **overrides))
+    started = [r for r in caplog.records if r.getMessage().startswith("training steps 1-1")]
+    assert bool(started) == shown

@@ -70,7 +70,10 @@ def test_only_the_metrics_present_are_drawn(tmp_path: Path) -> None:
         ("", "metrics file {path} is empty"),
         ('{"step": 1, "loss": 2.0}\n{"step": 2, "lo', "{path}:2: not valid JSON"),
         ('{"step": 1, "loss": 2.0}\n[1, 2]\n', "{path}:2: expected a JSON object with an integer"),
-        ('{"step": 1, "accuracy": 0.5}\n', "has none of loss, grad_norm, lr, tokens_per_s"),
+        (
+            '{"step": 1, "accuracy": 0.5}\n',
+            "has none of loss, valid_loss, grad_norm, lr, tokens_per_s",
+        ),
     ],
     ids=["missing", "empty", "truncated-line", "not-an-object", "no-known-metric"],
 )

@@ -60,7 +60,7 @@ def test_without_a_process_group_this_process_is_rank_0() -> None:
 
 
 def test_enable_and_disable_switch_recording() -> None:
-    detector = StragglerDetector(enabled=False)  # straggler.disable_straggler_on_startup
+    detector = StragglerDetector(enabled=False)
     detector.record(5.0)
     assert detector.report() is None
     detector.enable()

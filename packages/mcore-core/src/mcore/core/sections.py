@@ -209,7 +209,8 @@ class LoggerConfig:
     log_interval: int = 10
     """Print and record metrics every this many steps."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    """Console log level."""
+    """Level of the mcore loggers' messages on the console (``logging`` records of the
+    ``mcore`` and ``megatron_*`` packages; the metrics lines are printed whatever it is)."""
     metrics_file: str | None = None
     """Append one JSON line of metrics per logged step to this file."""
     tensorboard_dir: str | None = None
@@ -233,17 +234,9 @@ class StragglerDetectionConfig:
     """Measure per-rank step time and report the slowest ranks."""
     straggler_minmax_count: int = 1
     """How many slowest and fastest ranks to report."""
-    straggler_ctrlr_port: int = 65535
-    """Port of the controller that toggles detection at run time."""
-    disable_straggler_on_startup: bool = False
-    """Start with detection off (enable it later through the controller)."""
 
     def validate(self, errors: ConfigErrors) -> None:
         _positive(errors, self, "straggler_minmax_count")
-        if not 0 < self.straggler_ctrlr_port < 65536:
-            errors.add(
-                "straggler_ctrlr_port", f"must be a TCP port, got {self.straggler_ctrlr_port}"
-            )
 
 
 CORE_SECTIONS: dict[str, type] = {

@@ -8,6 +8,7 @@ tokenizer and dataset. This module imports no other mcore package.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -23,11 +24,18 @@ from mcore.core.data import build_datasets, build_tokenizer
 from mcore.core.errors import McoreError
 from mcore.core.plugins import PluginManager, get_plugin_manager
 from mcore.core.training.flops import gpt_flops_per_token, mfu, peak_flops
-from mcore.core.training.metrics import MetricsLogger, NonFiniteLossError, check_finite
+from mcore.core.training.metrics import (
+    MetricsLogger,
+    NonFiniteLossError,
+    check_finite,
+    configure_logging,
+)
 from mcore.core.training.straggler import StragglerDetector
 from mcore.core.training.timers import Timers
 
 __all__ = ["NonFiniteLossError", "TrainResult", "init_distributed", "train"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,6 +102,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
     """Train as ``config`` says; returns the per-step losses. Call on every rank."""
     manager = manager or get_plugin_manager()
     hook, registries = manager.hook, manager.registries
+    configure_logging(config.logger.log_level)
     init_distributed(config)
     runtime = hook.mcore_training_runtime(config=config)
     if runtime is None:
@@ -140,6 +149,10 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
         )
     device = next(chunks[0].parameters()).device
     forward_step = _forward_step(device, runtime)
+    log.info(
+        "training steps %d-%d: %d micro-batch(es) of %d x %d tokens per step on %s",
+        start + 1, train_cfg.train_iters, num_micro, mbs, seq, device,
+    )  # fmt: skip
 
     # --- the loop ------------------------------------------------------------------------
     result = TrainResult()
@@ -153,7 +166,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
     timers = Timers(cuda_sync=device.type == "cuda")
     straggler = StragglerDetector(
         minmax_count=straggler_cfg.straggler_minmax_count,
-        enabled=straggler_cfg.log_straggler and not straggler_cfg.disable_straggler_on_startup,
+        enabled=straggler_cfg.log_straggler,
     )
     flops_per_token = _flops_per_token(model_config, seq)
     peak = peak_flops(device) if device.type == "cuda" else None

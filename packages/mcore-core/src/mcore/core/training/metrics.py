@@ -14,6 +14,7 @@ Steps count from 1; step ``k`` is logged when ``k % log_interval == 0`` and at t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -21,6 +22,18 @@ from types import TracebackType
 from typing import IO, Any
 
 from mcore.core.errors import McoreError
+
+_PACKAGE_LOGGERS = ("mcore", "megatron_fsdp", "megatron_rl")
+
+
+def configure_logging(level: str) -> None:
+    """Show the ``logging`` records of mcore's packages at ``level`` (``logger.log_level``)
+    and above; a program without logging handlers gets one on stderr, one that has its own
+    keeps them."""
+    for name in _PACKAGE_LOGGERS:
+        logging.getLogger(name).setLevel(level.upper())
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
 
 
 class NonFiniteLossError(McoreError, FloatingPointError):

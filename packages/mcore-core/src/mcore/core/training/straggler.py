@@ -67,9 +67,10 @@ class StragglerReport:
 class StragglerDetector:
     """Per-rank step timing, gathered across ``group`` (default: the whole world) on demand.
 
-    ``enabled`` is the run-time switch (``straggler.disable_straggler_on_startup`` starts it
-    off). While disabled, ``record`` drops times and ``report`` returns None without
-    communicating, so every rank of the group must share the same switch state.
+    ``enabled`` is the switch (:meth:`enable` / :meth:`disable` at run time; ``mcore train``
+    sets it from ``straggler.log_straggler``). While disabled, ``record`` drops times and
+    ``report`` returns None without communicating, so every rank of the group must share the
+    same switch state.
     """
 
     def __init__(self, *, group: Any = None, minmax_count: int = 1, enabled: bool = True) -> None:
