@@ -63,3 +63,54 @@ def test_packed_engine_generates_what_transformers_does(
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     for prompt, out in zip(prompts, engine.generate(prompts, greedy), strict=True):
         assert out.token_ids == hf_greedy(hf, prompt, 8)
+
+
+class _CountingBackend:
+    """A ``linear_backend`` a plugin might register: every layer runs ``F.linear`` through it,
+    and it counts the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, layer):
+        def kernel(x, weight, bias):
+            self.calls += 1
+            return F.linear(x, weight, bias)
+
+        return kernel
+
+
+def test_inference_linear_backend_picks_the_registry_entry(llama_engine_factory) -> None:
+    from mcore.core import hookimpl, register_plugin, unregister_plugin
+    from mcore.inference.errors import InvalidRequestError
+
+    prompts = [[5, 9, 2, 7], [3, 3, 8]]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    plain = llama_engine_factory(linear_backend="torch")
+    assert plain.runner.linear_backend == "torch" and plain.runner.packed_linears == 0
+    assert all(
+        m.kernel is None
+        for m in plain.model.modules()
+        if isinstance(m, ColumnParallelLinear | RowParallelLinear)
+    )
+    want = [o.token_ids for o in plain.generate(prompts, params)]
+    assert llama_engine_factory().runner.linear_backend == "onednn_packed"  # auto, CPU fp32
+
+    counting = _CountingBackend()
+
+    class Plugin:
+        @hookimpl
+        def mcore_register(self, registry):
+            registry.add("linear_backend", "counting", counting)
+
+    name = register_plugin(Plugin(), name="counting-linears").name
+    try:
+        engine = llama_engine_factory(linear_backend="counting")
+        assert engine.runner.packed_linears > 0
+        assert [o.token_ids for o in engine.generate(prompts, params)] == want
+        assert counting.calls > 0
+    finally:
+        unregister_plugin(name)
+    with pytest.raises(InvalidRequestError, match="inference.linear_backend") as error:
+        llama_engine_factory(linear_backend="no_such_backend")
+    assert error.value.field == "linear_backend"

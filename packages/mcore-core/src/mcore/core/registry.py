@@ -111,7 +111,7 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("flex_backend", "deepep"): "mcore-moe",
     ("flex_backend", "hybridep"): "mcore-moe",
     ("attention_backend", "te"): "mcore-models[te]",
-    ("linear_backend", "te"): "mcore-models[te]",
+    ("linear_backend", "onednn_packed"): "mcore-inference",
     ("mlp", "moe"): "mcore-moe",
     ("hf_architecture", "DeepseekV3ForCausalLM"): "mcore-moe",
     ("hf_architecture", "Qwen3MoeForCausalLM"): "mcore-moe",

@@ -40,6 +40,10 @@ class InferenceConfig:
     cuda_graph_prefill_tokens: list[int] | None = None
     """Prefill-chunk token counts to capture for steps mixing one prefill request with decodes;
     unset means 64 and 256 (capped by max_tokens); an empty list captures decode-only graphs."""
+    linear_backend: str = "auto"
+    """What the linear layers' matmuls run, by name in the ``linear_backend`` registry:
+    torch (F.linear), onednn_packed (weights prepacked for oneDNN's CPU GEMM, layers of 0.2M
+    weights and more), or a plugin's; auto means onednn_packed on a CPU in fp32, else torch."""
     device: str | None = None
     """Device of the engine (cuda, cuda:1, cpu); unset means cuda when available."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

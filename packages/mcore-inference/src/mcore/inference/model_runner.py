@@ -1,8 +1,9 @@
 """The model runner: one step's chunks in, the logits of the requests that sample out.
 
 It builds the step's batch through the context, replays a CUDA graph when one was captured for
-a shape the step fits, and otherwise runs the model's paged forward eagerly. On a CPU in fp32
-the linear layers run on weights prepacked for oneDNN (:mod:`mcore.inference.packed_linears`).
+a shape the step fits, and otherwise runs the model's paged forward eagerly. The linear layers
+run what ``inference.linear_backend`` names (on a CPU in fp32 by default, weights prepacked for
+oneDNN: :mod:`mcore.inference.packed_linears`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import torch
 from mcore.inference.config import InferenceConfig
 from mcore.inference.context import BatchDims, DynamicInferenceContext
 from mcore.inference.cuda_graphs import CudaGraphRunner, graph_shapes
-from mcore.inference.packed_linears import pack_linears
+from mcore.inference.errors import InvalidRequestError
+from mcore.inference.packed_linears import packing_available
 from mcore.inference.pipeline import PipelineStages
 from mcore.inference.scheduler import ScheduledChunk
+from mcore.parallel.tensor_parallel import LinearBackend, apply_linear_backend
 
 
 class ModelRunner:
@@ -36,10 +39,10 @@ class ModelRunner:
         """This rank's pipeline stage (None: the whole model here): hidden states come from
         the previous stage and go to the next; only the last returns logits."""
         self.graphs: CudaGraphRunner | None = None
-        self.packed_linears = 0
-        """Linear layers running on oneDNN-packed weights (CPU, fp32)."""
-        if context.device.type == "cpu" and context.dtype == torch.float32:
-            self.packed_linears = pack_linears(model)
+        self.linear_backend = _linear_backend_name(config, context)
+        """The ``linear_backend`` the linear layers run (``inference.linear_backend``)."""
+        self.packed_linears = apply_linear_backend(model, _linear_backend(self.linear_backend))
+        """Linear layers given a kernel by the backend (the others run ``F.linear``)."""
         if config.enable_cuda_graph and context.device.type == "cuda" and stages is None:
             shapes = graph_shapes(
                 config.max_requests,
@@ -102,3 +105,22 @@ class ModelRunner:
     def recapture_graphs(self) -> None:
         if self.graphs is not None:
             self.graphs.capture()
+
+
+def _linear_backend_name(config: InferenceConfig, context: DynamicInferenceContext) -> str:
+    if config.linear_backend != "auto":
+        return config.linear_backend
+    cpu_fp32 = context.device.type == "cpu" and context.dtype == torch.float32
+    return "onednn_packed" if cpu_fp32 and packing_available() else "torch"
+
+
+def _linear_backend(name: str) -> LinearBackend:
+    """The ``linear_backend`` registry entry ``name``; an unknown one names the knob."""
+    from mcore.core import UnknownComponentError, get_registry
+
+    try:
+        return get_registry("linear_backend").get(name)
+    except UnknownComponentError as error:
+        raise InvalidRequestError(
+            f"inference.linear_backend: {error}", field="linear_backend"
+        ) from None

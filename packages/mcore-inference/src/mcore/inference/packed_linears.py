@@ -20,12 +20,15 @@ runs ``F.linear`` as before. The packed copies take as much memory again as the 
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mcore.parallel import ColumnParallelLinear, RowParallelLinear
+from mcore.parallel.tensor_parallel import apply_linear_backend
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +77,27 @@ class PackedLinear:
         )
 
 
-def pack_linears(model: torch.nn.Module, *, min_elements: int = 3 * 2**16) -> int:
-    """Give the parallel linear layers of ``model`` whose weight has at least ``min_elements``
-    a :class:`PackedLinear` kernel; returns how many (0 where this build has no oneDNN).
+_MIN_ELEMENTS = 3 * 2**16
 
-    A layer given its weight at call time (a tied output layer) is sized by the in and out
-    features it was built for."""
+
+def onednn_packed(layer: Any, *, min_elements: int = _MIN_ELEMENTS) -> PackedLinear | None:
+    """The ``linear_backend`` entry ``onednn_packed``: a :class:`PackedLinear` for a layer
+    whose weight has at least ``min_elements`` (None where this build has no oneDNN). A layer
+    given its weight at call time (a tied output layer) is sized by the in and out features it
+    was built for."""
+    if not packing_available():
+        return None
+    if layer.in_features * layer.out_features // layer.tp_size < min_elements:
+        return None
+    return PackedLinear()
+
+
+def pack_linears(model: torch.nn.Module, *, min_elements: int = _MIN_ELEMENTS) -> int:
+    """Give the parallel linear layers of ``model`` whose weight has at least ``min_elements``
+    a :class:`PackedLinear` kernel (the others ``F.linear``); returns how many."""
     if not packing_available():
         log.info("oneDNN's packed linear is unavailable: linear layers run F.linear")
-        return 0
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, _LAYERS) and m.in_features * m.out_features // m.tp_size >= min_elements
-    ]
-    for layer in layers:
-        layer.kernel = PackedLinear()
-    return len(layers)
+    return apply_linear_backend(model, functools.partial(onednn_packed, min_elements=min_elements))
 
 
 def unpack_linears(model: torch.nn.Module) -> None:

@@ -19,6 +19,9 @@ def mcore_register(registry: PluginRegistrar) -> None:
     registry.add("optimizer", "adam", Lazy("mcore.parallel.optimizer:build_adam"))
     registry.add("optimizer", "sgd", Lazy("mcore.parallel.optimizer:build_sgd"))
     registry.add(
+        "linear_backend", "torch", Lazy("mcore.parallel.tensor_parallel:torch_linear_backend")
+    )
+    registry.add(
         "cli_command",
         "plan",
         CliCommand(

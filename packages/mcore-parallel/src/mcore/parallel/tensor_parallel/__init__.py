@@ -4,8 +4,12 @@ layers, and cross-entropy over vocab-parallel logits."""
 from mcore.parallel.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from mcore.parallel.tensor_parallel.layers import (
     ColumnParallelLinear,
+    LinearBackend,
+    LinearKernel,
     RowParallelLinear,
     VocabParallelEmbedding,
+    apply_linear_backend,
+    torch_linear_backend,
 )
 from mcore.parallel.tensor_parallel.mappings import (
     copy_to_tensor_parallel_region,
@@ -20,8 +24,11 @@ from mcore.parallel.tensor_parallel.utils import init_method_normal
 
 __all__ = [
     "ColumnParallelLinear",
+    "LinearBackend",
+    "LinearKernel",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "apply_linear_backend",
     "copy_to_tensor_parallel_region",
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_parallel_region",
@@ -30,5 +37,6 @@ __all__ = [
     "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_sequence_parallel_region",
     "scatter_to_tensor_parallel_region",
+    "torch_linear_backend",
     "vocab_parallel_cross_entropy",
 ]

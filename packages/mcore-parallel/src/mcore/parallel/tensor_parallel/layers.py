@@ -22,6 +22,7 @@ loader needs: ``tp_size``, ``tp_rank``, ``full_weight_shape`` and ``shard_weight
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,26 @@ ProcessGroup = torch.distributed.ProcessGroup
 
 LinearKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 """``kernel(x, weight, bias) -> x weightᵀ + bias``: what a linear layer's local matmul runs."""
+
+LinearBackend = Callable[[Any], "LinearKernel | None"]
+"""A ``linear_backend`` registry entry: given a parallel linear layer, the kernel it should run
+(None: ``F.linear``). Called once per layer, so a backend may pick by size or kind."""
+
+
+def torch_linear_backend(layer: Any) -> LinearKernel | None:
+    """The ``linear_backend`` entry ``torch``: every layer runs ``F.linear``."""
+    return None
+
+
+def apply_linear_backend(model: torch.nn.Module, backend: LinearBackend) -> int:
+    """Give every parallel linear layer of ``model`` the kernel ``backend`` chooses for it;
+    returns how many got one (the others run ``F.linear``)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear | RowParallelLinear):
+            module.kernel = backend(module)
+            count += module.kernel is not None
+    return count
 
 
 def _initialized_shard(
