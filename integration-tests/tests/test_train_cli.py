@@ -56,3 +56,24 @@ def test_mcore_train_reports_bad_config_before_launching(tmp_path: Path) -> None
     )  # fmt: skip
     assert result.returncode == 2
     assert "train.micro_batch_size: must be > 0, got 0" in result.stderr
+
+
+def test_an_error_in_the_launched_ranks_is_one_line_not_a_launcher_traceback(
+    tmp_path: Path,
+) -> None:
+    """The config is valid, but the ranks find the validation split empty: each prints its
+    clean error, the launcher adds one line, and the exit code is the ranks'."""
+    result = subprocess.run(
+        [
+            str(BIN / "mcore"), "train", "--nproc", "2", "--train.train-iters", "2",
+            "--train.eval-interval", "1", "--data.split", "100,0,0",
+            "--model.num-layers", "1", "--model.hidden-size", "32",
+            "--data.max-bytes", "50000", "--data.cache-dir", str(tmp_path / "cache"),
+            "--checkpoint.save", str(tmp_path / "run"),
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "the validation split is empty" in result.stderr
+    assert "of 2 exited with code 2; its error is above" in result.stderr
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from mcore.core.config import (
     ConfigError,
@@ -48,12 +49,24 @@ def launch_local_ranks(command: str, nproc: int, argv: list[str]) -> int:
     """Run ``mcore COMMAND argv`` on ``nproc`` local ranks with torch's elastic launcher
     (what ``mcore train --nproc N`` does; other commands that train, such as ``mcore rl``,
     launch the same way). ``argv`` must not hold ``--nproc`` (see :func:`without_nproc`)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "-m", "mcore.core.cli", command, *argv]
     )
-    run(args)
+    try:
+        run(args)
+    except ChildFailedError as error:
+        # Each rank has printed its own error; the launcher's traceback would bury it.
+        rank, failure = error.get_first_failure()
+        code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
+        print(
+            f"mcore {command}: rank {rank} of {nproc} exited with code {failure.exitcode}; "
+            "its error is above",
+            file=sys.stderr,
+        )
+        return code
     return 0
 
 
