@@ -20,6 +20,7 @@ def test_parallel_components_are_registered(manager) -> None:
         "cli_command": ["plan"],
         "data_parallel": ["ddp"],
         "optimizer": ["adam", "sgd"],
+        "linear_backend": ["torch"],
     }
     config = load_config(overrides={"parallel.tensor-model-parallel-size": "2"}, manager=manager)
     assert config.parallel == ParallelConfig(tensor_model_parallel_size=2)
