@@ -149,6 +149,9 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
         )
     device = next(chunks[0].parameters()).device
     forward_step = _forward_step(device, runtime)
+    run_batch = _batch_runner(
+        runtime, chunks, forward_step, gbs=gbs, mbs=mbs, num_micro=num_micro, seq=seq
+    )
     log.info(
         "training steps %d-%d: %d micro-batch(es) of %d x %d tokens per step on %s",
         start + 1, train_cfg.train_iters, num_micro, mbs, seq, device,
@@ -190,22 +193,10 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
         for step in range(start + 1, train_cfg.train_iters + 1):
             timers("step").start()
             optimizer.zero_grad()
-            # One iterator per model chunk: with virtual pipeline stages each chunk reads every
-            # micro-batch (the first for tokens, the last for labels).
-            iterators = [
-                _micro_batches(
-                    train_set, step, gbs=gbs, mbs=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size
-                )
-                for _ in chunks
-            ]
             with timers("forward-backward"):
-                metrics = runtime.forward_backward(
-                    forward_step_func=forward_step,
-                    data_iterator=iterators if len(chunks) > 1 else iterators[0],
-                    model=chunks,
-                    num_microbatches=num_micro,
-                    seq_length=seq,
-                    micro_batch_size=mbs,
+                metrics = run_batch(
+                    train_set,
+                    step,
                     # fp16: scale the loss before backward so small gradients do not underflow
                     grad_scale_func=optimizer.scale_loss if train_cfg.fp16 else None,
                 )
@@ -228,8 +219,8 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
             if evaluated:
                 step_metrics.update(
                     _evaluate(
-                        runtime, chunks, valid_set, forward_step, round_=step // eval_interval,
-                        iters=eval_iters, gbs=gbs, mbs=mbs, num_micro=num_micro, seq=seq,
+                        runtime, chunks, run_batch, valid_set, round_=step // eval_interval,
+                        iters=eval_iters,
                     )
                 )  # fmt: skip
             if logger.should_log(step) and hasattr(runtime, "read_metrics"):
@@ -271,44 +262,53 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
     return result
 
 
-def _evaluate(
+def _batch_runner(
     runtime: Any,
     chunks: list[Any],
-    valid_set: Any,
     forward_step: Any,
     *,
-    round_: int,
-    iters: int,
     gbs: int,
     mbs: int,
     num_micro: int,
     seq: int,
+) -> Any:
+    """``run(dataset, index, **schedule_kwargs)``: global batch ``index`` (from 1) of
+    ``dataset`` through the runtime's schedule (forward and backward, or ``forward_only``);
+    returns the micro-batches' metrics."""
+    ps = runtime.parallel_state
+
+    def run(dataset: Any, index: int, **kwargs: Any) -> list[Any]:
+        # One iterator per model chunk: with virtual pipeline stages each chunk reads every
+        # micro-batch (the first for tokens, the last for labels).
+        iterators = [
+            _micro_batches(dataset, index, gbs=gbs, mbs=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size)
+            for _ in chunks
+        ]
+        return runtime.forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks,
+            num_microbatches=num_micro,
+            seq_length=seq,
+            micro_batch_size=mbs,
+            **kwargs,
+        )
+
+    return run
+
+
+def _evaluate(
+    runtime: Any, chunks: list[Any], run_batch: Any, valid_set: Any, *, round_: int, iters: int
 ) -> dict[str, float]:
     """``iters`` global batches of the validation split, forward only, the model in eval mode
     (no dropout, no statistics): their mean loss and its perplexity, known on every rank. Each
     evaluation reads the next batches of the split, as Megatron's does."""
-    ps = runtime.parallel_state
     for chunk in chunks:
         chunk.eval()
     losses = []
     try:
         for i in range(iters):
-            index = (round_ - 1) * iters + i + 1
-            iterators = [
-                _micro_batches(
-                    valid_set, index, gbs=gbs, mbs=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size
-                )
-                for _ in chunks
-            ]
-            metrics = runtime.forward_backward(
-                forward_step_func=forward_step,
-                data_iterator=iterators if len(chunks) > 1 else iterators[0],
-                model=chunks,
-                num_microbatches=num_micro,
-                seq_length=seq,
-                micro_batch_size=mbs,
-                forward_only=True,
-            )
+            metrics = run_batch(valid_set, (round_ - 1) * iters + i + 1, forward_only=True)
             losses.append(runtime.reduce_loss([float(m["loss"]) for m in metrics]))
     finally:
         for chunk in chunks:
