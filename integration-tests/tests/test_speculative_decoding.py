@@ -127,6 +127,17 @@ def test_a_request_can_turn_speculation_off_or_draft_fewer(trained) -> None:
     got = [o.token_ids for o in engine.generate(prompts, params)]
     plain = _engine(model, 0).generate(prompts, SamplingParams(max_tokens=20, temperature=0))
     assert got == [o.token_ids for o in plain]
+    # Alone, each setting drafts what it says: none, one per step, the engine's two.
+    drafted = []
+    for n in (0, 1, None):
+        alone = _engine(model, 2)
+        alone.generate(
+            prompts, SamplingParams(max_tokens=20, temperature=0, num_speculative_tokens=n)
+        )
+        drafted.append(alone.stats().spec_drafted_per_position)
+    assert drafted[0] == [0, 0]
+    assert drafted[1][0] > 0 and drafted[1][1] == 0
+    assert drafted[2][0] > 0 and drafted[2][1] > 0
     with pytest.raises(InvalidRequestError, match="num_speculative_tokens is 3") as error:
         engine.add_request([1, 2, 3], SamplingParams(num_speculative_tokens=3))
     assert error.value.field == "num_speculative_tokens"

@@ -165,17 +165,20 @@ def test_mtp_logits_match_transformers(case) -> None:
         assert_depths_match(model.mtp_logits(ids), depths)
 
 
+def assert_same_files(saved: Path, original: Path) -> None:
+    """The two folders' model.safetensors hold the same tensors, bit for bit."""
+    ours = load_file(str(saved / "model.safetensors"))
+    theirs = load_file(str(original / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=0, msg=name)
+
+
 def test_save_hf_writes_the_released_layout_back(case, tmp_path) -> None:
     folder, ids, (_, depths) = case
     model = load_hf(folder).eval()
     save_hf(model, tmp_path)
-    saved, original = (
-        load_file(str(tmp_path / "model.safetensors")),
-        load_file(str(folder / "model.safetensors")),
-    )
-    assert saved.keys() == original.keys()
-    for name, tensor in saved.items():
-        torch.testing.assert_close(tensor, original[name], rtol=0, atol=0, msg=name)
+    assert_same_files(tmp_path, folder)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["num_nextn_predict_layers"] == DEPTHS
     # transformers' MtpModel loads the export; mcore loads it back unchanged.
@@ -184,7 +187,7 @@ def test_save_hf_writes_the_released_layout_back(case, tmp_path) -> None:
     again = load_hf(tmp_path).eval()
     with torch.no_grad():
         assert_depths_match(again.mtp_logits(ids), depths)
-    assert hf_state_dict(again).keys() == saved.keys()
+    assert hf_state_dict(again).keys() == load_file(str(tmp_path / "model.safetensors")).keys()
 
 
 def _tp_run(rank, world, folder, ids, out):
@@ -198,13 +201,7 @@ def _tp_run(rank, world, folder, ids, out):
 def test_tensor_parallel_matches_transformers(case, tmp_path) -> None:
     folder, ids, (_, depths) = case
     assert_depths_match(run_ranks(_tp_run, 2, folder, ids, tmp_path, backend="gloo")[0], depths)
-    saved, original = (
-        load_file(str(tmp_path / "model.safetensors")),
-        load_file(str(folder / "model.safetensors")),
-    )
-    assert saved.keys() == original.keys()
-    for name, tensor in saved.items():
-        torch.testing.assert_close(tensor, original[name], rtol=0, atol=0, msg=name)
+    assert_same_files(tmp_path, folder)
 
 
 # --- config.json against the files ---------------------------------------------------------------

@@ -401,13 +401,8 @@ class DynamicInferenceEngine:
         logits, sampling = self.runner.execute(scheduled.chunks)
         self._steps += 1
         for chunk in scheduled.chunks:
-            request = chunk.request
-            request.num_computed_tokens += chunk.num_tokens
-            if chunk.start < request.num_prompt_tokens:
-                self._prompt_tokens += min(
-                    chunk.num_tokens, request.num_prompt_tokens - chunk.start
-                )
-            self.context.kv.commit(request)
+            self._computed(chunk, chunk.num_tokens)
+            self.context.kv.commit(chunk.request)
         if not sampling:
             return []
         requests = [c.request for c in sampling]
@@ -418,15 +413,34 @@ class DynamicInferenceEngine:
             sampled = self.stages.share(self.sampler.sample(logits, requests) if last else None)
         deltas = []
         for i, request in enumerate(requests):
-            request.append_token(sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
-            self._generated += 1
-            if not request.finished and request.num_tokens >= self.max_sequence_length:
-                request.finish("length")
-            if request.finished:
-                self.scheduler.finish(request)
-                del self._requests[request.request_id]
-            deltas.append(request.take_delta())
+            self._append(
+                request, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i]
+            )
+            deltas.append(self._delta(request))
         return deltas
+
+    def _computed(self, chunk: Any, num_tokens: int) -> None:
+        """Count ``num_tokens`` of ``chunk`` as computed (and its prompt tokens among them)."""
+        request = chunk.request
+        request.num_computed_tokens += num_tokens
+        if chunk.start < request.num_prompt_tokens:
+            self._prompt_tokens += min(num_tokens, request.num_prompt_tokens - chunk.start)
+
+    def _append(
+        self, request: Request, token: int, logprob: float | None, top: dict[int, float] | None
+    ) -> None:
+        """Record a generated token; the request finishes at max_sequence_length too."""
+        request.append_token(token, logprob, top)
+        self._generated += 1
+        if not request.finished and request.num_tokens >= self.max_sequence_length:
+            request.finish("length")
+
+    def _delta(self, request: Request) -> RequestDelta:
+        """The request's delta for this step; a finished request leaves the engine."""
+        if request.finished:
+            self.scheduler.finish(request)
+            del self._requests[request.request_id]
+        return request.take_delta()
 
     def generate(
         self,

@@ -122,11 +122,7 @@ class Speculator:
         logits, batch, hidden = engine.runner.execute_with_hidden(chunks)
         engine._steps += 1
         for chunk in chunks:
-            request = chunk.request
-            computed = chunk.num_tokens - len(chunk.draft)
-            request.num_computed_tokens += computed
-            if chunk.start < request.num_prompt_tokens:
-                engine._prompt_tokens += min(computed, request.num_prompt_tokens - chunk.start)
+            engine._computed(chunk, chunk.num_tokens - len(chunk.draft))
         target = engine.sampler.limit_vocab(logits) if logits.numel() else logits
         want_logprobs = any(c.request.params.logprobs is not None for c in batch.sample_chunks)
         logprobs = torch.log_softmax(target, dim=-1) if want_logprobs else None
@@ -147,21 +143,16 @@ class Speculator:
                     rolled_back.add(id(request))
             request.clear_draft()
             for i, token in enumerate(tokens):
-                lp, top = _logprobs(logprobs, rows[i], token, request.params.logprobs)
-                request.append_token(token, lp, top)
-                engine._generated += 1
-                if not request.finished and request.num_tokens >= engine.max_sequence_length:
-                    request.finish("length")
+                engine._append(
+                    request, token, *_logprobs(logprobs, rows[i], token, request.params.logprobs)
+                )
                 if request.finished:
                     break
             # Stopped early (a stop token among the accepted drafts): the later drafts' keys
             # and values belong to no token of the request.
             request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
             engine.context.kv.commit(request)
-            if request.finished:
-                engine.scheduler.finish(request)
-                del engine._requests[request.request_id]
-            deltas.append(request.take_delta())
+            deltas.append(engine._delta(request))
         for chunk in chunks:  # chunks that computed without sampling (a prefill chunk)
             if not chunk.num_logits:
                 engine.context.kv.commit(chunk.request)
