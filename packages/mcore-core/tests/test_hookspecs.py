@@ -164,3 +164,111 @@ def test_hook_mcore_checkpointer() -> None:
     assert manager.hook.mcore_checkpointer(config="C", runtime="R") is None
     manager.register(Checkpoints(), name="checkpoints")
     assert manager.hook.mcore_checkpointer(config="C", runtime="R") == ("checkpointer", "C", "R")
+
+
+# --- the training run's extension hooks: the Trainer calls them and applies their answers. The
+# --- end-to-end behaviour (a real model trained with them, under PP too) is in
+# --- integration-tests/tests/test_plugin_hooks.py.
+
+
+class _Runtime:
+    """A single-process runtime: what Trainer.build and reduce_terms ask of one."""
+
+    class parallel_state:
+        rank, pp_size, tp_size, dp_size = 0, 1, 1, 1
+
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    def build(self, config, model_config, registries, *, initialize, on_model):
+        import torch
+
+        with torch.device("meta"):
+            chunks = [torch.nn.Linear(2, 2)]
+        on_model(chunks)
+        self.seen = chunks
+        return chunks, "optimizer", "scheduler"
+
+    def reduce_loss(self, losses):
+        return sum(losses) / len(losses)
+
+
+def _trainer(*plugins):
+    from mcore.core.training.trainer import Trainer
+
+    manager = PluginManager()
+    for i, plugin in enumerate(plugins):
+        manager.register(plugin, name=f"plugin{i}")
+    return Trainer(config=None, manager=manager, runtime=_Runtime(), tokenizer=None,
+                   model_config=None)  # fmt: skip
+
+
+def test_hook_mcore_on_model_built() -> None:
+    import torch
+
+    class Adapter:
+        @hookimpl
+        def mcore_on_model_built(self, trainer, chunks):
+            assert all(p.is_meta for c in chunks for p in c.parameters())  # before materialising
+            chunks[0] = torch.nn.Sequential(chunks[0], torch.nn.Linear(2, 2, device="meta"))
+            trainer.state["adapter"] = "added"
+
+    trainer = _trainer(Adapter())
+    trainer.build()
+    # The runtime materialises, wraps and optimises the list the hook changed.
+    assert isinstance(trainer.runtime.seen[0], torch.nn.Sequential)
+    assert trainer.chunks is trainer.runtime.seen and trainer.optimizer == "optimizer"
+    assert trainer.state == {"adapter": "added"}
+
+
+def test_hook_mcore_loss_terms() -> None:
+    import torch
+
+    class Terms:
+        def __init__(self, name, factor):
+            self.name, self.factor = name, factor
+
+        @hookimpl
+        def mcore_loss_terms(self, trainer, model, batch, lm_loss):
+            assert batch == {"tokens": "T"} and model == "M"
+            return {self.name: self.factor * lm_loss}
+
+    lm = torch.tensor(2.0, requires_grad=True)
+    trainer = _trainer(Terms("a", 3.0), Terms("b", 0.5))
+    total, logged = trainer.objective("M", {"tokens": "T"}, lm)
+    assert total.item() == 2.0 + 6.0 + 1.0
+    total.backward()
+    assert float(lm.grad) == 1.0 + 3.0 + 0.5  # every term is in the graph
+    assert {k: float(v) for k, v in logged.items()} == {"loss": 9.0, "lm_loss": 2.0, "a": 6.0,
+                                                        "b": 1.0}  # fmt: skip
+    trainer.lm_loss_weight = 0.0  # train on the terms alone
+    total, _ = trainer.objective("M", {"tokens": "T"}, lm)
+    assert total.item() == 7.0
+    assert trainer.reduce_terms([{"loss": 1, "a": 1.0, "b": 2.0}, {"loss": 1, "a": 3.0, "b": 4.0}]
+                                ) == {"a": 2.0, "b": 3.0}  # fmt: skip
+    clash = _trainer(Terms("a", 1.0), Terms("a", 2.0))
+    with pytest.raises(Exception, match="named 'a'"):
+        clash.objective("M", {"tokens": "T"}, lm)
+    vector = _trainer(Terms("v", torch.ones(3)))
+    with pytest.raises(Exception, match="term 'v' has shape"):
+        vector.objective("M", {"tokens": "T"}, lm)
+
+
+def test_hook_mcore_step_metrics() -> None:
+    class Probe:
+        @hookimpl
+        def mcore_step_metrics(self, trainer, step):
+            return {"probe/step": step * 10}
+
+    trainer = _trainer(Probe())
+    metrics = {"loss": 1.0}
+    trainer.step_metrics(3, metrics)
+    assert metrics == {"loss": 1.0, "probe/step": 30.0}
+
+    class Clash:
+        @hookimpl
+        def mcore_step_metrics(self, trainer, step):
+            return {"loss": 0.0}
+
+    with pytest.raises(Exception, match="'loss' is already a metric of step 3"):
+        _trainer(Clash()).step_metrics(3, {"loss": 1.0})

@@ -158,8 +158,15 @@ def _check_metrics(results: list[dict], steps: int) -> list[dict]:
         for key in ("loss", "grad_norm", "rl/reward_std", "rl/entropy", "rl/clip_fraction"):
             assert math.isfinite(m[key]), key
         assert 0.0 <= m["rl/reward_mean"] <= 1.0
-        assert m["rl/rollout_tokens_per_s"] >= 0 and m["rl/train_tokens_per_s"] > 0
-    assert metrics[0]["rl/rollout_tokens_per_s"] > 0  # later steps may take finished groups
+        assert m["rl/train_tokens_per_s"] > 0
+        # tokens/s x seconds is the step's count of generated tokens (all engines together)
+        generated = m["rl/rollout_tokens_per_s"] * m["rl/rollout_s"]
+        assert generated == pytest.approx(round(generated), abs=1e-3)
+    # Step 1 generated at least every completion it trains on (4 episodes per group; later
+    # steps may take groups that finished during an earlier one).
+    first = metrics[0]
+    completions = first["rl/response_length"] * first["rl/groups"] * 4
+    assert first["rl/rollout_tokens_per_s"] * first["rl/rollout_s"] >= completions - 1e-3
     assert all(r["pieces"] > 0 for r in results)
     # Refit: the engine's log-probs of what it generates are the trained policy's, computed
     # in the training layout (every engine is the same model: all generate the same tokens).

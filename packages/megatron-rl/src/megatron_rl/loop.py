@@ -37,10 +37,9 @@ import torch
 import torch.distributed as dist
 
 from mcore.core import Config, McoreError
-from mcore.core.data import build_tokenizer
 from mcore.core.plugins import PluginManager, get_plugin_manager
-from mcore.core.training.loop import init_distributed
 from mcore.core.training.metrics import MetricsLogger, check_finite
+from mcore.core.training.trainer import Trainer, setup_trainer
 from megatron_rl.envs.base import demonstration
 from megatron_rl.grpo import GRPOLossConfig, group_advantages, zero_variance_groups
 from megatron_rl.handles import EngineHandle, encode_text
@@ -49,6 +48,17 @@ from megatron_rl.packing import TrainSequence
 from megatron_rl.refit import refit_engine
 from megatron_rl.rollout import Group, RolloutRunner
 from megatron_rl.trainer import GRPOTrainer, make_minibatch, with_loss_weights
+
+CONSOLE_KEYS = (
+    "loss",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+    "rl/reward_mean",
+    "rl/response_length",
+    "rl/rollout_tokens_per_s",
+)
+"""The fields of a step's console line; ``metrics.jsonl`` and TensorBoard get all ~25."""
 
 
 @dataclass
@@ -79,28 +89,21 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
     if config.rl.use_checkpoint_args:
         config = _with_checkpoint_model(config)
     rl, train_cfg = config.rl, config.train
-    init_distributed(config)
-    runtime = hook.mcore_training_runtime(config=config)
-    if runtime is None:
-        raise McoreError("mcore rl needs a parallel runtime: pip install mcore-parallel")
+    run = setup_trainer(config, manager, command="rl")
+    runtime, tokenizer, model_config = run.runtime, run.tokenizer, run.model_config
     ps = runtime.parallel_state
     if ps.cp_size > 1:
         raise McoreError(
             "parallel.cp > 1: packed RL rows are not split over context-parallel ranks yet; "
             "use tensor or pipeline parallelism for long sequences"
         )
-    torch.manual_seed(train_cfg.seed)
 
     # --- the policy (training layout), its reference, the engine ---------------------------
-    tokenizer = build_tokenizer(config)
-    model_config = config.model
-    if model_config.vocab_size is None:  # padded as mcore train pads it
-        multiple = math.lcm(128, ps.tp_size)
-        vocab = math.ceil(tokenizer.vocab_size / multiple) * multiple
-        model_config = dataclasses.replace(model_config, vocab_size=vocab)
-    chunks, optimizer, scheduler = runtime.build(config, model_config, registries)
+    run.build()
+    chunks, optimizer, scheduler = run.chunks, run.optimizer, run.scheduler
     checkpointer, resumed = _restore(config, runtime, manager, chunks, optimizer, scheduler)
-    start = int(resumed["iteration"]) if resumed else 0
+    run.checkpointer = checkpointer
+    start = run.iteration = int(resumed["iteration"]) if resumed else 0
     bin_size = rl.packing_bin_size or train_cfg.seq_length
     device = next(chunks[0].parameters()).device
     multiple_of = ps.tp_size if getattr(runtime, "sequence_parallel", False) else 1
@@ -179,23 +182,10 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
     )
     runner.policy_version = start
 
-    result = RLResult(engine=engine, chunks=chunks, trainer=trainer, warm_up=warm_up)
+    result = run.result = RLResult(engine=engine, chunks=chunks, trainer=trainer, warm_up=warm_up)
     save_dir = config.checkpoint.save
-    metrics_file = config.logger.metrics_file or (
-        str(Path(save_dir) / "metrics.jsonl") if save_dir else None
-    )
-    if metrics_file and ps.rank == 0 and resumed is None:
-        Path(metrics_file).unlink(missing_ok=True)  # a new run starts a new curve
-    logger = MetricsLogger(
-        metrics_file=metrics_file,
-        tensorboard_dir=config.logger.tensorboard_dir,
-        log_interval=config.logger.log_interval,
-        total_steps=train_cfg.train_iters,
-        progress_bar=config.logger.progress_bar,
-        rank=ps.rank,
-        start_step=start,
-    )
-    hook.mcore_on_train_start(trainer=result)
+    logger = run.open_logger(resumed=resumed is not None, console_keys=CONSOLE_KEYS)
+    hook.mcore_on_train_start(trainer=run)
     try:
         for step in range(start + 1, train_cfg.train_iters + 1):
             # 1. rollout this engine's groups, then lend its memory to training
@@ -278,22 +268,24 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
                 "rl/refit_s": refit_seconds,
                 "rl/packing_efficiency": sum(b.tokens for b in batches) / max(row_tokens, 1),
             })  # fmt: skip
+            run.iteration = step
+            run.step_metrics(step, metrics)
             result.metrics.append(metrics)
             logger.log(step, metrics)
-            hook.mcore_on_step_end(trainer=result, step=step, metrics=metrics)
+            hook.mcore_on_step_end(trainer=run, step=step, metrics=metrics)
             if checkpointer is not None and save_dir:
                 interval = config.checkpoint.save_interval
                 if step == train_cfg.train_iters or (interval and step % interval == 0):
                     state = {"iteration": step, "consumed_samples": consumed}
                     path = checkpointer.save(step, chunks, optimizer, scheduler, state)
-                    _published(hook, result, [path] if path else [])
-                _published(hook, result, checkpointer.poll())
+                    _published(run, [path] if path else [])
+                _published(run, checkpointer.poll())
         if checkpointer is not None:
-            _published(hook, result, checkpointer.finalize())
+            _published(run, checkpointer.finalize())
     finally:
         runner.close()
         logger.close()
-        hook.mcore_on_train_end(trainer=result)
+        hook.mcore_on_train_end(trainer=run)
     return result
 
 
@@ -509,7 +501,7 @@ def _step_metrics(
     return metrics
 
 
-def _published(hook: Any, result: RLResult, paths: list[str]) -> None:
+def _published(run: Trainer, paths: list[str]) -> None:
     for path in paths:
-        result.checkpoint = path
-        hook.mcore_on_checkpoint_saved(trainer=result, path=path)
+        run.result.checkpoint = path
+        run.hook.mcore_on_checkpoint_saved(trainer=run, path=path)

@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import torch
+
     from mcore.core.config import Config, ConfigErrors
     from mcore.core.registry import PluginRegistrar
+    from mcore.core.training.trainer import Trainer
 
 PROJECT = "mcore"
 
@@ -82,13 +85,67 @@ def mcore_checkpointer(config: Config, runtime: Any) -> Any:
     """
 
 
+# --- the training run ------------------------------------------------------------------------
+# Every hook below receives the run's :class:`mcore.core.training.trainer.Trainer` (config,
+# parallel runtime, model chunks, optimizer, scheduler, tokenizer, checkpointer, logger,
+# iteration), under ``mcore train`` and ``mcore rl`` alike, and is called on every rank.
+
+
 @hookspec
-def mcore_on_train_start(trainer: Any) -> None:
+def mcore_on_model_built(trainer: Trainer, chunks: list[torch.nn.Module]) -> None:
+    """Add or wrap modules of this rank's model chunks, right after they are built.
+
+    ``chunks`` are the bare chunks (one per virtual pipeline stage), still on the ``meta``
+    device: not yet materialised, wrapped for data parallelism or given to the optimizer.
+    Change them in place: add submodules (adapters, projections), replace a layer, or replace
+    ``chunks[i]`` by a wrapper. What is added is then treated as the model is: trainable
+    parameters are initialised, reduced over data-parallel ranks, optimised and checkpointed;
+    frozen ones (``requires_grad=False``) are neither reduced nor optimised. A new ``meta``
+    tensor needs an init recipe (``mcore.parallel.init.set_init``); a real tensor is kept as it
+    is. A wrapper that keeps the model as ``.module`` and adds no parameters of its own is
+    transparent to checkpoints. Objects the run should not train or save (a frozen teacher)
+    belong in ``trainer.state``, not in the chunks.
+    """
+
+
+@hookspec
+def mcore_loss_terms(
+    trainer: Trainer,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    lm_loss: torch.Tensor,
+) -> dict[str, torch.Tensor] | None:
+    """Terms to add to one micro-batch's training objective, on the last pipeline stage.
+
+    Called in ``mcore train``'s training steps (not in evaluation), inside the pipeline
+    schedule, right after the last stage's forward: ``model`` is the chunk that ran it,
+    ``batch`` this rank's micro-batch (``tokens``, ``labels``, ``loss_mask``, ``position_ids``;
+    its context-parallel part) and ``lm_loss`` its mean language-model loss, a scalar with its
+    graph. Return ``{name: scalar tensor}``: the objective becomes
+    ``trainer.lm_loss_weight * lm_loss`` plus every term, backward runs through it, and each
+    term is logged under its name (and the LM loss as ``lm_loss``), averaged over micro-batches
+    and data-parallel replicas as ``loss`` is. Names must differ from other plugins' terms.
+    """
+
+
+@hookspec
+def mcore_step_metrics(trainer: Trainer, step: int) -> dict[str, float] | None:
+    """Metrics of the plugin's own for optimizer step ``step``, logged with the step's.
+
+    Called on every rank after the optimizer step, before the step is logged and
+    ``mcore_on_step_end`` runs, so a plugin may run collectives here (every rank calls it) and
+    should read the device only on steps it reports (``trainer.logger.should_log(step)``).
+    Prefix the names (``"myplugin/..."``): a name the loop already uses is an error.
+    """
+
+
+@hookspec
+def mcore_on_train_start(trainer: Trainer) -> None:
     """Called once, after the model, optimizer and data are built and before the first step."""
 
 
 @hookspec
-def mcore_on_step_end(trainer: Any, step: int, metrics: dict[str, float]) -> None:
+def mcore_on_step_end(trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
     """Called after every optimizer step with the step number (1-based) and its metrics.
 
     ``metrics`` holds at least ``loss``; the dict is the plugin's to read, not to modify.
@@ -96,10 +153,10 @@ def mcore_on_step_end(trainer: Any, step: int, metrics: dict[str, float]) -> Non
 
 
 @hookspec
-def mcore_on_checkpoint_saved(trainer: Any, path: str) -> None:
+def mcore_on_checkpoint_saved(trainer: Trainer, path: str) -> None:
     """Called when a checkpoint has been completely written and published at ``path``."""
 
 
 @hookspec
-def mcore_on_train_end(trainer: Any) -> None:
+def mcore_on_train_end(trainer: Trainer) -> None:
     """Called once when training finishes, also when it stops early on an error."""

@@ -297,6 +297,19 @@ class GPTModel(torch.nn.Module):
         )
         return [self._logits(h) for h in hidden]
 
+    def vocab_parallel_logits(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """This rank's vocabulary shard of the logits, ``[s, b, vocab / tp]``, not gathered:
+        for losses computed on the shards (distillation). The last pipeline stage only."""
+        if not self.post_process:
+            raise ValueError("vocab_parallel_logits: this chunk has no output layer")
+        x, _, _ = self._main_stack(input_ids, position_ids, packed_seq_params)
+        return self.output_layer(self.final_layernorm(x), weight=self._output_weight())
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Gathered logits ``[b, s, vocab]`` of final-normed hidden states ``[s, b, h]``."""
         logits = self.output_layer(x, weight=self._output_weight())  # [s, b, vocab / tp]

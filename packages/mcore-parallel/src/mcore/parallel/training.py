@@ -7,6 +7,7 @@ hook, which this package implements with :class:`MeshTrainingRuntime`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ class MeshTrainingRuntime:
         registries: Any,
         *,
         initialize: bool = True,
+        on_model: Callable[[list[torch.nn.Module]], None] | None = None,
     ) -> tuple[list, Any, Any]:
         """Model chunks (one per virtual pipeline stage) for the schedule to run, their
         optimizer and LR schedule; model, data-parallel wrapper and optimizer come by name from
@@ -49,6 +51,10 @@ class MeshTrainingRuntime:
         holds. A wrapper that shards parameters (its registry entry sets
         ``accepts_meta_model = True``, as megatron-fsdp's does) is handed the meta model and
         only its shards are materialised; any other wrapper gets the materialised model.
+
+        ``on_model(chunks)`` sees the bare meta chunks first and may change the list in place
+        (add modules, wrap a chunk): what it adds is materialised, wrapped and optimised with
+        the model (the ``mcore_on_model_built`` hook).
         """
         ps = self.parallel_state
         # Mixed precision is the data-parallel wrapper's to apply (train.bf16 / train.fp16):
@@ -57,6 +63,8 @@ class MeshTrainingRuntime:
         wrap = registries.get("data_parallel", config.train.data_parallel)
         seed = peek_seed()
         chunks = build_meta_chunks(config, model_config, registries, ps)
+        if on_model is not None:
+            on_model(chunks)
         # The weights' base seed: the builder's own (GPTModel keeps it), else the run's.
         seed = getattr(chunks[0], "init_seed", seed)
         shards_meta = getattr(wrap, "accepts_meta_model", False)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 from mcore.core.config import (
+    Config,
     ConfigError,
     add_config_arguments,
     check_components,
@@ -75,25 +77,39 @@ def without_nproc(argv: list[str]) -> list[str]:
     return [a for i, a in enumerate(argv) if not _is_nproc(argv, i)]
 
 
-def _run(args: argparse.Namespace) -> int:
-    overrides = overrides_from_args(args)
-    config = load_config(args.file, overrides)  # validate before starting any rank
-    if config.checkpoint.save is None and get_plugin_manager().registries.names(
-        "checkpoint_format"
-    ):  # save by default where a checkpoint plugin (mcore-ckpt) is installed
-        overrides["checkpoint.save"] = DEFAULT_SAVE
-        config = load_config(args.file, overrides)
-    problems = check_components(config, get_plugin_manager().registries, skip_empty_kinds=True)
-    if problems:  # an unknown router or dispatcher fails here, not once per launched rank
-        raise ConfigError(problems)
-    if "WORLD_SIZE" not in os.environ:
-        nproc = args.nproc or default_nproc()
-        if nproc > 1:  # argv: what the user typed after `mcore train`
-            return launch_local_ranks("train", nproc, without_nproc(args.command_argv))
+def training_command(
+    command: str, *, help: str, default_save: str, run: Callable[[Config], int]
+) -> CliCommand:
+    """``mcore COMMAND [FILE] [--nproc N] [--section.field VALUE ...]`` for a command that
+    trains (``train``, ``rl``): the config is loaded and its components checked once, before
+    any rank starts; ``checkpoint.save`` defaults to ``default_save`` where a checkpoint plugin
+    is installed (metrics.jsonl goes there too); outside torchrun the local ranks are launched;
+    then every rank calls ``run(config)``."""
+
+    def main(args: argparse.Namespace) -> int:
+        manager = get_plugin_manager()
+        overrides = overrides_from_args(args)
+        config = load_config(args.file, overrides)  # validate before starting any rank
+        if config.checkpoint.save is None and manager.registries.names("checkpoint_format"):
+            overrides["checkpoint.save"] = default_save
+            config = load_config(args.file, overrides)
+        problems = check_components(config, manager.registries, skip_empty_kinds=True)
+        if problems:  # an unknown router or dispatcher fails here, not once per launched rank
+            raise ConfigError(problems)
+        if "WORLD_SIZE" not in os.environ:
+            nproc = args.nproc or default_nproc()
+            if nproc > 1:  # argv: what the user typed after `mcore COMMAND`
+                return launch_local_ranks(command, nproc, without_nproc(args.command_argv))
+        return run(config)
+
+    return CliCommand(help=help, configure=_configure, run=main)
+
+
+def _train(config: Config) -> int:
     from mcore.core.training.loop import train
 
     result = train(config)
-    if result.checkpoint and _is_rank_zero():
+    if result.checkpoint and is_rank_zero():
         print(f"checkpoint: {result.checkpoint}")
     return 0
 
@@ -103,12 +119,14 @@ def _is_nproc(argv: list[str], i: int) -> bool:
     return arg == "--nproc" or arg.startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc")
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 (or runs alone)."""
     return os.environ.get("RANK", "0") == "0"
 
 
-TRAIN = CliCommand(
+TRAIN = training_command(
+    "train",
     help="train a model (default: a small GPT on the Python standard library's source)",
-    configure=_configure,
-    run=_run,
+    default_save=DEFAULT_SAVE,
+    run=_train,
 )

@@ -7,33 +7,25 @@ tokenizer and dataset. This module imports no other mcore package.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from mcore.core.config import Config
-from mcore.core.data import build_datasets, build_tokenizer
+from mcore.core.data import build_datasets
 from mcore.core.errors import McoreError
 from mcore.core.plugins import PluginManager, get_plugin_manager
 from mcore.core.training.flops import gpt_flops_per_token, mfu, peak_flops
-from mcore.core.training.metrics import (
-    MetricsLogger,
-    NonFiniteLossError,
-    check_finite,
-    configure_logging,
-)
+from mcore.core.training.metrics import NonFiniteLossError, check_finite
 from mcore.core.training.straggler import StragglerDetector
 from mcore.core.training.timers import Timers
+from mcore.core.training.trainer import Trainer, init_distributed, setup_trainer
 
-__all__ = ["NonFiniteLossError", "TrainResult", "init_distributed", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "init_distributed", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +41,6 @@ class TrainResult:
     checkpoint: str | None = None
 
 
-def init_distributed(config: Config) -> None:
-    """Join the process group torchrun (or ``mcore train --nproc``) set up in the environment."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return
-    use_cuda = torch.cuda.is_available() and config.train.device != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-
-
-def _padded_vocab(vocab_size: int, tp: int) -> int:
-    # Pad to a multiple of 128 (aligned matmuls) that also splits over TP. Unlike Megatron's
-    # 128 x tp, the padded size does not change with TP for power-of-two sizes, so the same run
-    # under another layout builds the same model.
-    multiple = math.lcm(128, tp)
-    return math.ceil(vocab_size / multiple) * multiple
-
-
 def _micro_batches(dataset: Any, step: int, *, gbs: int, mbs: int, dp_rank: int, dp_size: int):
     """This data-parallel rank's micro-batches of ``step``: consecutive slices of the global
     batch, the same on every TP/PP rank of the replica."""
@@ -78,7 +52,11 @@ def _micro_batches(dataset: Any, step: int, *, gbs: int, mbs: int, dp_rank: int,
         yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-def _forward_step(device: torch.device, runtime: Any):
+def _forward_step(device: torch.device, trainer: Trainer, *, training: bool):
+    """The schedule's forward step; in training, the last stage's objective takes the
+    plugins' loss terms (``mcore_loss_terms``)."""
+    runtime = trainer.runtime
+
     def forward_step(data_iterator: Iterator, model: Any):
         batch = runtime.prepare_batch({k: v.to(device) for k, v in next(data_iterator).items()})
         output = model(
@@ -91,7 +69,9 @@ def _forward_step(device: torch.device, runtime: Any):
         def loss_func(per_token: torch.Tensor):
             mask = batch["loss_mask"].float()
             loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
-            return loss, {"loss": loss.detach()}
+            if not training:
+                return loss, {"loss": loss.detach()}
+            return trainer.objective(model, batch, loss)
 
         return output, loss_func
 
@@ -101,30 +81,17 @@ def _forward_step(device: torch.device, runtime: Any):
 def train(config: Config, *, manager: PluginManager | None = None) -> TrainResult:
     """Train as ``config`` says; returns the per-step losses. Call on every rank."""
     manager = manager or get_plugin_manager()
-    hook, registries = manager.hook, manager.registries
-    configure_logging(config.logger.log_level)
-    init_distributed(config)
-    runtime = hook.mcore_training_runtime(config=config)
-    if runtime is None:
-        raise McoreError("mcore train needs a parallel runtime: pip install mcore-parallel")
-    ps = runtime.parallel_state
+    trainer = setup_trainer(config, manager, command="train")
+    hook, runtime, tokenizer = manager.hook, trainer.runtime, trainer.tokenizer
+    ps, model_config = runtime.parallel_state, trainer.model_config
     train_cfg = config.train
-    torch.manual_seed(train_cfg.seed)
-
-    # --- data and model -----------------------------------------------------------------
-    tokenizer = build_tokenizer(config)
-    model_config = config.model
-    if model_config.vocab_size is None:
-        vocab = _padded_vocab(tokenizer.vocab_size, ps.tp_size)
-        model_config = dataclasses.replace(model_config, vocab_size=vocab)
-    checkpointer = _checkpointer(config, runtime, manager)
+    checkpointer = trainer.checkpointer = _checkpointer(config, runtime, manager)
     # Weights about to be loaded are not drawn first (at scale that is minutes of RNG).
     resuming = checkpointer is not None and checkpointer.resume_path() is not None
-    chunks, optimizer, scheduler = runtime.build(
-        config, model_config, registries, initialize=not resuming
-    )
+    trainer.build(initialize=not resuming)
+    chunks, optimizer, scheduler = trainer.chunks, trainer.optimizer, trainer.scheduler
     resumed = checkpointer.load(chunks, optimizer, scheduler) if checkpointer else None
-    start = int(resumed["iteration"]) if resumed else 0
+    start = trainer.iteration = int(resumed["iteration"]) if resumed else 0
     mbs = train_cfg.micro_batch_size
     gbs = train_cfg.global_batch_size or mbs * ps.dp_size
     if gbs % (mbs * ps.dp_size):
@@ -148,24 +115,16 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
             f"it a share in data.split (now {getattr(config.data, 'split', None)!r})"
         )
     device = next(chunks[0].parameters()).device
-    forward_step = _forward_step(device, runtime)
-    run_batch = _batch_runner(
-        runtime, chunks, forward_step, gbs=gbs, mbs=mbs, num_micro=num_micro, seq=seq
-    )
+    train_step = _forward_step(device, trainer, training=True)
+    run_batch = _batch_runner(runtime, chunks, gbs=gbs, mbs=mbs, num_micro=num_micro, seq=seq)
     log.info(
         "training steps %d-%d: %d micro-batch(es) of %d x %d tokens per step on %s",
         start + 1, train_cfg.train_iters, num_micro, mbs, seq, device,
     )  # fmt: skip
 
     # --- the loop ------------------------------------------------------------------------
-    result = TrainResult()
+    result = trainer.result = TrainResult()
     logger_cfg, straggler_cfg = config.logger, config.straggler
-    save_dir = config.checkpoint.save
-    metrics_file = logger_cfg.metrics_file or (
-        str(Path(save_dir) / "metrics.jsonl") if save_dir else None
-    )
-    if metrics_file and ps.rank == 0 and resumed is None:
-        Path(metrics_file).unlink(missing_ok=True)  # a new run starts a new curve
     timers = Timers(cuda_sync=device.type == "cuda")
     straggler = StragglerDetector(
         minmax_count=straggler_cfg.straggler_minmax_count,
@@ -173,14 +132,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
     )
     flops_per_token = _flops_per_token(model_config, seq)
     peak = peak_flops(device) if device.type == "cuda" else None
-    logger = MetricsLogger(
-        metrics_file=metrics_file,
-        tensorboard_dir=logger_cfg.tensorboard_dir,
-        log_interval=logger_cfg.log_interval,
-        total_steps=train_cfg.train_iters,
-        progress_bar=logger_cfg.progress_bar,
-        rank=ps.rank,
-    )
+    logger = trainer.open_logger(resumed=resumed is not None)
     if start >= train_cfg.train_iters and ps.rank == 0:
         print(
             f"resumed at step {start} of train.train_iters={train_cfg.train_iters}: nothing left "
@@ -188,7 +140,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
             flush=True,
         )
     save_interval, exit_interval = config.checkpoint.save_interval, train_cfg.exit_interval
-    hook.mcore_on_train_start(trainer=result)
+    hook.mcore_on_train_start(trainer=trainer)
     try:
         for step in range(start + 1, train_cfg.train_iters + 1):
             timers("step").start()
@@ -197,6 +149,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
                 metrics = run_batch(
                     train_set,
                     step,
+                    train_step,
                     # fp16: scale the loss before backward so small gradients do not underflow
                     grad_scale_func=optimizer.scale_loss if train_cfg.fp16 else None,
                 )
@@ -206,6 +159,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
                 scheduler.step()
             loss = runtime.reduce_loss([float(m["loss"]) for m in metrics])
             check_finite(step, loss)
+            trainer.iteration = step
             elapsed = timers("step").stop()
             timers.step_end()
             straggler.record(elapsed)
@@ -214,19 +168,21 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
                 "grad_norm": float(grad_norm),
                 "lr": float(optimizer.param_groups[0]["lr"]),
                 "tokens_per_s": gbs * seq / elapsed,
+                **trainer.reduce_terms(metrics),
             }
             evaluated = bool(eval_interval) and step % eval_interval == 0
             if evaluated:
                 step_metrics.update(
                     _evaluate(
-                        runtime, chunks, run_batch, valid_set, round_=step // eval_interval,
-                        iters=eval_iters,
+                        runtime, chunks, run_batch, _forward_step(device, trainer, training=False),
+                        valid_set, round_=step // eval_interval, iters=eval_iters,
                     )
                 )  # fmt: skip
             if logger.should_log(step) and hasattr(runtime, "read_metrics"):
                 # e.g. MoE balancing losses and expert load: they wait on the device, summed
                 # over the interval, and are read (one collective) only when logged.
                 step_metrics.update(runtime.read_metrics(chunks))
+            trainer.step_metrics(step, step_metrics)
             if peak:  # MFU per GPU: the step's model FLOPs over what the GPUs could do
                 per_gpu = step_metrics["tokens_per_s"] / ps.world_size
                 step_metrics["mfu"] = mfu(per_gpu, flops_per_token, peak)
@@ -241,7 +197,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
                 report = straggler.report()  # collective: every rank calls it
                 if report is not None and ps.rank == 0:
                     print(report.format(), flush=True)
-            hook.mcore_on_step_end(trainer=result, step=step, metrics=step_metrics)
+            hook.mcore_on_step_end(trainer=trainer, step=step, metrics=step_metrics)
             stop = bool(exit_interval) and step % exit_interval == 0
             if checkpointer is not None:
                 last = step == train_cfg.train_iters or stop
@@ -250,34 +206,33 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
                 ):
                     loop_state = {"iteration": step, "consumed_samples": step * gbs}
                     path = checkpointer.save(step, chunks, optimizer, scheduler, loop_state)
-                    _published(hook, result, [path] if path else [])
-                _published(hook, result, checkpointer.poll())
+                    _published(trainer, [path] if path else [])
+                _published(trainer, checkpointer.poll())
             if stop:
                 break
         if checkpointer is not None:
-            _published(hook, result, checkpointer.finalize())
+            _published(trainer, checkpointer.finalize())
     finally:
         logger.close()
-        hook.mcore_on_train_end(trainer=result)
+        hook.mcore_on_train_end(trainer=trainer)
     return result
 
 
 def _batch_runner(
     runtime: Any,
     chunks: list[Any],
-    forward_step: Any,
     *,
     gbs: int,
     mbs: int,
     num_micro: int,
     seq: int,
 ) -> Any:
-    """``run(dataset, index, **schedule_kwargs)``: global batch ``index`` (from 1) of
-    ``dataset`` through the runtime's schedule (forward and backward, or ``forward_only``);
-    returns the micro-batches' metrics."""
+    """``run(dataset, index, forward_step, **schedule_kwargs)``: global batch ``index`` (from
+    1) of ``dataset`` through the runtime's schedule (forward and backward, or
+    ``forward_only``); returns the micro-batches' metrics."""
     ps = runtime.parallel_state
 
-    def run(dataset: Any, index: int, **kwargs: Any) -> list[Any]:
+    def run(dataset: Any, index: int, forward_step: Any, **kwargs: Any) -> list[Any]:
         # One iterator per model chunk: with virtual pipeline stages each chunk reads every
         # micro-batch (the first for tokens, the last for labels).
         iterators = [
@@ -298,7 +253,14 @@ def _batch_runner(
 
 
 def _evaluate(
-    runtime: Any, chunks: list[Any], run_batch: Any, valid_set: Any, *, round_: int, iters: int
+    runtime: Any,
+    chunks: list[Any],
+    run_batch: Any,
+    forward_step: Any,
+    valid_set: Any,
+    *,
+    round_: int,
+    iters: int,
 ) -> dict[str, float]:
     """``iters`` global batches of the validation split, forward only, the model in eval mode
     (no dropout, no statistics): their mean loss and its perplexity, known on every rank. Each
@@ -308,7 +270,8 @@ def _evaluate(
     losses = []
     try:
         for i in range(iters):
-            metrics = run_batch(valid_set, (round_ - 1) * iters + i + 1, forward_only=True)
+            index = (round_ - 1) * iters + i + 1
+            metrics = run_batch(valid_set, index, forward_step, forward_only=True)
             losses.append(runtime.reduce_loss([float(m["loss"]) for m in metrics]))
     finally:
         for chunk in chunks:
@@ -330,10 +293,10 @@ def _checkpointer(config: Config, runtime: Any, manager: PluginManager) -> Any:
     return checkpointer
 
 
-def _published(hook: Any, result: TrainResult, paths: list[str]) -> None:
+def _published(trainer: Trainer, paths: list[str]) -> None:
     for path in paths:
-        result.checkpoint = path
-        hook.mcore_on_checkpoint_saved(trainer=result, path=path)
+        trainer.result.checkpoint = path
+        trainer.hook.mcore_on_checkpoint_saved(trainer=trainer, path=path)
 
 
 def _flops_per_token(model_config: Any, seq: int) -> float:

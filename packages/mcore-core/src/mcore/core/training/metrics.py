@@ -66,12 +66,19 @@ _FIELDS: dict[str, tuple[str, str]] = {
 }
 
 
-def format_line(step: int, total_steps: int, metrics: dict[str, Any]) -> str:
+def format_line(
+    step: int,
+    total_steps: int,
+    metrics: dict[str, Any],
+    keys: tuple[str, ...] | None = None,
+) -> str:
     """``step 20/100 | loss 3.2145 | grad_norm 0.812 | lr 3.00e-04 | tokens/s 1234 | mfu 12.3%``.
 
     ``mfu`` is a fraction of peak and shows as a percentage; unknown numeric fields show with
-    four significant digits.
+    four significant digits. ``keys``, when given, are the only fields shown.
     """
+    if keys is not None:
+        metrics = {k: v for k, v in metrics.items() if k in keys}
     parts = [f"step {step}/{total_steps}"]
     for key, (label, fmt) in _FIELDS.items():
         if key in metrics:
@@ -123,12 +130,16 @@ class MetricsLogger:
         rank: int = 0,
         stream: IO[str] | None = None,
         start_step: int = 0,
+        console_keys: tuple[str, ...] | None = None,
     ) -> None:
         if log_interval < 1:
             raise ValueError(f"log_interval must be >= 1, got {log_interval}")
         self.log_interval = log_interval
         self.total_steps = total_steps
         self.active = rank == 0
+        self.console_keys = console_keys
+        """The fields the console line shows (``None``: all); the JSONL and TensorBoard get
+        every field."""
         self._stream = sys.stdout if stream is None else stream
         self._file: IO[str] | None = None
         self._writer: Any = None
@@ -168,7 +179,7 @@ class MetricsLogger:
         if not (force or self.should_log(step)):
             return
         values = {key: _plain(value) for key, value in metrics.items()}
-        line = format_line(step, self.total_steps, values)
+        line = format_line(step, self.total_steps, values, self.console_keys)
         if self._bar is not None:
             self._bar.write(line, file=self._stream)  # clears the bar, prints, redraws it
         else:

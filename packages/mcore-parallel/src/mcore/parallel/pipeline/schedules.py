@@ -27,7 +27,8 @@ its backward (loss scaling for fp16).
 
 A model chunk that receives from a previous stage must offer ``set_input_tensor(tensor)``
 (Megatron's convention; ``None`` is passed on the first stage), and pipelined schedules read
-``config.hidden_size`` and, when present, ``sequence_parallel`` for the exchanged shape.
+``pipeline_hidden_size`` (else ``config.hidden_size``) and, when present,
+``sequence_parallel`` for the exchanged shape.
 Attributes are also looked up through wrappers that keep the model as ``.module``.
 A chunk that has ``no_sync()`` (a data-parallel wrapper) runs every micro-batch but its last
 inside it, so gradients are reduced over data-parallel ranks once, after the last backward.
@@ -469,7 +470,11 @@ def _communicator(
             "forward_backward_no_pipelining (get_forward_backward_func picks it)"
         )
     if hidden_size is None:
-        hidden_size = _model_attr(chunks[0], "config").hidden_size
+        # A chunk that sends more than its hidden states (a distillation wrapper sends the
+        # teacher's beside them) gives the width it exchanges as pipeline_hidden_size.
+        hidden_size = _model_attr(chunks[0], "pipeline_hidden_size", None)
+        if hidden_size is None:
+            hidden_size = _model_attr(chunks[0], "config").hidden_size
     if sequence_parallel is None:
         sequence_parallel = bool(_model_attr(chunks[0], "sequence_parallel", False))
     param = next(iter(chunks[0].parameters()), None)
