@@ -36,6 +36,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_PLUGIN = ROOT / "examples" / "custom-router-plugin"
+LORA_PLUGIN = ROOT / "examples" / "lora-plugin"
 # Every workspace package, read from disk so a new package is covered without editing tests.
 OUR_PACKAGES = tuple(
     sorted(
@@ -174,6 +175,15 @@ def example_plugin_wheel(uv: Uv, tmp_path_factory: pytest.TempPathFactory) -> Pa
     """The wheel of examples/custom-router-plugin, built in its own folder as its author would."""
     out = tmp_path_factory.mktemp("example-wheel")
     uv("build", "--wheel", "--out-dir", out, cwd=EXAMPLE_PLUGIN)
+    (wheel,) = out.glob("*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def lora_plugin_wheel(uv: Uv, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel of examples/lora-plugin, built in its own folder as its author would."""
+    out = tmp_path_factory.mktemp("lora-wheel")
+    uv("build", "--wheel", "--out-dir", out, cwd=LORA_PLUGIN)
     (wheel,) = out.glob("*.whl")
     return wheel
 

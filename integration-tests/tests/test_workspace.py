@@ -22,6 +22,7 @@ FAMILY = [
     "mcore-ckpt",
     "mcore-inference",
     "megatron-rl",
+    "mcore-distill",
 ]
 PACKAGES = [*FAMILY, "megatron-fsdp"]
 
@@ -34,7 +35,7 @@ def run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 
 
-def test_mcore_plugins_lists_all_nine_packages() -> None:
+def test_mcore_plugins_lists_all_ten_packages() -> None:
     result = run(str(BIN / "mcore"), "plugins", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -45,7 +46,7 @@ def test_mcore_plugins_lists_all_nine_packages() -> None:
     }
     assert sections >= {"model", "parallel", "train", "optimizer", "data", "checkpoint",
                         "logger", "straggler", "moe", "ssm", "fsdp", "inference",
-                        "rl"}  # fmt: skip
+                        "rl", "kd"}  # fmt: skip
 
 
 def test_loading_every_plugin_does_not_import_torch() -> None:

@@ -272,3 +272,24 @@ def test_hook_mcore_step_metrics() -> None:
 
     with pytest.raises(Exception, match="'loss' is already a metric of step 3"):
         _trainer(Clash()).step_metrics(3, {"loss": 1.0})
+
+
+def test_hook_mcore_plan_frozen_models() -> None:
+    class Teacher:
+        @hookimpl
+        def mcore_plan_frozen_models(self, config):
+            return [("teacher", config, "model config", "bf16")]
+
+    class Nothing:
+        @hookimpl
+        def mcore_plan_frozen_models(self, config):
+            return None
+
+    # Every plugin answers (not firstresult): mcore plan counts all frozen models listed.
+    manager = PluginManager()
+    manager.register(Nothing(), name="nothing")
+    manager.register(Teacher(), name="teacher")
+    answers = manager.hook.mcore_plan_frozen_models(config="C")
+    assert [spec for specs in answers for spec in specs or []] == [
+        ("teacher", "C", "model config", "bf16")
+    ]

@@ -85,6 +85,17 @@ def mcore_checkpointer(config: Config, runtime: Any) -> Any:
     """
 
 
+@hookspec
+def mcore_plan_frozen_models(config: Config) -> list[tuple[str, Config, Any, Any]] | None:
+    """Models a run of ``config`` holds beside the one it trains, frozen (a distillation
+    teacher), for ``mcore plan``: ``(name, run config, model config, dtype)`` each.
+
+    ``mcore plan`` builds every pipeline stage of them on ``meta`` in the run's layout, as the
+    model is built, and counts their weights (in ``dtype``) in each rank's memory: no
+    gradients, no optimizer state. Read what is needed (a checkpoint's config) but no weights.
+    """
+
+
 # --- the training run ------------------------------------------------------------------------
 # Every hook below receives the run's :class:`mcore.core.training.trainer.Trainer` (config,
 # parallel runtime, model chunks, optimizer, scheduler, tokenizer, checkpointer, logger,

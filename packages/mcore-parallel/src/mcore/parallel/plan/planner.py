@@ -36,6 +36,7 @@ from mcore.parallel.plan.flops import (
 from mcore.parallel.plan.memory import compute_dtype, model_state
 from mcore.parallel.plan.stage import build_stage, fake_world, stage_rank
 from mcore.parallel.state import _FIELD, _TIMES, _quotient
+from mcore.parallel.training import build_meta_chunks
 
 GiB = 2**30
 
@@ -62,6 +63,8 @@ class Role:
     optimizer_bytes: int
     optimizer_cpu_bytes: int
     transient_model_bytes: int
+    frozen_bytes: int
+    """Weights of frozen models beside the trained one (a distillation teacher's stage)."""
     activation_bytes_per_microbatch: int
     activation_peak_extra_bytes: int
     in_flight_microbatches: int
@@ -158,10 +161,16 @@ def make_plan(
     """The plan of ``config`` (a run ``Config``) at ``world_size`` ranks."""
     started = time.perf_counter()
     layout = check_layout(config, world_size)
-    if registries is None:
-        from mcore.core.plugins import get_plugin_manager
+    from mcore.core.plugins import get_plugin_manager
 
-        registries = get_plugin_manager().registries
+    manager = get_plugin_manager()
+    if registries is None:
+        registries = manager.registries
+    frozen = [
+        spec
+        for specs in manager.hook.mcore_plan_frozen_models(config=config)
+        for spec in specs or []
+    ]
     model, train = config.model, config.train
     moe = getattr(config, "moe", None)
     ssm = getattr(config, "ssm", None)
@@ -190,6 +199,10 @@ def make_plan(
             ]
             key = _signature(chunks, [kinds[i] for i in layer_ids])
             state = model_state(chunks, ps, config)
+            frozen_bytes = sum(
+                _frozen_bytes(run, frozen_model, registries, ps, dtype_)
+                for _, run, frozen_model, dtype_ in frozen
+            )
             if key not in measured:
                 measured[key] = [
                     measure_chunk(
@@ -223,7 +236,13 @@ def make_plan(
             stage_flops += head_flops(model) + mtp_flops(model, moe, seq, ssm)
         replicas = layout["dp"] * layout["tp"] * layout["cp"]
         total = (
-            state.params + state.grads + state.optimizer + state.transient + flying * kept + extra
+            state.params
+            + state.grads
+            + state.optimizer
+            + state.transient
+            + frozen_bytes
+            + flying * kept
+            + extra
         )
         roles.append(
             Role(
@@ -238,6 +257,7 @@ def make_plan(
                 optimizer_bytes=state.optimizer,
                 optimizer_cpu_bytes=state.optimizer_cpu,
                 transient_model_bytes=state.transient,
+                frozen_bytes=frozen_bytes,
                 activation_bytes_per_microbatch=kept,
                 activation_peak_extra_bytes=extra,
                 in_flight_microbatches=flying,
@@ -259,6 +279,14 @@ def make_plan(
         fits=all(r.fits for r in roles),
         elapsed_s=time.perf_counter() - started,
     )
+
+
+def _frozen_bytes(
+    config: Any, model_config: Any, registries: Any, ps: Any, dtype: torch.dtype
+) -> int:
+    """Bytes of this rank's stage of a frozen model, built on ``meta`` in the run's layout."""
+    chunks = build_meta_chunks(config, model_config, registries, ps)
+    return sum(p.numel() for c in chunks for p in c.parameters()) * dtype.itemsize
 
 
 def _signature(chunks: list[torch.nn.Module], kinds: list) -> Any:

@@ -62,6 +62,10 @@ def render(plan: Plan) -> str:
         ]
         for r in plan.roles
     ]
+    if any(r.frozen_bytes for r in plan.roles):  # a frozen teacher's weights, beside weights
+        header.insert(3, "frozen")
+        for row, r in zip(rows, plan.roles, strict=True):
+            row.insert(3, _gib(r.frozen_bytes))
     out += _table(header, rows)
     out += ["", "communication per rank per step (GiB sent) and compute (TFLOP)"]
     header = ["stage", "TP", "CP", "EP", "PP", "DP", "TFLOP"]
