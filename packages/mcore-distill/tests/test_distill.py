@@ -349,3 +349,26 @@ def test_mcore_plan_counts_the_teachers_weights(teacher) -> None:
     assert 0 < first.frozen_bytes < role.frozen_bytes and last.frozen_bytes > 0
     assert "frozen" in render(staged) and "frozen" not in render(make_plan(
         _config(cache, **{"model.vocab-size": "384"}), 1))  # fmt: skip
+
+
+def test_an_moe_teacher_is_built_from_its_checkpoints_config(teacher, tmp_path) -> None:
+    """The teacher's [moe] section comes from its checkpoint: a dense student distils from a
+    mixture-of-experts teacher without restating its architecture."""
+    cache, _ = teacher
+    save = tmp_path / "moe-teacher"
+    moe = {"moe.num-experts": "4", "moe.router-topk": "2", "checkpoint.save": str(save),
+           "train.train-iters": "2"}  # fmt: skip
+    train(_config(cache, TEACHER, **moe))
+    trainer = _built(_config(cache, **{"kd.teacher-load": str(save)}))
+    stage = find_stage(trainer.chunks[0])
+    experts = [m for m in stage.teacher.modules() if type(m).__name__ == "MoELayer"]
+    assert len(experts) == 4 and not any(
+        type(m).__name__ == "MoELayer" for m in stage.module.modules()
+    )
+    batch = _batch(trainer)
+    _, logged = _terms(trainer, batch)
+    with torch.no_grad():
+        s_logits = stage.module(batch["tokens"], position_ids=batch["position_ids"])
+        t_logits = stage.teacher(batch["tokens"], position_ids=batch["position_ids"])
+    hand = _hand_kl_loss(s_logits, t_logits, batch["loss_mask"], 1.0)
+    assert logged["kd/logits"].item() == pytest.approx(hand.item(), rel=1e-5)
