@@ -99,6 +99,13 @@ class TransformerConfig:
     """MLA: per-head value dimension."""
     untie_embeddings_and_output_weights: bool = False
     """Give the output layer its own weights instead of sharing the input embedding."""
+    cross_entropy_loss_fusion: bool = False
+    """Compute the output layer and the cross-entropy together over token chunks, never holding
+    the whole micro-batch's logits (Megatron's --cross-entropy-loss-fusion): same loss and
+    gradients, one more output-layer matmul in backward (it recomputes each chunk's logits)."""
+    cross_entropy_chunk_tokens: int = 4096
+    """Tokens per chunk of the fused cross-entropy: it holds chunk x vocab / tp fp32 logits
+    at a time (cross_entropy_loss_fusion only)."""
     init_method_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
     hidden_dropout: float = 0.0
@@ -180,6 +187,10 @@ class TransformerConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
             if getattr(self, name) < 1:
                 errors.add(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.cross_entropy_chunk_tokens < 1:
+            errors.add(
+                "cross_entropy_chunk_tokens", f"must be >= 1, got {self.cross_entropy_chunk_tokens}"
+            )
         for name in ("num_query_groups", "kv_channels", "ffn_hidden_size", "vocab_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -39,6 +39,7 @@ from mcore.parallel import (
     ParallelState,
     VocabParallelEmbedding,
     cp_local_positions,
+    fused_linear_cross_entropy,
     gather_from_context_parallel,
     gather_from_tensor_parallel_region,
     mark_shared_embedding,
@@ -318,7 +319,18 @@ class GPTModel(torch.nn.Module):
 
     def _per_token_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross entropy ``[s, b]`` of final-normed ``x`` against ``labels`` ``[b, s]``, on
-        the vocab-parallel logits."""
+        the vocab-parallel logits (chunk by chunk with cross_entropy_loss_fusion, never whole;
+        the MTP depths' losses come here too)."""
+        if self.config.cross_entropy_loss_fusion:
+            layer, weight = self.output_layer, self._output_weight()
+            return fused_linear_cross_entropy(
+                x,
+                layer.weight if weight is None else weight,
+                labels.t(),
+                tp_group=layer.tp_group,
+                sequence_parallel=layer.sequence_parallel,
+                chunk_tokens=self.config.cross_entropy_chunk_tokens,
+            )
         logits = self.output_layer(x, weight=self._output_weight())
         return vocab_parallel_cross_entropy(
             logits, labels.t(), tp_group=self.parallel_state.tp_group

@@ -52,6 +52,7 @@ _EXPORTS = {
     "split_for_context_parallel": "mcore.parallel.context_parallel",
     "stage_layers": "mcore.parallel.pipeline",
     "vocab_parallel_cross_entropy": "mcore.parallel.tensor_parallel",
+    "fused_linear_cross_entropy": "mcore.parallel.tensor_parallel",
 }
 
 __all__ = [
@@ -80,6 +81,7 @@ __all__ = [
     "forward_backward_no_pipelining",
     "forward_backward_pipelining_with_interleaving",
     "forward_backward_pipelining_without_interleaving",
+    "fused_linear_cross_entropy",
     "gather_from_context_parallel",
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_parallel_region",
@@ -156,6 +158,7 @@ if TYPE_CHECKING:
         RowParallelLinear,
         VocabParallelEmbedding,
         copy_to_tensor_parallel_region,
+        fused_linear_cross_entropy,
         gather_from_sequence_parallel_region,
         gather_from_tensor_parallel_region,
         init_method_normal,

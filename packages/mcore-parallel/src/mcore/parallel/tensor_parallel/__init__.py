@@ -1,7 +1,8 @@
 """Tensor and sequence parallelism: differentiable collectives, parallel linear and embedding
-layers, and cross-entropy over vocab-parallel logits."""
+layers, and cross-entropy over vocab-parallel logits (or fused with the output layer, chunked)."""
 
 from mcore.parallel.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from mcore.parallel.tensor_parallel.fused_cross_entropy import fused_linear_cross_entropy
 from mcore.parallel.tensor_parallel.layers import (
     ColumnParallelLinear,
     LinearBackend,
@@ -30,6 +31,7 @@ __all__ = [
     "VocabParallelEmbedding",
     "apply_linear_backend",
     "copy_to_tensor_parallel_region",
+    "fused_linear_cross_entropy",
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_parallel_region",
     "init_method_normal",
