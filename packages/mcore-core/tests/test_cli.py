@@ -38,7 +38,15 @@ def test_plugins_json_lists_the_core_and_its_components(capsys) -> None:
     assert core["version"] == "0.1.0"
     assert core["components"] == {
         "cli_command": ["config", "data", "plot", "plugins", "train"],
-        "config_section": ["checkpoint", "data", "logger", "optimizer", "straggler", "train"],
+        "config_section": [
+            "checkpoint",
+            "data",
+            "logger",
+            "optimizer",
+            "profile",
+            "straggler",
+            "train",
+        ],
         "dataset": ["indexed", "python_stdlib"],
         "tokenizer": ["byte", "hf"],
     }

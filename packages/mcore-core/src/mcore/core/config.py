@@ -513,6 +513,7 @@ SECTION_ORDER = [
     "checkpoint",
     "logger",
     "straggler",
+    "profile",
     "moe",
     "fsdp",
     "inference",

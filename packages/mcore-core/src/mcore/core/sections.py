@@ -50,6 +50,14 @@ class TrainConfig:
     metrics.jsonl and TensorBoard. Unset disables evaluation."""
     eval_iters: int = 10
     """Global batches per evaluation (each evaluation reads the next ones of the split)."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """Regional torch.compile: each transformer layer is compiled on its own (one graph per
+    layer kind, reused by every layer of that kind). auto compiles on CUDA and runs eagerly on
+    CPU, where compiling costs more than a short run saves (one log line says which); on
+    compiles on any device; off never. A layer that cannot be compiled runs eagerly."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """torch.compile backend of train.compile: inductor generates fused kernels; aot_eager and
+    eager only trace (they check that compiled regions compose, without kernel generation)."""
 
     def validate(self, errors: ConfigErrors) -> None:
         _positive(
@@ -239,6 +247,49 @@ class StragglerDetectionConfig:
         _positive(errors, self, "straggler_minmax_count")
 
 
+@dataclass(kw_only=True)
+class ProfileConfig:
+    """Profiling: a torch.profiler trace of chosen steps, and named ranges for Nsight Systems."""
+
+    profile: bool = False
+    """Record a torch.profiler Chrome trace (CPU activity, plus CUDA on a GPU) of steps
+    [profile_step_start, profile_step_end) on the ranks in profile_ranks, written to
+    trace_dir/rank{R}_steps{A}-{B}.json, A and B the first and last step traced (open it in
+    Perfetto or chrome://tracing); the named ranges (see nvtx_ranges) are on while it records.
+    For Nsight Systems use nvtx_ranges instead (the two profilers do not share CUPTI)."""
+    profile_step_start: int = 10
+    """First step profiled (steps count from 1)."""
+    profile_step_end: int = 12
+    """Step at which profiling stops; this step is not profiled."""
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+    """Global ranks that record a trace."""
+    nvtx_ranges: bool = False
+    """Mark nested named ranges on every rank at every step: ``step N`` (the whole iteration,
+    logging and checkpointing included), ``forward``, ``loss`` and ``backward`` (each
+    micro-batch), ``layer N`` (each transformer layer's forward; N counts from 0 over the whole
+    model), ``grad-sync`` (the data-parallel and tied-embedding gradient reductions) and
+    ``optimizer`` (which encloses grad-sync). On CUDA they are NVTX ranges (Nsight Systems shows
+    them), and on any device torch.profiler record_function ranges. Without it they are marked
+    only while profile records a trace."""
+    trace_dir: str | None = None
+    """Where traces are written; unset means checkpoint.save/profile, or ./profile when nothing
+    is saved."""
+    record_shapes: bool = False
+    """torch.profiler: record the input shapes of every operator (``Input Dims`` in the trace)."""
+    profile_memory: bool = False
+    """torch.profiler: record tensor allocations and frees (``[memory]`` events in the trace)."""
+
+    def validate(self, errors: ConfigErrors) -> None:
+        start, end = self.profile_step_start, self.profile_step_end
+        if start < 1:
+            errors.add("profile_step_start", f"must be >= 1 (steps count from 1), got {start}")
+        if end <= start:
+            errors.add("profile_step_end", f"must be > profile_step_start ({start}), got {end}")
+        negative = [r for r in self.profile_ranks if r < 0]
+        if negative:
+            errors.add("profile_ranks", f"ranks must be >= 0, got {negative}")
+
+
 CORE_SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "optimizer": OptimizerConfig,
@@ -246,4 +297,5 @@ CORE_SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "logger": LoggerConfig,
     "straggler": StragglerDetectionConfig,
+    "profile": ProfileConfig,
 }

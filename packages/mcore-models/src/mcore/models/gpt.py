@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from mcore.core.training.profiling import ranges
 from mcore.models.config import TransformerConfig
 from mcore.models.context import ModelContext
 from mcore.models.inference import KVCacheSpec, PagedBatch, RecurrentStateSpec
@@ -342,11 +343,14 @@ class GPTModel(torch.nn.Module):
         )
 
     def _run_layer(self, layer, x, rotary, mask, packed_seq_params) -> torch.Tensor:
-        if self.recompute_layers and torch.is_grad_enabled():
-            return checkpoint(layer, x, rotary, None, mask, packed_seq_params, use_reentrant=False)
-        if mask is not None:
-            return layer(x, rotary, attn_mask=mask, packed_seq_params=packed_seq_params)
-        return layer(x, rotary)
+        with ranges.range("layer", layer.layer_number):  # profile.nvtx_ranges
+            if self.recompute_layers and torch.is_grad_enabled():
+                return checkpoint(
+                    layer, x, rotary, None, mask, packed_seq_params, use_reentrant=False
+                )
+            if mask is not None:
+                return layer(x, rotary, attn_mask=mask, packed_seq_params=packed_seq_params)
+            return layer(x, rotary)
 
     def _mtp_hidden(self, x, input_ids, position_ids, packed_seq_params, mask):
         """Each MTP depth's final-normed hidden states, from the main ones ``x``."""

@@ -124,6 +124,9 @@ def mtp_layer_specs(
 class TransformerLayer(torch.nn.Module):
     """``x + attn(norm(x))`` then ``x + mlp(norm(x))``, with dropout on each branch."""
 
+    compile_region = True
+    """``train.compile`` compiles each layer on its own (:mod:`mcore.parallel.compile`)."""
+
     def __init__(self, ctx: ModelContext, spec: LayerSpec, *, layer_number: int) -> None:
         super().__init__()
         cfg = ctx.config

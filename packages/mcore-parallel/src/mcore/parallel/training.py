@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mcore.core.training.profiling import ranges
+from mcore.parallel.compile import compile_regions
 from mcore.parallel.context_parallel import split_for_context_parallel
 from mcore.parallel.init import materialize, peek_seed
 from mcore.parallel.optimizer.scheduler import build_lr_scheduler
@@ -82,6 +84,8 @@ class MeshTrainingRuntime:
             self._wrapped = wrap(torch.nn.ModuleList(chunks), ps, config)
         if shards_meta:
             materialize(chunks, device=self.device, seed=seed, initialize=initialize)
+        train = config.train
+        compile_regions(chunks, train.compile, train.compile_backend, self.device)
         self._chunks = chunks
         optimizer = registries.get("optimizer", config.optimizer.optimizer)(
             self._wrapped, ps, config
@@ -119,8 +123,9 @@ class MeshTrainingRuntime:
         """Finish the data-parallel reduction, sum tied-embedding gradients over stages, and
         let modules with per-step work (``finalize_step(parallel_state)``, e.g. the MoE
         aux-loss-free bias update) do it."""
-        self._wrapped.finish_grad_sync()
-        allreduce_embedding_grads(chunks, self.parallel_state)
+        with ranges.range("grad-sync"):
+            self._wrapped.finish_grad_sync()
+            allreduce_embedding_grads(chunks, self.parallel_state)
         for module in self._modules_with("finalize_step"):
             module.finalize_step(self.parallel_state)
 

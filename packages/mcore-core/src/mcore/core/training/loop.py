@@ -21,6 +21,7 @@ from mcore.core.errors import McoreError
 from mcore.core.plugins import PluginManager, get_plugin_manager
 from mcore.core.training.flops import gpt_flops_per_token, mfu, peak_flops
 from mcore.core.training.metrics import NonFiniteLossError, check_finite
+from mcore.core.training.profiling import StartupTimes, StepProfiler, ranges
 from mcore.core.training.straggler import StragglerDetector
 from mcore.core.training.timers import Timers
 from mcore.core.training.trainer import Trainer, init_distributed, setup_trainer
@@ -80,6 +81,7 @@ def _forward_step(device: torch.device, trainer: Trainer, *, training: bool):
 
 def train(config: Config, *, manager: PluginManager | None = None) -> TrainResult:
     """Train as ``config`` says; returns the per-step losses. Call on every rank."""
+    startup = StartupTimes()  # start-up phases, reported with the first step
     manager = manager or get_plugin_manager()
     trainer = setup_trainer(config, manager, command="train")
     hook, runtime, tokenizer = manager.hook, trainer.runtime, trainer.tokenizer
@@ -89,6 +91,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
     # Weights about to be loaded are not drawn first (at scale that is minutes of RNG).
     resuming = checkpointer is not None and checkpointer.resume_path() is not None
     trainer.build(initialize=not resuming)
+    startup.mark("build")
     chunks, optimizer, scheduler = trainer.chunks, trainer.optimizer, trainer.scheduler
     resumed = checkpointer.load(chunks, optimizer, scheduler) if checkpointer else None
     start = trainer.iteration = int(resumed["iteration"]) if resumed else 0
@@ -141,8 +144,13 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
         )
     save_interval, exit_interval = config.checkpoint.save_interval, train_cfg.exit_interval
     hook.mcore_on_train_start(trainer=trainer)
+    profiler = StepProfiler.from_config(
+        config, rank=ps.rank, world_size=ps.world_size, device=device
+    )
+    startup.mark("load_data")
     try:
         for step in range(start + 1, train_cfg.train_iters + 1):
+            profiler.step(step)  # the "step N" range; the trace starts or stops between steps
             timers("step").start()
             optimizer.zero_grad()
             with timers("forward-backward"):
@@ -153,7 +161,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
                     # fp16: scale the loss before backward so small gradients do not underflow
                     grad_scale_func=optimizer.scale_loss if train_cfg.fp16 else None,
                 )
-            with timers("optimizer"):
+            with timers("optimizer"), ranges.range("optimizer"):
                 runtime.finalize_grads(chunks)
                 _skipped, grad_norm = optimizer.step()
                 scheduler.step()
@@ -170,6 +178,8 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
                 "tokens_per_s": gbs * seq / elapsed,
                 **trainer.reduce_terms(metrics),
             }
+            if step == start + 1:  # start-up phases' min/max over ranks (collective), printed
+                startup.report(rank=ps.rank, world_size=ps.world_size)
             evaluated = bool(eval_interval) and step % eval_interval == 0
             if evaluated:
                 step_metrics.update(
@@ -190,6 +200,8 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
             result.grad_norms.append(float(grad_norm))
             result.step_seconds.append(elapsed)
             result.tokens_per_step = gbs * seq
+            if evaluated or logger.should_log(step):  # the run's first record carries them
+                step_metrics.update(startup.take_fields())
             logger.log(step, step_metrics, force=evaluated)
             if logger.should_log(step):
                 if logger_cfg.timing_log_level > 0 and ps.rank == 0 and timers.summary():
@@ -213,6 +225,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
         if checkpointer is not None:
             _published(trainer, checkpointer.finalize())
     finally:
+        profiler.close()
         logger.close()
         hook.mcore_on_train_end(trainer=trainer)
     return result

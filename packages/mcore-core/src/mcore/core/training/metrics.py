@@ -75,10 +75,13 @@ def format_line(
     """``step 20/100 | loss 3.2145 | grad_norm 0.812 | lr 3.00e-04 | tokens/s 1234 | mfu 12.3%``.
 
     ``mfu`` is a fraction of peak and shows as a percentage; unknown numeric fields show with
-    four significant digits. ``keys``, when given, are the only fields shown.
+    four significant digits. ``keys``, when given, are the only fields shown; ``startup/...``
+    fields never are (the start-up line reports them).
     """
     if keys is not None:
         metrics = {k: v for k, v in metrics.items() if k in keys}
+    # Start-up phases have their own line (mcore.core.training.profiling); files keep them.
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("startup/")}
     parts = [f"step {step}/{total_steps}"]
     for key, (label, fmt) in _FIELDS.items():
         if key in metrics:

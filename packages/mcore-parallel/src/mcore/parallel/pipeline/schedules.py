@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from mcore.core import McoreError
+from mcore.core.training.profiling import ranges
 from mcore.parallel.errors import ParallelLayoutError
 from mcore.parallel.pipeline.p2p import P2PCommunicator, pipeline_tensor_shape
 from mcore.parallel.state import ParallelState
@@ -374,11 +375,12 @@ class _MicroBatchSteps:
             set_input_tensor(input_tensor)
         elif input_tensor is not None:  # a plain model is fine where nothing is received
             _model_attr(module, "set_input_tensor")  # raises, naming what is missing
-        with self._grad_sync(chunk, self._forwards):
+        with self._grad_sync(chunk, self._forwards), ranges.range("forward"):
             output, loss_func = self.forward_step_func(self.iterators[chunk], module)
         if not computes_loss:
             return output
-        result = loss_func(output)
+        with ranges.range("loss"):
+            result = loss_func(output)
         if not (isinstance(result, tuple) and len(result) == 2):
             raise McoreError(
                 "loss_func(output) must return (loss, metrics) as in Megatron-Core, got "
@@ -399,7 +401,7 @@ class _MicroBatchSteps:
         input came from the data, not from a previous stage)."""
         if output_grad is None and self.grad_scale_func is not None:
             output = self.grad_scale_func(output)  # loss scaling for fp16
-        with self._grad_sync(chunk, self._backwards):
+        with self._grad_sync(chunk, self._backwards), ranges.range("backward"):
             torch.autograd.backward(output, grad_tensors=output_grad)
         return None if input_tensor is None else input_tensor.grad
 
