@@ -398,3 +398,52 @@ def test_plugin_registers_ddp_and_optimizers_lazily() -> None:
     assert components["data_parallel"] == ["ddp"]
     assert components["optimizer"] == ["adam", "sgd"]
     assert "ddp" in components["config_section"]
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused", "foreach", "for_loop"])
+def test_optimizer_impl_picks_the_torch_kernels_and_gives_the_same_steps(impl: str) -> None:
+    """optimizer.optimizer_impl: fused (auto on CPU), foreach or for_loop, the same updates."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    x = torch.randn(5, 8)
+    results = {}
+    for choice in ("for_loop", impl):
+        model = copy.deepcopy(reference)
+        config = Config({"train": TrainConfig(),
+                         "optimizer": OptimizerConfig(optimizer_impl=choice, lr=1e-2)})  # fmt: skip
+        opt = build_adam(model, ParallelState(), config)
+        (inner,) = opt._optimizers
+        results[choice] = inner.defaults
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+        results[choice, "weights"] = [p.detach().clone() for p in model.parameters()]
+    expected = {"auto": (True, False), "fused": (True, False), "foreach": (False, True),
+                "for_loop": (False, False)}[impl]  # fmt: skip
+    assert (bool(results[impl]["fused"]), bool(results[impl]["foreach"])) == expected
+    for ours, theirs in zip(results[impl, "weights"], results["for_loop", "weights"], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def _refuses_fused_dtensors(rank: int, world: int) -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from mcore.core import McoreError
+    from mcore.parallel.optimizer.build import implementation
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = nn.Linear(4, 4)
+    model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
+    assert implementation(model, "auto") == {"fused": False, "foreach": True}
+    try:
+        implementation(model, "fused")
+    except McoreError as exc:
+        return str(exc)
+    return ""
+
+
+def test_fused_is_refused_for_sharded_dtensor_parameters() -> None:
+    (message,) = run_ranks(_refuses_fused_dtensors, 1, backend="gloo")
+    assert "optimizer.optimizer_impl = 'fused' needs plain CPU or CUDA parameters" in message

@@ -107,6 +107,10 @@ class OptimizerConfig:
     """Keep optimizer state on the CPU."""
     optimizer_offload_fraction: float = 1.0
     """Fraction of optimizer state offloaded when optimizer_cpu_offload is on."""
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    """How the torch optimizer updates its tensors: fused (one kernel for all of them, on CPU
+    and CUDA), foreach (one kernel per operation over all tensors) or for_loop (tensor by
+    tensor); auto picks fused where torch has it for the parameters, else foreach."""
 
     def validate(self, errors: ConfigErrors) -> None:
         _positive(errors, self, "lr", "adam_eps", "lr_decay_iters", "lr_wsd_decay_iters")

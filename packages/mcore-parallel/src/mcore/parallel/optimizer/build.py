@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mcore.core import McoreError
 from mcore.parallel.optimizer.distributed import DistributedOptimizer
 from mcore.parallel.optimizer.loss_scaler import DynamicLossScaler
 from mcore.parallel.optimizer.mixed_precision import MakeOptimizer, MixedPrecisionOptimizer
@@ -42,12 +43,44 @@ def build_optimizer(
     )
 
 
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def implementation(model: nn.Module, impl: str) -> dict[str, bool]:
+    """The torch optimizer's ``fused`` / ``foreach`` arguments for ``optimizer.optimizer_impl``.
+
+    ``auto`` fuses when every parameter of ``model`` is a plain floating-point tensor on a
+    device torch's fused kernels cover; megatron-fsdp's ``DTensor`` parameters (whose shards the
+    optimizer steps through views) get foreach: the fused kernels gave wrong steps there.
+    """
+    params = list(model.parameters())
+    plain = bool(params) and all(
+        type(p.data) is torch.Tensor
+        and p.device.type in _FUSED_DEVICES
+        and p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        for p in params
+    )
+    if impl == "fused" and not plain:
+        raise McoreError(
+            "optimizer.optimizer_impl = 'fused' needs plain CPU or CUDA parameters; this "
+            "model's are sharded DTensors (megatron_fsdp): use foreach, for_loop or auto"
+        )
+    if impl == "auto":
+        impl = "fused" if plain else "foreach"
+    return {
+        "fused": {"fused": True, "foreach": False},
+        "foreach": {"fused": False, "foreach": True},
+        "for_loop": {"fused": False, "foreach": False},
+    }[impl]
+
+
 def build_adam(
     model: nn.Module, parallel_state: ParallelState, config: Any
 ) -> MixedPrecisionOptimizer:
     """``adam``: AdamW (decoupled weight decay) with the ``[optimizer]`` section's betas, eps,
     lr and weight decay; biases and 1-D parameters are not decayed."""
     opt = config.optimizer
+    kernels = implementation(model, getattr(opt, "optimizer_impl", "auto"))
 
     def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
@@ -56,6 +89,7 @@ def build_adam(
             betas=(opt.adam_beta1, opt.adam_beta2),
             eps=opt.adam_eps,
             weight_decay=opt.weight_decay,
+            **kernels,
         )
 
     return build_optimizer(model, parallel_state, config, make)
@@ -68,8 +102,15 @@ def build_sgd(
     Megatron's default 0.9) and L2 weight decay; biases and 1-D parameters are not decayed."""
     opt = config.optimizer
     momentum = getattr(opt, "sgd_momentum", 0.9)
+    kernels = implementation(model, getattr(opt, "optimizer_impl", "auto"))
 
     def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=momentum, weight_decay=opt.weight_decay)
+        return torch.optim.SGD(
+            groups,
+            lr=opt.lr,
+            momentum=momentum,
+            weight_decay=opt.weight_decay,
+            **kernels,
+        )
 
     return build_optimizer(model, parallel_state, config, make)
