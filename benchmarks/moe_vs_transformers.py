@@ -11,6 +11,7 @@ the ratios ours / theirs (above 1 means mcore is slower).
     uv run python benchmarks/moe_vs_transformers.py                 # CPU, fp32
     uv run python benchmarks/moe_vs_transformers.py --quick         # tiny sizes, a smoke run
     uv run python benchmarks/moe_vs_transformers.py --device cuda   # bf16
+    uv run python benchmarks/moe_vs_transformers.py --profile 15    # + top ops of each
 """
 
 from __future__ import annotations
@@ -160,6 +161,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed iterations per contender")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile one more step of each contender (torch.profiler) and print "
+        "its N operators with the most self time",
+    )
     args = parser.parse_args()
     if args.quick:
         vars(args).update(QUICK)
@@ -226,6 +235,24 @@ def main() -> None:
     for name in ours:
         row = [med[name] / med[f"transformers {impl}"] for impl in ("grouped_mm", "eager")]
         print(f"{name:>24}  {row[0]:10.3f}  {row[1]:10.3f}")
+    if args.profile:
+        for name, run in runs.items():
+            profile_step(name, run, device, args.profile)
+            x.grad = None
+            modules[name].zero_grad(set_to_none=True)
+
+
+def profile_step(name: str, run: Callable[[], torch.Tensor], device: str, rows: int) -> None:
+    """One step of ``run`` under torch.profiler: its ``rows`` operators with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        sync(device)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"\n{name}: one step, top {rows} operators by self time")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=36))
 
 
 if __name__ == "__main__":

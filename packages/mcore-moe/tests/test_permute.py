@@ -234,3 +234,54 @@ def test_bad_arguments_say_what_was_expected() -> None:
         sort_chunks_by_index(torch.randn(4, 2), [2, 2], [0, 0])
     with pytest.raises(ValueError, match="sum to 3"):
         sort_chunks_by_index(torch.randn(4, 2), [2, 1], [1, 0])
+
+
+@pytest.mark.parametrize("topk", [1, 2, 3])
+def test_topk_path_gathers_the_same_rows_and_gradients_as_the_loop(topk: int) -> None:
+    # Every token routed to exactly topk experts: permute and unpermute move rows by gathers.
+    routing_map, probs = routing(9, 5, topk, seed=topk)
+    tokens = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    probs.requires_grad_()
+
+    permuted, permuted_probs, sorted_indices = permute(tokens, routing_map, probs, topk=topk)
+    want, want_probs, want_sources = loop_permute(tokens, routing_map, probs)
+    assert torch.equal(sorted_indices, want_sources)
+    assert torch.equal(permuted, want) and torch.equal(permuted_probs, want_probs)
+    got_grads = grads([permuted, permuted_probs], [tokens, probs])
+    want_grads = grads([want, want_probs], [tokens, probs])
+    for got, expected in zip(got_grads, want_grads, strict=True):
+        assert_close(got, expected)
+
+    for with_probs in (True, False):
+        rows = (permuted.detach() * 3).requires_grad_()
+        row_probs = permuted_probs.detach().clone().requires_grad_() if with_probs else None
+        out = unpermute(rows, sorted_indices, 9, probs=row_probs, topk=topk)
+        want_out = loop_unpermute(rows, sorted_indices, 9, row_probs)
+        assert_close(out, want_out)
+        inputs = [rows] + ([row_probs] if with_probs else [])
+        for got, expected in zip(grads([out], inputs), grads([want_out], inputs), strict=True):
+            assert_close(got, expected)
+
+
+def test_topk_path_sums_bf16_rows_in_fp32() -> None:
+    routing_map, probs = routing(16, 4, 4)
+    tokens = torch.randn(16, 8).to(torch.bfloat16)
+    permuted, permuted_probs, sorted_indices = permute(tokens, routing_map, probs.float(), topk=4)
+    out = unpermute(permuted, sorted_indices, 16, probs=permuted_probs, topk=4)
+    assert out.dtype == torch.bfloat16
+    exact = loop_unpermute(permuted, sorted_indices, 16, permuted_probs)
+    assert_close(out, exact.to(torch.bfloat16), rtol=2**-8, atol=1e-6)
+
+
+def test_topk_path_checks_the_row_count_it_is_promised() -> None:
+    routing_map, probs = routing(5, 3, 2)
+    with pytest.raises(ValueError, match="5 tokens make 10 rows; got 7"):
+        permute(torch.randn(5, 2), routing_map, probs, num_out_tokens=7, topk=2)
+    with pytest.raises(ValueError, match="5 tokens make 15 rows; got 10"):
+        unpermute(torch.randn(10, 2), torch.zeros(10, dtype=torch.long), 5, topk=3)
+
+
+def test_sort_chunks_already_in_order_moves_nothing() -> None:
+    x, probs = torch.randn(6, 3), torch.rand(6)
+    out, out_probs = sort_chunks_by_index(x, [2, 4], [0, 1], probs=probs)
+    assert out is x and out_probs is probs

@@ -127,11 +127,20 @@ class MoELayer(torch.nn.Module):
         hidden = x.reshape(-1, shape[-1])
         routed = self.router(hidden, replay_indices=self.replay.next_indices())
         self.replay.record(routed.indices)
-        probs, routing_map = routing_map_from_topk(routed.probs, routed.indices, self.num_experts)
+        if routed.routing_map is not None and routed.dense_probs is not None:
+            probs, routing_map = routed.dense_probs, routed.routing_map
+        else:
+            probs, routing_map = routing_map_from_topk(
+                routed.probs, routed.indices, self.num_experts
+            )
+        counts = routed.tokens_per_expert
         if self.training and torch.is_grad_enabled():
-            probs = self._balancing_losses(probs, routed, routing_map, num_sequences=shape[1])
+            probs = self._balancing_losses(
+                probs, routed, routing_map, num_sequences=shape[1], counts=counts
+            )
         moe = self.moe
         if moe.expert_capacity_factor is not None and self.drop_tokens:
+            counts = None
             capacity = expert_capacity(
                 hidden.shape[0], moe.router_topk, self.num_experts, moe.expert_capacity_factor
             )
@@ -144,8 +153,9 @@ class MoELayer(torch.nn.Module):
             )
         if moe.padding_alignment is not None:
             probs, routing_map = pad_for_quantization(probs, routing_map, moe.padding_alignment)
+            counts = None
         if self.training:
-            self._count_tokens(routing_map)
+            self._count_tokens(routing_map, counts)
         dispatched = self.dispatcher.dispatch(hidden, probs, routing_map)
         out = self.experts(dispatched.tokens, dispatched.tokens_per_expert, dispatched.probs)
         out = self.dispatcher.combine(out, probs_applied=self.experts.applies_probs)
@@ -156,8 +166,9 @@ class MoELayer(torch.nn.Module):
         regulariser) would make a token's output depend on the rest of the batch."""
         self.drop_tokens = not enabled
 
-    def _balancing_losses(self, probs, routed, routing_map, *, num_sequences: int):
-        """Attach the load-balancing and z-losses to ``probs`` (their gradient joins backward)."""
+    def _balancing_losses(self, probs, routed, routing_map, *, num_sequences: int, counts=None):
+        """Attach the load-balancing and z-losses to ``probs`` (their gradient joins backward).
+        ``counts``: ``routing_map``'s tokens per expert if the router counted them."""
         moe = self.moe
         total = probs.new_zeros(())
         kind = moe.router_load_balancing_type
@@ -167,7 +178,7 @@ class MoELayer(torch.nn.Module):
                     f"router {moe.router_type!r} gives no scores over all experts, which the "
                     "load-balancing loss needs; set moe.router_load_balancing_type = 'none'"
                 )
-            counts = n = None
+            n = None
             if kind == "global_aux_loss":
                 ps = self.parallel_state
                 groups = [ps.tp_group if self.sequence_parallel else None, ps.dp_cp_group]
@@ -211,8 +222,12 @@ class MoELayer(torch.nn.Module):
         self._sums[name] = self._sums[name] + value if name in self._sums else value
         self._counts[name] = self._counts.get(name, 0) + count
 
-    def _count_tokens(self, routing_map: torch.Tensor) -> None:
-        counts = routing_map.sum(dim=0, dtype=torch.float64)
+    def _count_tokens(self, routing_map: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        """Add this forward's tokens per expert (``counts``, if known, else from the map)."""
+        if counts is None:
+            counts = routing_map.sum(dim=0, dtype=torch.float64)
+        else:
+            counts = counts.to(torch.float64)
         previous = self._tokens_per_expert
         self._tokens_per_expert = counts if previous is None else previous + counts
         self._step_tokens += routing_map.shape[0]

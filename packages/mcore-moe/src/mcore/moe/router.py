@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mcore.moe.routing import routing_map_from_topk
 from mcore.parallel.init import ZEROS, init_tensor, set_init
 
 if TYPE_CHECKING:
@@ -34,6 +35,15 @@ class RouterOutput:
     """``[tokens, num_experts]``: scores over all experts, for the load-balancing loss."""
     logits: torch.Tensor | None = None
     """``[tokens, num_experts]``: the raw logits, for the z-loss."""
+    routing_map: torch.Tensor | None = None
+    """``[tokens, num_experts]`` bool: the chosen experts as the dispatchers take them; None
+    lets the MoE layer build it (and ``dense_probs``) from ``indices``."""
+    dense_probs: torch.Tensor | None = None
+    """``[tokens, num_experts]``: ``probs`` at the chosen experts, zero elsewhere (given with
+    ``routing_map``)."""
+    tokens_per_expert: torch.Tensor | None = None
+    """``[num_experts]`` int64: ``routing_map``'s column sums, the load-balancing loss's token
+    counts; None lets the MoE layer count them."""
 
 
 class Router(torch.nn.Module):
@@ -64,10 +74,16 @@ class TopKRouter(Router):
     routes its own sequence shard). ``expert_bias`` (with ``router_enable_expert_bias``) shifts
     only which experts are chosen, never the probabilities; the MoE layer moves it toward
     balance after every optimizer step.
+
+    Everything after the gate's matmul (scores, top-k, normalisation, the dense probabilities
+    and routing map, the tokens per expert) is one pure function, :func:`fused_topk_routing`,
+    run by the ``routing`` submodule: a ``compile_region`` that ``train.compile`` compiles on
+    its own (see :class:`FusedTopKRouting`).
     """
 
     def __init__(self, ctx: ModelContext, moe: MoEConfig, *, layer_number: int) -> None:
         super().__init__(ctx, moe, layer_number=layer_number)
+        self.routing = FusedTopKRouting(moe)
         self.weight = torch.nn.Parameter(torch.empty(self.num_experts, ctx.config.hidden_size))
         init_tensor(self.weight, ctx.init_method())
         self.fp32 = moe.router_dtype == "fp32"
@@ -94,7 +110,58 @@ class TopKRouter(Router):
     ) -> RouterOutput:
         x = hidden.float() if self.fp32 else hidden
         logits = torch.nn.functional.linear(x, self.weight.to(x.dtype))
-        return topk_routing(logits, self.moe, self.expert_bias, replay_indices)
+        probs, indices, scores, dense, routing_map, counts = self.routing(
+            logits, self.expert_bias, replay_indices
+        )
+        return RouterOutput(
+            probs=probs,
+            indices=indices,
+            scores=scores,
+            logits=logits,
+            routing_map=routing_map,
+            dense_probs=dense,
+            tokens_per_expert=counts,
+        )
+
+
+class FusedTopKRouting(torch.nn.Module):
+    """:func:`fused_topk_routing` as a module (no parameters), so that ``train.compile``
+    compiles it as one region: its elementwise and small reductions over ``[tokens, experts]``
+    become a few fused kernels instead of a dozen launches. Like every region it runs eagerly
+    unless ``train.compile`` compiles it (``auto``: on CUDA only, as compiling on a CPU costs
+    more than it saves; ``on``: anywhere; ``off``: never), and eagerly again if compiling
+    fails. Inside a compiled transformer layer it is traced as part of the layer's graph."""
+
+    compile_region = True
+
+    def __init__(self, moe: MoEConfig) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        expert_bias: torch.Tensor | None = None,
+        replay_indices: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        return fused_topk_routing(logits, self.moe, expert_bias, replay_indices)
+
+
+def fused_topk_routing(
+    logits: torch.Tensor,
+    moe: MoEConfig,
+    expert_bias: torch.Tensor | None = None,
+    replay_indices: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Top-k routing of ``logits`` and all the MoE layer needs of it, as one pure function:
+    ``(probs [T, k], indices [T, k], scores [T, E], dense_probs [T, E], routing_map [T, E],
+    tokens_per_expert [E])``, the first three as :func:`topk_routing` gives them, the dense
+    probabilities and routing map as :func:`~mcore.moe.routing.routing_map_from_topk` builds
+    them, and the token count per expert (the load-balancing loss's statistics)."""
+    routed = topk_routing(logits, moe, expert_bias, replay_indices)
+    dense, routing_map = routing_map_from_topk(routed.probs, routed.indices, moe.num_experts)
+    counts = routing_map.sum(dim=0)
+    return routed.probs, routed.indices, routed.scores, dense, routing_map, counts
 
 
 def topk_routing(

@@ -11,7 +11,10 @@ Host reads: the split sizes are the one this dispatcher keeps, as Megatron-Core'
 all-to-all needs every rank's token count per expert on the host before it can start, so
 ``dispatch`` copies this rank's counts to the CPU (a sync with the device) and exchanges them,
 once per layer and micro-batch (even when padding to capacity makes them static); everything
-else it sizes comes from those counts. The ``allgather`` dispatcher reads nothing back.
+else it sizes comes from those counts. The same read says whether every token went to the same
+number of experts (plain top-k routing, nothing dropped or padded), in which case the
+permutation moves rows by gathers only (see :mod:`mcore.moe.permute`). The ``allgather``
+dispatcher reads nothing back.
 """
 
 from __future__ import annotations
@@ -32,10 +35,15 @@ class AllToAllDispatcher(TokenDispatcher):
         ps, nl, fused = self.parallel_state, self.num_local_experts, self.moe.permute_fusion
         ep, etp = ps.ep_size, ps.etp_size
         self._num_tokens = hidden.shape[0]
-        # The split sizes: this dispatcher's one host read (see the module docstring).
-        counts = routing_map.sum(dim=0).cpu()  # [num_experts]
+        sizes, self._topk = _split_sizes(routing_map)
+        counts = torch.tensor(sizes)  # [num_experts], on the CPU
         rows, row_probs, self._sorted = permute(
-            hidden, routing_map, probs, num_out_tokens=int(counts.sum()), fused=fused
+            hidden,
+            routing_map,
+            probs,
+            num_out_tokens=sum(sizes),
+            fused=fused,
+            topk=self._topk,
         )
         self._row_probs = row_probs
         # recv[s, j]: rows source rank s sends to this rank's local expert j.
@@ -75,6 +83,19 @@ class AllToAllDispatcher(TokenDispatcher):
             out = reduce_scatter_v(out, self._etp_sizes, ps.etp_group)
         out = all_to_all(out, self._in_splits, self._out_splits, ps.ep_group)
         probs = None if probs_applied else self._row_probs
-        out = unpermute(out, self._sorted, self._num_tokens, probs=probs, fused=fused)
+        out = unpermute(
+            out, self._sorted, self._num_tokens, probs=probs, fused=fused, topk=self._topk
+        )
         self._row_probs = self._sorted = None
         return out
+
+
+def _split_sizes(routing_map: torch.Tensor) -> tuple[list[int], int | None]:
+    """This rank's token count per expert and, when every token is routed to the same number
+    ``k`` of experts, ``k`` (else None): the dispatcher's one host read."""
+    counts = routing_map.sum(dim=0)  # [num_experts]
+    if routing_map.shape[0] == 0:
+        return counts.tolist(), None
+    least, most = routing_map.sum(dim=1).aminmax()
+    *counts, least, most = torch.cat([counts, least.view(1), most.view(1)]).tolist()
+    return counts, least if least == most and least > 0 else None
