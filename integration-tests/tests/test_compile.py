@@ -93,7 +93,7 @@ def eager(cache) -> dict[str, list[float]]:
 def test_inductor_compiled_layers_give_the_eager_curve(cache, eager, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="mcore.parallel.compile"):
         compiled, still = _losses(0, 1, cache, {"train.compile": "on"})
-    assert "train.compile: 2 layers compiled (backend inductor)" in caplog.text
+    assert "train.compile: 2 regions compiled (backend inductor)" in caplog.text
     assert still == [2, 2]
     # Generated kernels fuse and reorder fp32 arithmetic: equal up to rounding.
     assert compiled == pytest.approx(eager["dense"], rel=1e-4)

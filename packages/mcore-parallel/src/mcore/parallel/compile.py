@@ -44,7 +44,7 @@ def compile_regions(
     failed: set[type] = set()
     for module in regions:
         _compile(module, backend, failed)
-    log.info("train.compile: %d layers compiled (backend %s)", len(regions), backend)
+    log.info("train.compile: %d regions compiled (backend %s)", len(regions), backend)
     return len(regions)
 
 
