@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -121,3 +122,35 @@ def test_lock_is_up_to_date() -> None:
     uv = shutil.which("uv") or str(BIN / "uv")
     result = run(uv, "lock", "--check", "--offline")
     assert result.returncode == 0, result.stderr
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower()
+
+
+def test_readme_dependency_column_says_what_each_pyproject_declares() -> None:
+    """The root README's package table names every dependency, and every optional one with its
+    extra (``[te]``), and nothing the package does not declare."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        match = re.match(r"\| \[([\w-]+)\]\(packages/[\w-]+\) \| `[\w.]+` \| (.+?) \| .+ \|$", line)
+        if match:
+            rows[match.group(1)] = match.group(2)
+    assert sorted(rows) == sorted(PACKAGES)
+    declared = {}
+    for name in PACKAGES:
+        project = pyproject(name)["project"]
+        required = {_requirement_name(r) for r in project["dependencies"]}
+        optional = {
+            _requirement_name(r): extra
+            for extra, reqs in project.get("optional-dependencies", {}).items()
+            for r in reqs
+        }
+        declared[name] = (required, optional)
+    universe = {n for req, opt in declared.values() for n in (*req, *opt)}
+    for name, (required, optional) in declared.items():
+        cell = rows[name]
+        named = {w.lower() for w in re.findall(r"[\w-]+", cell)} & universe
+        assert named == required | optional.keys(), (name, cell)
+        for dep, extra in optional.items():
+            assert f"{dep} with `[{extra}]`" in cell, (name, dep, cell)
