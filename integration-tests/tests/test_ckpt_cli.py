@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcore.ckpt import get_format, read_common
+from mcore.ckpt import directory, get_format, read_common
 from mcore.ckpt.cli import _build_model
 from mcore.core import load_config
 from mcore.core.testing import run_ranks
@@ -150,8 +150,8 @@ def test_a_hugging_face_model_imports_and_exports_unchanged(tmp_path: Path) -> N
     original.save_pretrained(tmp_path / "hf")
     imported = mcore("ckpt", "import-hf", str(tmp_path / "hf"), str(tmp_path / "mcore"))
     assert imported.returncode == 0, imported.stderr
-    info = json.loads(mcore("ckpt", "inspect", str(tmp_path / "mcore"), "--json").stdout)
-    assert info["iteration"] == 0 and info["model"]["num_query_groups"] == 4
+    common = read_common(directory.resolve(tmp_path / "mcore"))  # (inspect: tests above)
+    assert common["iteration"] == 0 and common["model"]["num_query_groups"] == 4
     exported = mcore("ckpt", "export-hf", str(tmp_path / "mcore"), str(tmp_path / "out"))
     assert exported.returncode == 0, exported.stderr
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()

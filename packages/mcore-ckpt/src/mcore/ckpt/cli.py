@@ -61,12 +61,13 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(path: Path, *, verify: bool = False) -> dict[str, Any]:
     """What ``inspect --json`` prints."""
-    from mcore.ckpt import dcp_io
     from mcore.ckpt.checkpointer import read_common
+
+    folder = directory.resolve(path)  # a missing checkpoint fails before torch's DCP imports
+    common = read_common(folder)
+    from mcore.ckpt import dcp_io
     from mcore.ckpt.formats import get_format
 
-    folder = directory.resolve(path)
-    common = read_common(folder)
     fmt = get_format(common["format"])
     if verify and not fmt.weights_only:
         dcp_io.check_files(folder, dcp_io.read_metadata(folder), common.get("files"))
