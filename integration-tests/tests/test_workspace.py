@@ -59,6 +59,29 @@ def test_loading_every_plugin_does_not_import_torch() -> None:
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["train", "--help"], ["plan", "--help"], ["plugins"],
+     ["rl", "--rl.group-size", "1"], ["ckpt", "inspect", "/no/such/checkpoint"]],
+    ids=["help", "train-help", "plan-help", "plugins", "bad-config", "missing-checkpoint"],
+)  # fmt: skip
+def test_the_cli_answers_help_listings_and_bad_input_without_importing_torch(argv) -> None:
+    # Importing torch costs seconds; `mcore` parses every command's arguments up front, so
+    # no command may import it to build its parser, and refusals come before it too.
+    code = (
+        "import contextlib, io, sys\nfrom mcore.core.cli import main\nout = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):\n"
+        "    try:\n        code = main(sys.argv[1:])\n"
+        "    except SystemExit as exc:\n        code = exc.code\n"
+        "print(code, 'torch' in sys.modules)"
+    )
+    result = run(sys.executable, "-c", code, *argv)
+    assert result.returncode == 0, result.stderr
+    exit_code, imported = result.stdout.split()
+    assert exit_code in ("0", "2", "None"), result.stdout
+    assert imported == "False", argv
+
+
 def test_plugins_output_into_a_closed_pipe_is_quiet() -> None:
     # stdout is a pipe whose reader is already gone (as with `mcore plugins | head -1` once head
     # has exited), so the first write fails with EPIPE every time.
