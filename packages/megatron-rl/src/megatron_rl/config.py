@@ -7,7 +7,7 @@ each field's docstring names the verl / TRL equivalent a user may know better.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mcore.core import ConfigErrors, component
@@ -41,17 +41,17 @@ class RLConfig:
     """Characters of the 'char' tokenizer (data.tokenizer = 'char'), one id each."""
 
     # --- rollouts ---------------------------------------------------------------------------
-    prompts_per_step: int = 8
+    prompts_per_step: int = field(default=8, metadata={"megatron": "--grpo-prompts-per-step"})
     """Prompts (groups) per training step over all ranks (Megatron-RL --grpo-prompts-per-step;
     verl data.train_batch_size)."""
-    group_size: int = 8
+    group_size: int = field(default=8, metadata={"megatron": "--grpo-group-size"})
     """Completions sampled per prompt; advantages are relative within a group (Megatron-RL
     --grpo-group-size; verl rollout.n; TRL num_generations)."""
     max_new_tokens: int = 128
     """Longest completion of one turn (verl rollout.response_length)."""
-    temperature: float = 1.0
+    temperature: float = field(default=1.0, metadata={"megatron": "--grpo-default-temperature"})
     """Sampling temperature of rollouts; the trained policy is softmax(logits / temperature)."""
-    top_p: float = 1.0
+    top_p: float = field(default=1.0, metadata={"megatron": "--grpo-default-top-p"})
     """Nucleus sampling of rollouts (1 keeps every token)."""
     top_k: int = 0
     """Top-k sampling of rollouts (0 keeps every token)."""
@@ -62,55 +62,65 @@ class RLConfig:
     Dr.GRPO's unbiased advantages (verl norm_adv_by_std_in_grpo)."""
     advantage_epsilon: float = 1e-6
     """Added to the group standard deviation before dividing."""
-    filter_groups_with_same_reward: bool = False
+    filter_groups_with_same_reward: bool = field(
+        default=False, metadata={"megatron": "--grpo-filter-groups-with-same-reward"}
+    )
     """Leave out groups whose rewards do not vary: their advantages are all 0 (Megatron-RL
     --grpo-filter-groups-with-same-reward). They are counted either way."""
-    clamp_eps_lower: float = 0.2
+    clamp_eps_lower: float = field(default=0.2, metadata={"megatron": "--grpo-clamp-eps-lower"})
     """Lower clip of the policy ratio: 1 - this (Megatron-RL --grpo-clamp-eps-lower; verl
     clip_ratio_low)."""
-    clamp_eps_upper: float = 0.2
+    clamp_eps_upper: float = field(default=0.2, metadata={"megatron": "--grpo-clamp-eps-upper"})
     """Upper clip of the policy ratio: 1 + this; raise it for DAPO's clip-higher
     (--grpo-clamp-eps-upper; verl clip_ratio_high)."""
     dual_clip_c: float | None = None
     """Dual-clip PPO: for negative advantages, the loss is capped at c * |A| (c > 1; verl
     clip_ratio_c); unset disables it."""
-    kl_beta: float = 0.0
+    kl_beta: float = field(default=0.0, metadata={"megatron": "--grpo-kl-beta"})
     """Weight of the KL penalty against the frozen initial policy; > 0 keeps a reference copy
     of the model (--grpo-kl-beta; verl kl_loss_coef; TRL beta)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """Per-token KL estimator (Schulman): k1 = log r, k2 = (log r)^2 / 2, k3 = 1/r - 1 + log r
     with r = pi / pi_ref (verl kl_loss_type low_var_kl is k3)."""
-    entropy_coeff: float = 0.0
+    entropy_coeff: float = field(default=0.0, metadata={"megatron": "--grpo-entropy-term-weight"})
     """Weight of the entropy bonus (--grpo-entropy-term-weight; verl entropy_coeff)."""
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "dr_grpo"] = "token_mean"
     """How per-token losses become the step's loss: the mean over every completion token of
     the global batch (DAPO, verl token-mean); the mean over sequences of each sequence's
     token mean (the original GRPO, verl seq-mean-token-mean); or the sum over tokens divided
     by sequences x max_new_tokens x max_turns (Dr.GRPO, verl seq-mean-token-sum-norm)."""
-    importance_sampling_correction: bool = True
+    importance_sampling_correction: bool = field(
+        default=True, metadata={"megatron": "--rl-inference-logprobs-is-correction"}
+    )
     """Weight each token by pi_old / pi_rollout, truncated, to correct for the inference engine
     sampling from slightly other (or older) weights than training computes with (Megatron-RL
     --rl-inference-logprobs-is-correction; verl tis_imp_ratio_cap)."""
-    importance_sampling_cap: float = 2.0
+    importance_sampling_cap: float = field(
+        default=2.0, metadata={"megatron": "--rl-importance-sampling-truncation-coef"}
+    )
     """Truncation of the importance weight (--rl-importance-sampling-truncation-coef)."""
-    grpo_iterations: int = 1
+    grpo_iterations: int = field(default=1, metadata={"megatron": "--grpo-iterations"})
     """Passes over each step's rollouts (--grpo-iterations; verl ppo_epochs)."""
     num_minibatches: int = 1
     """Optimizer steps per pass: the rollouts are split into this many mini-batches of whole
     groups (verl: train_batch_size / ppo_mini_batch_size)."""
 
     # --- packing ----------------------------------------------------------------------------
-    use_sequence_packing: bool = True
+    use_sequence_packing: bool = field(
+        default=True, metadata={"megatron": "--rl-use-sequence-packing"}
+    )
     """Pack rollouts into rows of packing_bin_size tokens, each attending within itself
     (--rl-use-sequence-packing); off puts one rollout per row, padded."""
-    packing_bin_size: int | None = None
+    packing_bin_size: int | None = field(
+        default=None, metadata={"megatron": "--rl-sequence-packing-bin-size"}
+    )
     """Tokens per packed row (--rl-sequence-packing-bin-size); unset means train.seq_length."""
 
     # --- the loop ---------------------------------------------------------------------------
     max_generation_lag: int = 0
     """Refit the engine only every (lag + 1) steps: rollouts may come from weights up to this
     many steps old (off-policy; the importance-sampling correction accounts for it)."""
-    partial_rollouts: bool = False
+    partial_rollouts: bool = field(default=False, metadata={"megatron": "--rl-partial-rollouts"})
     """Keep twice this rank's groups in flight and train each step on the first to finish;
     the others continue in the engine into later steps, under newer weights (each token keeps
     the log-prob it was sampled with, which the importance-sampling correction uses), so no
@@ -118,12 +128,12 @@ class RLConfig:
     rollout_tokens_per_step: int | None = None
     """With partial_rollouts: stop generating once a rank produced this many tokens in a step
     and has a finished group (the step then trains on fewer groups); unset: no cap."""
-    finetune: bool = False
+    finetune: bool = field(default=False, metadata={"megatron": "--finetune"})
     """Start from checkpoint.load's weights at step 0, with a fresh optimizer state and LR
     schedule (Megatron's --finetune): how RL starts from a pretrained or SFT checkpoint. The
     frozen reference is those weights too. A run resumed from its own checkpoint.save
     continues in full (step, optimizer, schedule) whatever this says."""
-    use_checkpoint_args: bool = False
+    use_checkpoint_args: bool = field(default=False, metadata={"megatron": "--use-checkpoint-args"})
     """Take the model's architecture (the ``[model]`` section) from the checkpoint
     ``checkpoint.load`` names, as Megatron's --use-checkpoint-args: with ``mcore ckpt
     import-hf`` and ``rl.finetune``, how a Hugging Face model is post-trained without

@@ -1,4 +1,4 @@
-"""Markers of API stability: what the compatibility check (``mcore dev api-check``) may skip.
+"""Markers of API stability: what the compatibility check (``tools/api_check.py``) may skip.
 
 Every public name of a published mcore package is covered by the check unless it is private
 (``_name``) or marked here:

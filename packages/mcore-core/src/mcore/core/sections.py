@@ -24,31 +24,33 @@ def _positive(errors: ConfigErrors, section: object, *names: str) -> None:
 class TrainConfig:
     """How long and how to train: batch sizes, steps, precision, data-parallel wrapper."""
 
-    train_iters: int = 100
+    train_iters: int = field(default=100, metadata={"megatron": "--train-iters"})
     """Number of optimizer steps to run."""
-    micro_batch_size: int = 4
+    micro_batch_size: int = field(default=4, metadata={"megatron": "--micro-batch-size"})
     """Sequences per micro-batch on each data-parallel rank."""
-    seq_length: int = 256
+    seq_length: int = field(default=256, metadata={"megatron": "--seq-length"})
     """Tokens per training sequence."""
-    global_batch_size: int | None = None
+    global_batch_size: int | None = field(
+        default=None, metadata={"megatron": "--global-batch-size"}
+    )
     """Sequences per optimizer step over all ranks; unset means micro-batch size x DP size."""
-    seed: int = 1234
+    seed: int = field(default=1234, metadata={"megatron": "--seed"})
     """Random seed for initialisation, data order and dropout."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks CUDA when available."""
-    bf16: bool = False
+    bf16: bool = field(default=False, metadata={"megatron": "--bf16"})
     """Train in bfloat16 mixed precision (fp32 main weights)."""
-    fp16: bool = False
+    fp16: bool = field(default=False, metadata={"megatron": "--fp16"})
     """Train in float16 mixed precision with dynamic loss scaling."""
     data_parallel: str = component("data_parallel", "ddp")
     """Data-parallel wrapper by registry name (ddp, megatron_fsdp, ...)."""
-    exit_interval: int | None = None
+    exit_interval: int | None = field(default=None, metadata={"megatron": "--exit-interval"})
     """Stop (saving a checkpoint) once the step number is a multiple of this."""
-    eval_interval: int | None = None
+    eval_interval: int | None = field(default=None, metadata={"megatron": "--eval-interval"})
     """Run evaluation every this many steps: eval_iters global batches of the validation
     split, forward only, the model in eval mode; valid_loss and valid_ppl go to the console,
     metrics.jsonl and TensorBoard. Unset disables evaluation."""
-    eval_iters: int = 10
+    eval_iters: int = field(default=10, metadata={"megatron": "--eval-iters"})
     """Global batches per evaluation (each evaluation reads the next ones of the split)."""
     compile: Literal["auto", "on", "off"] = "auto"
     """Regional torch.compile: each transformer layer is compiled on its own (one graph per
@@ -77,35 +79,45 @@ class TrainConfig:
 class OptimizerConfig:
     """Optimizer and learning-rate schedule."""
 
-    optimizer: str = component("optimizer", "adam")
+    optimizer: str = component("optimizer", "adam", metadata={"megatron": "--optimizer"})
     """Optimizer by registry name."""
-    lr: float = 3e-4
+    lr: float = field(default=3e-4, metadata={"megatron": "--lr"})
     """Peak learning rate."""
-    min_lr: float = 0.0
+    min_lr: float = field(default=0.0, metadata={"megatron": "--min-lr"})
     """Learning rate at the end of decay."""
-    weight_decay: float = 0.01
+    weight_decay: float = field(default=0.01, metadata={"megatron": "--weight-decay"})
     """Decoupled weight decay."""
-    adam_beta1: float = 0.9
+    adam_beta1: float = field(default=0.9, metadata={"megatron": "--adam-beta1"})
     """Adam's first-moment decay."""
-    adam_beta2: float = 0.95
+    adam_beta2: float = field(default=0.95, metadata={"megatron": "--adam-beta2"})
     """Adam's second-moment decay."""
-    adam_eps: float = 1e-8
+    adam_eps: float = field(default=1e-8, metadata={"megatron": "--adam-eps"})
     """Adam's denominator epsilon."""
-    clip_grad: float = 1.0
+    clip_grad: float = field(default=1.0, metadata={"megatron": "--clip-grad"})
     """Clip gradients to this global L2 norm; 0 disables clipping."""
-    lr_warmup_iters: int = 0
+    lr_warmup_iters: int = field(default=0, metadata={"megatron": "--lr-warmup-iters"})
     """Steps of linear warmup from 0 to lr."""
-    lr_decay_style: Literal["constant", "linear", "cosine", "WSD"] = "cosine"
+    lr_decay_style: Literal["constant", "linear", "cosine", "WSD"] = field(
+        default="cosine", metadata={"megatron": "--lr-decay-style"}
+    )
     """Decay after warmup."""
-    lr_decay_iters: int | None = None
+    lr_decay_iters: int | None = field(default=None, metadata={"megatron": "--lr-decay-iters"})
     """Steps over which lr decays; unset means train.train_iters."""
-    lr_wsd_decay_iters: int | None = None
+    lr_wsd_decay_iters: int | None = field(
+        default=None, metadata={"megatron": "--lr-wsd-decay-iters"}
+    )
     """For WSD: length of the final decay phase."""
-    use_distributed_optimizer: bool = False
+    use_distributed_optimizer: bool = field(
+        default=False, metadata={"megatron": "--use-distributed-optimizer"}
+    )
     """Shard optimizer state and fp32 main weights over data-parallel ranks."""
-    optimizer_cpu_offload: bool = False
+    optimizer_cpu_offload: bool = field(
+        default=False, metadata={"megatron": "--optimizer-cpu-offload"}
+    )
     """Keep optimizer state on the CPU."""
-    optimizer_offload_fraction: float = 1.0
+    optimizer_offload_fraction: float = field(
+        default=1.0, metadata={"megatron": "--optimizer-offload-fraction"}
+    )
     """Fraction of optimizer state offloaded when optimizer_cpu_offload is on."""
     optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
     """How the torch optimizer updates its tensors: fused (one kernel for all of them, on CPU
@@ -138,25 +150,27 @@ class DataConfig:
 
     dataset: str = component("dataset", "python_stdlib")
     """Dataset by registry name; the default is the running Python's standard library source."""
-    data_path: list[str] = field(default_factory=list)
+    data_path: list[str] = field(default_factory=list, metadata={"megatron": "--data-path"})
     """Indexed dataset prefixes, optionally weighted: ["0.7", "a", "0.3", "b"] as in Megatron."""
     tokenizer: str = component("tokenizer", "byte")
     """Tokenizer by registry name."""
-    tokenizer_path: str | None = None
+    tokenizer_path: str | None = field(default=None, metadata={"megatron": "--tokenizer-model"})
     """Path of a tokenizer.json for file-based tokenizers."""
-    split: str = "969,30,1"
+    split: str = field(default="969,30,1", metadata={"megatron": "--split"})
     """Train, validation and test proportions."""
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata={"megatron": "--num-workers"})
     """Data-loader worker processes per rank."""
-    cache_dir: str | None = None
+    cache_dir: str | None = field(default=None, metadata={"megatron": "--data-cache-path"})
     """Where dataset indices are cached; unset means beside the data."""
     max_bytes: int | None = None
     """python_stdlib: cap on the source bytes read (smaller corpora build faster)."""
-    allow_ambiguous_pad_tokens: bool = False
+    allow_ambiguous_pad_tokens: bool = field(
+        default=False, metadata={"megatron": "--allow-ambiguous-pad-tokens"}
+    )
     """Accept a tokenizer whose PAD id equals EOD/BOS (real EOD labels then lose their loss)."""
-    eod_mask_loss: bool = False
+    eod_mask_loss: bool = field(default=False, metadata={"megatron": "--eod-mask-loss"})
     """Exclude end-of-document labels from the loss."""
-    reset_position_ids: bool = False
+    reset_position_ids: bool = field(default=False, metadata={"megatron": "--reset-position-ids"})
     """Restart position ids at every document boundary inside a sample."""
     fim_rate: float = 0.0
     """Fraction of samples rewritten as fill-in-the-middle."""
@@ -192,15 +206,17 @@ class DataConfig:
 class CheckpointConfig:
     """Where and how often checkpoints are saved, and what to resume from."""
 
-    save: str | None = None
+    save: str | None = field(default=None, metadata={"megatron": "--save"})
     """Directory to save checkpoints to; unset disables saving."""
-    load: str | None = None
+    load: str | None = field(default=None, metadata={"megatron": "--load"})
     """Directory to resume from; unset means the save directory when it has a checkpoint."""
-    save_interval: int | None = None
+    save_interval: int | None = field(default=None, metadata={"megatron": "--save-interval"})
     """Save every this many steps (and at the end); unset saves only at the end."""
-    ckpt_format: str = component("checkpoint_format", "torch_dist")
+    ckpt_format: str = component(
+        "checkpoint_format", "torch_dist", metadata={"megatron": "--ckpt-format"}
+    )
     """Checkpoint format by registry name (torch_dist, fsdp_dtensor, hf)."""
-    async_save: bool = False
+    async_save: bool = field(default=False, metadata={"megatron": "--async-save"})
     """Write checkpoints in a background worker while training continues."""
     keep_last: int | None = None
     """Keep only this many most recent checkpoints; unset keeps all."""
@@ -218,18 +234,18 @@ class CheckpointConfig:
 class LoggerConfig:
     """Console, JSONL and TensorBoard logging."""
 
-    log_interval: int = 10
+    log_interval: int = field(default=10, metadata={"megatron": "--log-interval"})
     """Print and record metrics every this many steps."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Level of the mcore loggers' messages on the console (``logging`` records of the
     ``mcore`` and ``megatron_*`` packages; the metrics lines are printed whatever it is)."""
     metrics_file: str | None = None
     """Append one JSON line of metrics per logged step to this file."""
-    tensorboard_dir: str | None = None
+    tensorboard_dir: str | None = field(default=None, metadata={"megatron": "--tensorboard-dir"})
     """Write TensorBoard events here; unset disables TensorBoard."""
     progress_bar: bool = True
     """Show a progress bar on an interactive terminal."""
-    timing_log_level: int = 0
+    timing_log_level: int = field(default=0, metadata={"megatron": "--timing-log-level"})
     """Timers to report: 0 none, 1 per-step phases, 2 everything."""
 
     def validate(self, errors: ConfigErrors) -> None:
@@ -242,9 +258,11 @@ class LoggerConfig:
 class StragglerDetectionConfig:
     """Find ranks that run slower than the rest."""
 
-    log_straggler: bool = False
+    log_straggler: bool = field(default=False, metadata={"megatron": "--log-straggler"})
     """Measure per-rank step time and report the slowest ranks."""
-    straggler_minmax_count: int = 1
+    straggler_minmax_count: int = field(
+        default=1, metadata={"megatron": "--straggler-minmax-count"}
+    )
     """How many slowest and fastest ranks to report."""
 
     def validate(self, errors: ConfigErrors) -> None:
@@ -255,17 +273,19 @@ class StragglerDetectionConfig:
 class ProfileConfig:
     """Profiling: a torch.profiler trace of chosen steps, and named ranges for Nsight Systems."""
 
-    profile: bool = False
+    profile: bool = field(default=False, metadata={"megatron": "--profile"})
     """Record a torch.profiler Chrome trace (CPU activity, plus CUDA on a GPU) of steps
     [profile_step_start, profile_step_end) on the ranks in profile_ranks, written to
     trace_dir/rank{R}_steps{A}-{B}.json, A and B the first and last step traced (open it in
     Perfetto or chrome://tracing); the named ranges (see nvtx_ranges) are on while it records.
     For Nsight Systems use nvtx_ranges instead (the two profilers do not share CUPTI)."""
-    profile_step_start: int = 10
+    profile_step_start: int = field(default=10, metadata={"megatron": "--profile-step-start"})
     """First step profiled (steps count from 1)."""
-    profile_step_end: int = 12
+    profile_step_end: int = field(default=12, metadata={"megatron": "--profile-step-end"})
     """Step at which profiling stops; this step is not profiled."""
-    profile_ranks: list[int] = field(default_factory=lambda: [0])
+    profile_ranks: list[int] = field(
+        default_factory=lambda: [0], metadata={"megatron": "--profile-ranks"}
+    )
     """Global ranks that record a trace."""
     nvtx_ranges: bool = False
     """Mark nested named ranges on every rank at every step: ``step N`` (the whole iteration,

@@ -18,7 +18,9 @@ from mcore.core import ConfigErrors
 class KDConfig:
     """Knowledge distillation from a frozen teacher run in the student's parallel layout."""
 
-    teacher_load: str | None = None
+    teacher_load: str | None = field(
+        default=None, metadata={"megatron": "--export-kd-teacher-load"}
+    )
     """The teacher: an mcore checkpoint (a save directory or one iter_N folder) or a Hugging
     Face model directory (config.json and safetensors). Setting it turns distillation on."""
     teacher_model: dict[str, Any] = field(default_factory=dict)

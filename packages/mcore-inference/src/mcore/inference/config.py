@@ -12,16 +12,22 @@ from mcore.core import ConfigErrors
 class InferenceConfig:
     """Inference engine, KV cache and server."""
 
-    max_requests: int = 64
+    max_requests: int = field(default=64, metadata={"megatron": "--inference-max-requests"})
     """Requests in flight at once (running; more wait in the queue)."""
     max_tokens: int | None = 2048
     """Tokens per engine step, prefill chunks and decodes together: longer prompts are
     prefilled in chunks over several steps; unset means no cap (whole prompts at once)."""
-    max_sequence_length: int = 4096
+    max_sequence_length: int = field(
+        default=4096, metadata={"megatron": "--inference-max-seq-length"}
+    )
     """Longest prompt plus completion (capped by the model's max_position_embeddings)."""
-    block_size_tokens: int = 256
+    block_size_tokens: int = field(
+        default=256, metadata={"megatron": "--inference-dynamic-batching-block-size"}
+    )
     """Tokens per paged KV-cache block."""
-    buffer_size_gb: float = 4.0
+    buffer_size_gb: float = field(
+        default=4.0, metadata={"megatron": "--inference-dynamic-batching-buffer-size-gb"}
+    )
     """Memory reserved for the KV cache (never more than max_requests full-length
     sequences need); a hybrid model's recurrent states (max_requests + 1 slots) come out of it
     first."""
@@ -33,7 +39,7 @@ class InferenceConfig:
     suspend_mode: Literal["offload", "recompute"] = "offload"
     """What suspend() does with the KV cache: copy the blocks in use to host memory and back
     on resume (bit-exact), or drop them and recompute on resume (frees host memory too)."""
-    enable_cuda_graph: bool = False
+    enable_cuda_graph: bool = field(default=False, metadata={"megatron": "--enable-cuda-graph"})
     """Capture CUDA graphs for a set of batch shapes and replay them (GPU only)."""
     cuda_graph_decode_sizes: list[int] | None = None
     """Decode-request counts to capture; unset means 1, 2, 4, 8, ... up to max_requests."""

@@ -20,54 +20,64 @@ class TransformerConfig:
 
     name: str = component("model", "gpt")
     """Model builder by registry name."""
-    num_layers: int = 4
+    num_layers: int = field(default=4, metadata={"megatron": "--num-layers"})
     """Transformer layers."""
-    hidden_size: int = 256
+    hidden_size: int = field(default=256, metadata={"megatron": "--hidden-size"})
     """Width of the residual stream."""
-    num_attention_heads: int = 4
+    num_attention_heads: int = field(default=4, metadata={"megatron": "--num-attention-heads"})
     """Query heads per attention layer."""
-    num_query_groups: int | None = None
+    num_query_groups: int | None = field(default=None, metadata={"megatron": "--num-query-groups"})
     """Key/value heads for grouped-query attention; unset means num_attention_heads (MHA)."""
-    kv_channels: int | None = None
+    kv_channels: int | None = field(default=None, metadata={"megatron": "--kv-channels"})
     """Per-head dimension; unset means hidden_size / num_attention_heads."""
-    ffn_hidden_size: int | None = None
+    ffn_hidden_size: int | None = field(default=None, metadata={"megatron": "--ffn-hidden-size"})
     """MLP width; unset means 4 x hidden_size."""
-    vocab_size: int | None = None
+    vocab_size: int | None = field(default=None, metadata={"megatron": "--vocab-size"})
     """Vocabulary size; unset means the tokenizer's."""
-    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_first_pipeline_stage: int | None = field(
+        default=None, metadata={"megatron": "--decoder-first-pipeline-num-layers"}
+    )
     """Layers on the first pipeline stage; the stages between the ends split the rest equally.
     Unset: every stage holds num_layers / pipeline_model_parallel_size."""
-    num_layers_in_last_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = field(
+        default=None, metadata={"megatron": "--decoder-last-pipeline-num-layers"}
+    )
     """Layers on the last pipeline stage (see num_layers_in_first_pipeline_stage)."""
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = field(
+        default=4096, metadata={"megatron": "--max-position-embeddings"}
+    )
     """Longest sequence the position embedding supports."""
-    normalization: str = component("norm", "RMSNorm")
+    normalization: str = component("norm", "RMSNorm", metadata={"megatron": "--normalization"})
     """Normalisation layer by registry name (RMSNorm, LayerNorm)."""
-    norm_epsilon: float = 1e-5
+    norm_epsilon: float = field(default=1e-5, metadata={"megatron": "--norm-epsilon"})
     """Epsilon of the normalisation layers."""
     activation: Literal["swiglu", "gelu", "squared_relu"] = "swiglu"
     """MLP activation; swiglu is gated (two input projections)."""
     add_bias_linear: bool = False
     """Bias in the MLP and attention output projections."""
-    add_qkv_bias: bool = False
+    add_qkv_bias: bool = field(default=False, metadata={"megatron": "--add-qkv-bias"})
     """Bias in the query/key/value projection (Qwen2 style)."""
-    qk_layernorm: bool = False
+    qk_layernorm: bool = field(default=False, metadata={"megatron": "--qk-layernorm"})
     """Normalise queries and keys per head before rotary (Qwen3 style)."""
     attention_output_gate: bool = False
     """Gate each head's attention output by ``sigmoid`` of a per-head projection of the input
     (Qwen3-Next's gated attention); the query projection then also produces the gate."""
-    layernorm_zero_centered_gamma: bool = False
+    layernorm_zero_centered_gamma: bool = field(
+        default=False, metadata={"megatron": "--apply-layernorm-1p"}
+    )
     """Norm weights are stored as ``gamma - 1`` (zero at init), so weight decay pulls the
     scale to 1 rather than 0 (Qwen3-Next's norms)."""
-    position_embedding_type: Literal["rope", "learned_absolute", "none"] = "rope"
+    position_embedding_type: Literal["rope", "learned_absolute", "none"] = field(
+        default="rope", metadata={"megatron": "--position-embedding-type"}
+    )
     """Position encoding."""
-    rotary_percent: float = 1.0
+    rotary_percent: float = field(default=1.0, metadata={"megatron": "--rotary-percent"})
     """Share of each head's channels that rotary rotates (the leading ones; Qwen3-Next 0.25)."""
-    rotary_base: float = 10000.0
+    rotary_base: float = field(default=10000.0, metadata={"megatron": "--rotary-base"})
     """Base of the rotary embedding frequencies."""
     rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
     """Rotary frequency scaling for long context."""
-    rope_scaling_factor: float = 1.0
+    rope_scaling_factor: float = field(default=1.0, metadata={"megatron": "--rope-scaling-factor"})
     """Context extension factor of the rope scaling."""
     rope_original_max_position_embeddings: int | None = None
     """Context length the model was pre-trained at (llama3, yarn)."""
@@ -79,54 +89,65 @@ class TransformerConfig:
     """YaRN: rotations above which frequencies are kept (extrapolated)."""
     yarn_beta_slow: float = 1.0
     """YaRN: rotations below which frequencies are fully interpolated."""
-    yarn_mscale: float = 1.0
+    yarn_mscale: float = field(default=1.0, metadata={"megatron": "--mscale"})
     """YaRN attention temperature coefficient."""
-    yarn_mscale_all_dim: float = 0.0
+    yarn_mscale_all_dim: float = field(default=0.0, metadata={"megatron": "--mscale-all-dim"})
     """YaRN: mscale of the denominator (DeepSeek style); 0 uses the plain YaRN factor."""
     attention_backend: str = component("attention_backend", "sdpa")
     """Core attention kernel by registry name (sdpa; te with mcore-models[te])."""
-    multi_latent_attention: bool = False
+    multi_latent_attention: bool = field(
+        default=False, metadata={"megatron": "--multi-latent-attention"}
+    )
     """DeepSeek-style multi-latent attention (low-rank q and kv, decoupled rope)."""
-    q_lora_rank: int | None = None
+    q_lora_rank: int | None = field(default=None, metadata={"megatron": "--q-lora-rank"})
     """MLA: rank of the query down-projection; unset projects queries directly."""
-    kv_lora_rank: int = 512
+    kv_lora_rank: int = field(default=512, metadata={"megatron": "--kv-lora-rank"})
     """MLA: rank of the compressed key/value latent."""
-    qk_head_dim: int = 128
+    qk_head_dim: int = field(default=128, metadata={"megatron": "--qk-head-dim"})
     """MLA: per-head query/key dimension without rope."""
-    qk_pos_emb_head_dim: int = 64
+    qk_pos_emb_head_dim: int = field(default=64, metadata={"megatron": "--qk-pos-emb-head-dim"})
     """MLA: per-head query/key dimension that carries rope (shared key across heads)."""
-    v_head_dim: int = 128
+    v_head_dim: int = field(default=128, metadata={"megatron": "--v-head-dim"})
     """MLA: per-head value dimension."""
-    untie_embeddings_and_output_weights: bool = False
+    untie_embeddings_and_output_weights: bool = field(
+        default=False, metadata={"megatron": "--untie-embeddings-and-output-weights"}
+    )
     """Give the output layer its own weights instead of sharing the input embedding."""
-    cross_entropy_loss_fusion: bool = False
+    cross_entropy_loss_fusion: bool = field(
+        default=False, metadata={"megatron": "--cross-entropy-loss-fusion"}
+    )
     """Compute the output layer and the cross-entropy together over token chunks, never holding
     the whole micro-batch's logits (Megatron's --cross-entropy-loss-fusion): same loss and
     gradients, one more output-layer matmul in backward (it recomputes each chunk's logits)."""
     cross_entropy_chunk_tokens: int = 4096
     """Tokens per chunk of the fused cross-entropy: it holds chunk x vocab / tp fp32 logits
     at a time (cross_entropy_loss_fusion only)."""
-    init_method_std: float = 0.02
+    init_method_std: float = field(default=0.02, metadata={"megatron": "--init-method-std"})
     """Standard deviation of the normal weight initialisation."""
-    hidden_dropout: float = 0.0
+    hidden_dropout: float = field(default=0.0, metadata={"megatron": "--hidden-dropout"})
     """Dropout after attention and MLP."""
-    attention_dropout: float = 0.0
+    attention_dropout: float = field(default=0.0, metadata={"megatron": "--attention-dropout"})
     """Dropout on attention probabilities."""
-    recompute_granularity: Literal["full", "selective"] | None = None
+    recompute_granularity: Literal["full", "selective"] | None = field(
+        default=None, metadata={"megatron": "--recompute-granularity"}
+    )
     """Activation recompute: whole layers, the core attention only, or none."""
     hybrid_override_pattern: str | None = field(
-        default=None, metadata={"aliases": ("hybrid_layer_pattern",)}
+        default=None,
+        metadata={"megatron": "--hybrid-override-pattern", "aliases": ("hybrid_layer_pattern",)},
     )
     """One symbol per layer from the ``layer`` registry: ``*`` attention, ``-`` MLP, ``E`` MoE
     (mcore-moe), ``M`` Mamba-2 and ``G`` gated delta net (mcore-ssm); ``|`` ends a pipeline
     stage, each ``/`` starts a multi-token-prediction block (Megatron's grammar, also accepted
     as hybrid_layer_pattern). Unset builds GPT layers (attention and MLP each)."""
-    mtp_num_layers: int | None = None
+    mtp_num_layers: int | None = field(default=None, metadata={"megatron": "--mtp-num-layers"})
     """Multi-token-prediction depths (DeepSeek-V3's MTP) after the main stack, on the last
     pipeline stage: depth k predicts the token k + 1 places ahead. Each is one layer with the
     last main layer's spec, or one '/' block of hybrid_override_pattern. Unset: as many as the
     pattern has '/' blocks (none without a pattern)."""
-    mtp_loss_scaling_factor: float | None = None
+    mtp_loss_scaling_factor: float | None = field(
+        default=None, metadata={"megatron": "--mtp-loss-scaling-factor"}
+    )
     """Weight of the MTP loss (the mean over depths) in the training loss; unset means 0.1.
     Only valid with MTP depths."""
 
@@ -264,7 +285,7 @@ class TransformerConfig:
 
     def _validate_pattern(self, errors: ConfigErrors) -> None:
         try:
-            pattern = parse_hybrid_pattern(self.hybrid_override_pattern)
+            pattern = parse_hybrid_pattern(self.hybrid_override_pattern or "")  # set: see validate
         except PatternError as error:
             errors.add("hybrid_override_pattern", str(error))
             return

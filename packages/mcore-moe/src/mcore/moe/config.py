@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mcore.core import Config, ConfigErrors, component
@@ -15,11 +15,13 @@ QUANTIZATION_ALIGNMENT = {"fp8": 16, "fp4": 128}
 class MoEConfig:
     """Mixture of experts: experts, routing and token dispatch."""
 
-    num_experts: int | None = None
+    num_experts: int | None = field(default=None, metadata={"megatron": "--num-experts"})
     """Routed experts per MoE layer; unset means a dense model."""
-    ffn_hidden_size: int | None = None
+    ffn_hidden_size: int | None = field(
+        default=None, metadata={"megatron": "--moe-ffn-hidden-size"}
+    )
     """Width of each expert's MLP; unset means the model's ffn_hidden_size."""
-    layer_freq: int = 1
+    layer_freq: int = field(default=1, metadata={"megatron": "--moe-layer-freq"})
     """Every how many layers an MLP is an MoE layer (1: all, 2: every other one)."""
     first_k_dense: int = 0
     """The first k layers keep a dense MLP (DeepSeek's first_k_dense_replace)."""
@@ -27,62 +29,88 @@ class MoEConfig:
     # --- routing -------------------------------------------------------------------------
     router_type: str = component("router", "topk")
     """Router by registry name; a plugin's router is selected here."""
-    router_topk: int = 2
+    router_topk: int = field(default=2, metadata={"megatron": "--moe-router-topk"})
     """Experts each token is routed to."""
-    router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    router_score_function: Literal["softmax", "sigmoid"] = field(
+        default="softmax", metadata={"megatron": "--moe-router-score-function"}
+    )
     """How router logits become scores."""
-    router_pre_softmax: bool = False
+    router_pre_softmax: bool = field(
+        default=False, metadata={"megatron": "--moe-router-pre-softmax"}
+    )
     """Softmax over all experts before choosing the top-k (else over the chosen k only)."""
     router_norm_topk_prob: bool = False
     """Renormalise the chosen k probabilities to sum to one (softmax over the chosen k already
     does; with sigmoid scores or router_pre_softmax this is the switch)."""
-    router_num_groups: int | None = None
+    router_num_groups: int | None = field(
+        default=None, metadata={"megatron": "--moe-router-num-groups"}
+    )
     """Group-limited routing: experts form this many groups (DeepSeek's n_group)."""
-    router_group_topk: int | None = None
+    router_group_topk: int | None = field(
+        default=None, metadata={"megatron": "--moe-router-group-topk"}
+    )
     """Group-limited routing: tokens pick experts only from this many groups (topk_group)."""
-    router_topk_scaling_factor: float | None = None
+    router_topk_scaling_factor: float | None = field(
+        default=None, metadata={"megatron": "--moe-router-topk-scaling-factor"}
+    )
     """Multiply the chosen probabilities by this (DeepSeek's routed_scaling_factor)."""
-    router_enable_expert_bias: bool = False
+    router_enable_expert_bias: bool = field(
+        default=False, metadata={"megatron": "--moe-router-enable-expert-bias"}
+    )
     """Aux-loss-free balancing: a per-expert bias added to the scores for choosing experts,
     moved toward balance after every step (DeepSeek-V3's e_score_correction_bias)."""
-    router_bias_update_rate: float = 1e-3
+    router_bias_update_rate: float = field(
+        default=1e-3, metadata={"megatron": "--moe-router-bias-update-rate"}
+    )
     """Step of the expert-bias update, per optimizer step."""
     router_dtype: Literal["fp32", "native"] = "fp32"
     """Compute router logits and scores in fp32 (recommended) or the model's dtype."""
     router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = (
-        "aux_loss"
+        field(default="aux_loss", metadata={"megatron": "--moe-router-load-balancing-type"})
     )
     """Load-balancing loss over the micro-batch, per sequence, over the global batch, or none."""
-    aux_loss_coeff: float = 0.0
+    aux_loss_coeff: float = field(default=0.0, metadata={"megatron": "--moe-aux-loss-coeff"})
     """Weight of the load-balancing loss."""
-    z_loss_coeff: float | None = None
+    z_loss_coeff: float | None = field(default=None, metadata={"megatron": "--moe-z-loss-coeff"})
     """Weight of the router z-loss; unset disables it."""
-    expert_capacity_factor: float | None = None
+    expert_capacity_factor: float | None = field(
+        default=None, metadata={"megatron": "--moe-expert-capacity-factor"}
+    )
     """Per-expert capacity as a multiple of the even share; unset means no token dropping."""
-    token_drop_policy: Literal["probs", "position"] = "probs"
+    token_drop_policy: Literal["probs", "position"] = field(
+        default="probs", metadata={"megatron": "--moe-token-drop-policy"}
+    )
     """Which tokens an over-full expert drops: lowest probability, or latest in the batch."""
-    pad_expert_input_to_capacity: bool = False
+    pad_expert_input_to_capacity: bool = field(
+        default=False, metadata={"megatron": "--moe-pad-expert-input-to-capacity"}
+    )
     """Pad every expert's input to its capacity (needs expert_capacity_factor)."""
-    router_padding_for_quantization: bool = False
+    router_padding_for_quantization: bool = field(
+        default=False, metadata={"megatron": "--moe-router-padding-for-fp8"}
+    )
     """Pad each expert's token count to a multiple of the quantised GEMM's alignment by routing
     extra tokens to it with zero probability."""
     router_padding_quantization: Literal["fp8", "fp4"] = "fp8"
     """Which alignment the padding targets: fp8 (16 tokens) or fp4 (128 tokens)."""
 
     # --- dispatch and experts ------------------------------------------------------------
-    token_dispatcher_type: str = component("token_dispatcher", "alltoall")
+    token_dispatcher_type: str = component(
+        "token_dispatcher", "alltoall", metadata={"megatron": "--moe-token-dispatcher-type"}
+    )
     """Token dispatcher by registry name (allgather, alltoall, flex)."""
     flex_dispatcher_backend: str | None = component("flex_backend", None)
     """Backend of the flex dispatcher (deepep, hybridep); used only with flex."""
-    grouped_gemm: bool = True
+    grouped_gemm: bool = field(default=True, metadata={"megatron": "--moe-grouped-gemm"})
     """Run all local experts in one grouped matmul; false loops over experts (reference)."""
-    permute_fusion: bool = False
+    permute_fusion: bool = field(default=False, metadata={"megatron": "--moe-permute-fusion"})
     """Fused Triton kernels for permute/unpermute and the weighted activation."""
-    shared_expert_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = field(
+        default=None, metadata={"megatron": "--moe-shared-expert-intermediate-size"}
+    )
     """Width of the shared expert; unset means no shared expert."""
     shared_expert_gate: bool = False
     """Scale the shared expert's output by a learned sigmoid gate (Qwen2-MoE)."""
-    per_layer_logging: bool = False
+    per_layer_logging: bool = field(default=False, metadata={"megatron": "--moe-per-layer-logging"})
     """Log the load-balancing loss and expert load of every MoE layer, not only their mean."""
 
     @property

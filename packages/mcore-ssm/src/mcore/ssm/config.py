@@ -9,7 +9,7 @@ Field names follow Megatron-Core's (``mamba_state_dim``, ``mamba_head_dim``,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mcore.core import ConfigErrors
@@ -19,13 +19,13 @@ from mcore.core import ConfigErrors
 class SSMConfig:
     """Mamba-2 and gated-delta-net layer sizes, and which scan implementation runs them."""
 
-    mamba_state_dim: int = 128
+    mamba_state_dim: int = field(default=128, metadata={"megatron": "--mamba-state-dim"})
     """Mamba-2 SSM state size per head (N)."""
-    mamba_head_dim: int = 64
+    mamba_head_dim: int = field(default=64, metadata={"megatron": "--mamba-head-dim"})
     """Mamba-2 channels per head (P)."""
-    mamba_num_groups: int = 8
+    mamba_num_groups: int = field(default=8, metadata={"megatron": "--mamba-num-groups"})
     """Mamba-2 groups sharing B and C (G); heads split evenly over them. Must divide over TP."""
-    mamba_num_heads: int | None = None
+    mamba_num_heads: int | None = field(default=None, metadata={"megatron": "--mamba-num-heads"})
     """Mamba-2 heads (H); unset means mamba_expand * hidden_size / mamba_head_dim."""
     mamba_expand: int = 2
     """Mamba-2 inner width as a multiple of hidden_size, when mamba_num_heads is unset."""

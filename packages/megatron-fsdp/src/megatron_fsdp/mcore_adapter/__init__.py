@@ -8,7 +8,7 @@ and imported when a run builds its model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mcore.core import Config, ConfigErrors, Lazy, PluginRegistrar, hookimpl
@@ -20,17 +20,24 @@ class FSDPConfig:
 
     data_parallel_sharding_strategy: Literal[
         "no_shard", "optim", "optim_grads", "optim_grads_params"
-    ] = "optim_grads_params"
+    ] = field(
+        default="optim_grads_params",
+        metadata={"megatron": "--data-parallel-sharding-strategy"},
+    )
     """What is sharded over data-parallel ranks (optim_grads_params is ZeRO-3)."""
-    num_distributed_optimizer_instances: int = 1
+    num_distributed_optimizer_instances: int = field(
+        default=1, metadata={"megatron": "--num-distributed-optimizer-instances"}
+    )
     """Replicas for hybrid sharding: shard inside each, replicate across (HSDP)."""
     grad_reduce_in_fp32: bool = True
     """Reduce-scatter gradients in fp32 even when computing in bf16/fp16."""
-    overlap_grad_reduce: bool = True
+    overlap_grad_reduce: bool = field(default=True, metadata={"megatron": "--overlap-grad-reduce"})
     """Overlap gradient reduce-scatter with backward."""
-    overlap_param_gather: bool = True
+    overlap_param_gather: bool = field(
+        default=True, metadata={"megatron": "--overlap-param-gather"}
+    )
     """Prefetch the next bucket's parameters during compute."""
-    fsdp_double_buffer: bool = True
+    fsdp_double_buffer: bool = field(default=True, metadata={"megatron": "--fsdp-double-buffer"})
     """Gather parameters into two persistent buffers instead of allocating per step."""
 
     def validate(self, errors: ConfigErrors) -> None:
