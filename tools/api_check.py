@@ -29,6 +29,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import griffe
 
@@ -112,16 +113,16 @@ def _annotation_changes(old: griffe.Object, new: griffe.Object) -> Iterator[grif
     """Changed return and attribute annotations, which griffe leaves unchecked: any change of
     the annotation's text counts (conservative: a widened return type is a break too)."""
     for name, old_member in old.members.items():
-        if old_member.is_alias or name not in new.members:
+        if isinstance(old_member, griffe.Alias) or name not in new.members:
             continue
         new_member = new.members[name]
-        if new_member.is_alias or old_member.kind is not new_member.kind:
+        if isinstance(new_member, griffe.Alias) or old_member.kind is not new_member.kind:
             continue
-        if old_member.is_function:
+        if isinstance(old_member, griffe.Function) and isinstance(new_member, griffe.Function):
             before, after = old_member.returns, new_member.returns
             if before is not None and after is not None and str(before) != str(after):
                 yield griffe.ReturnChangedTypeBreakage(new_member, before, after)
-        elif old_member.is_attribute:
+        elif isinstance(old_member, griffe.Attribute) and isinstance(new_member, griffe.Attribute):
             before, after = old_member.annotation, new_member.annotation
             if before is not None and str(before) != str(after):
                 yield griffe.AttributeChangedTypeBreakage(new_member, before, after)
@@ -176,7 +177,7 @@ def _detail(breakage: griffe.Breakage) -> str:
         param = new if kind is K.PARAMETER_ADDED_REQUIRED else old
         text = f"parameter {param.name}"
         if kind is K.PARAMETER_MOVED:
-            names = [p.name for p in breakage.obj.parameters]
+            names = [p.name for p in cast("griffe.Function", breakage.obj).parameters]
             text += f", now at position {names.index(new.name) + 1} of {names}"
         elif kind is K.PARAMETER_CHANGED_KIND:
             text += f", was {old.kind.value}, now {new.kind.value}"
@@ -202,7 +203,10 @@ def src_of(package: str, root: Path = ROOT) -> Path:
 
 def load_current(import_name: str, src: Path) -> griffe.Object:
     """The package as its source reads now (static analysis: nothing is imported)."""
-    return griffe.load(import_name, search_paths=[src], allow_inspection=False)
+    # A package loads as its module (an alias only ever names a member).
+    return cast(
+        "griffe.Object", griffe.load(import_name, search_paths=[src], allow_inspection=False)
+    )
 
 
 def last_release_tag(prefix: str, repo: Path = ROOT) -> str | None:
@@ -268,7 +272,7 @@ def load_baseline(
             import_name, ref=ref, repo=root, search_paths=[f"packages/{package}/src"],
             allow_inspection=False,
         )  # fmt: skip
-        return old, f"git {ref}"
+        return cast("griffe.Object", old), f"git {ref}"
     path = root / BASELINES.relative_to(ROOT) / f"{package}.json"
     if not path.exists():
         raise SystemExit(
@@ -290,7 +294,7 @@ def check_package(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="api_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="api_check", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
         "-p", "--package", action="append", choices=sorted(PACKAGES),
         help="check only this package (repeatable); default: every published package",

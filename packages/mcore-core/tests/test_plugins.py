@@ -13,7 +13,8 @@ GOOD_ROUTER = """
 from mcore.core import hookimpl
 
 class Router:
-    pass
+    def forward(self, hidden, replay_indices=None): ...
+    __call__ = forward
 
 @hookimpl
 def mcore_register(registry):
@@ -90,7 +91,8 @@ def test_an_override_replaces_another_plugins_component(make_dist) -> None:
 from mcore.core import hookimpl
 
 class Better:
-    pass
+    def forward(self, hidden, replay_indices=None): ...
+    __call__ = forward
 
 @hookimpl
 def mcore_register(registry):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import pytest
@@ -13,14 +14,18 @@ from mcore.core import (
     PluginManager,
     UnknownComponentError,
 )
-from mcore.core.registry import Component, PluginRegistrar, Registries
+from mcore.core.registry import Component, Kind, Lazy, PluginRegistrar, Registries, Registry
 
 
 class TopK:
-    pass
+    """A stand-in router: the members of the router kind's protocol, nothing behind them."""
+
+    def forward(self, hidden, replay_indices=None): ...
+
+    __call__ = forward
 
 
-class MyTopK:
+class MyTopK(TopK):
     pass
 
 
@@ -155,3 +160,52 @@ def test_lazy_entries_import_on_first_lookup() -> None:
     assert registries.get("tokenizer", "split")("a 'b c'") == ["a", "b c"]
     with pytest.raises(McoreError, match="cannot import component 'no_such_module_xyz:thing'"):
         registries.get("tokenizer", "missing")
+
+
+class HalfCheckpointer:
+    """Saves, but cannot resume."""
+
+    def save(self, iteration, chunks, optimizer, scheduler, loop_state): ...
+
+    def poll(self): ...
+
+    def finalize(self): ...
+
+
+def test_a_kind_names_its_protocol_and_refuses_entries_lacking_members() -> None:
+    kind = Kind(
+        "thing",
+        "things",
+        "mcore-core",
+        check=lambda obj: obj is not None,
+        protocol="mcore.core.protocols:Checkpointer",
+        builds=False,  # the entries are the checkpointers themselves
+    )
+    registry = Registry(kind, missing_hint=lambda kind, name: None)
+    with pytest.raises(McoreError) as info:
+        registry.add(Component("thing", "half", HalfCheckpointer(), "p"))
+    assert str(info.value).startswith("plugin 'p' registered thing 'half' as <")
+    assert "lacks `resume_path`, `load` of the thing protocol (mcore.core.protocols:" in str(
+        info.value
+    )
+    assert registry.names() == []
+
+
+def test_a_protocol_of_a_package_not_installed_checks_nothing() -> None:
+    kind = Kind("thing", "things", "nowhere", protocol="not_installed_pkg.protocols:Thing")
+    registry = Registry(kind, missing_hint=lambda kind, name: None)
+    registry.add(Component("thing", "any", HalfCheckpointer, "p"))
+    assert registry.get("any") is HalfCheckpointer
+
+
+def test_every_kinds_protocol_is_a_protocol_of_its_home_package() -> None:
+    for kind in KINDS.values():
+        if not kind.protocol:
+            continue
+        module = kind.protocol.partition(":")[0]
+        home = kind.provider.replace("mcore-", "mcore.").replace("-", "_")
+        assert module.startswith(home), (kind.name, kind.protocol)
+        if importlib.util.find_spec(home) is None:
+            continue  # the owning package is not installed here
+        protocol = Lazy(kind.protocol).resolve()
+        assert getattr(protocol, "_is_protocol", False), kind.protocol

@@ -67,3 +67,23 @@ def test_models_without_experts_are_refused(hf_dirs, engine_config) -> None:
     folder, _ = hf_dirs["llama"]
     refused = run_ranks(_refused, 2, folder, engine_config(), backend="gloo")
     assert all("has no MoE layers" in r and "expert_model_parallel_size = 2" in r for r in refused)
+
+
+def test_a_failed_collective_raises_expert_group_lost(monkeypatch) -> None:
+    """Regression: ``_lost`` (the error once lost) shadowed the method that builds it, so a
+    failed collective raised ``TypeError: 'NoneType' object is not callable`` instead."""
+    import torch.distributed as dist
+
+    from mcore.inference.expert_parallel import ExpertGroupLostError
+
+    engine = object.__new__(ExpertParallelEngine)  # only the group's bookkeeping: no model
+    engine._lost, engine._count_device, engine.group = None, "cpu", None
+
+    def gone(*args, **kwargs):
+        raise RuntimeError("Connection reset by peer")
+
+    monkeypatch.setattr(dist, "all_reduce", gone)
+    monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: [0, 1])
+    with pytest.raises(ExpertGroupLostError, match=r"global ranks \[0, 1\]\) is gone"):
+        engine._agree(3)
+    assert isinstance(engine._lost, ExpertGroupLostError)

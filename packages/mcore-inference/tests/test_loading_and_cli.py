@@ -59,20 +59,35 @@ def _save_checkpoint(root: Path, fmt: str, config, model) -> Path:
 
 
 class WeightsOnlyFormat:
-    """A stand-in for an mcore-ckpt format with the weights-only entry point."""
+    """A stand-in for an mcore-ckpt format (every member of its protocol) that loads weights.
+    Registered as a class, which the loader instantiates."""
 
+    name = "test_weights"
+    supports_async = False
+    weights_only = True
     calls: list[Path] = []
 
     def load_model(self, folder: Path, model: torch.nn.Module) -> None:
         self.calls.append(folder)
         model.load_state_dict(load_file(folder / "w.safetensors"))
 
+    def prepare(self, chunks, optimizer):
+        raise NotImplementedError
+
+    def write(self, folder, prepared, *, group, abort=None):
+        raise NotImplementedError
+
+    def load(self, folder, chunks, optimizer, *, group, common, verify_checksums=True):
+        raise NotImplementedError
+
+    def describe(self, folder):
+        raise NotImplementedError
+
 
 class TrainingFormat:
-    """A format with only the training loop's ``load``."""
+    """A format with only the training loop's ``load``: not a checkpoint format."""
 
     def load(self, folder, chunks, optimizer, *, group, common) -> None:
-        assert optimizer is None and group is None and common["iteration"] == 3
         chunks[0].load_state_dict(load_file(folder / "w.safetensors"))
 
 
@@ -80,7 +95,6 @@ class _Formats:
     @hookimpl
     def mcore_register(self, registry) -> None:
         registry.add("checkpoint_format", "test_weights", WeightsOnlyFormat)
-        registry.add("checkpoint_format", "test_training", TrainingFormat)
 
 
 @pytest.fixture
@@ -103,23 +117,34 @@ def test_model_kinds_are_told_apart(llama_dir, tmp_path) -> None:
     assert isinstance(tokenizer, HFTextTokenizer) and model.config.vocab_size > 0
 
 
-@pytest.mark.parametrize("fmt", ["test_weights", "test_training"])
 def test_mcore_checkpoints_load_through_the_format_registry(
-    formats, tmp_path, fmt, engine_config
+    formats, tmp_path, engine_config
 ) -> None:
     config, trained = _trained_run()
-    folder = _save_checkpoint(tmp_path / "run", fmt, config, trained)
+    folder = _save_checkpoint(tmp_path / "run", "test_weights", config, trained)
     WeightsOnlyFormat.calls.clear()
     for path in (tmp_path / "run", folder):  # the save directory or one iter_* folder
         model, tokenizer = load_model(path)
         assert isinstance(tokenizer, CoreTextTokenizer) and tokenizer.vocab_size < 384
         for name, value in trained.state_dict().items():
             assert torch.equal(model.state_dict()[name], value), name
-    if fmt == "test_weights":
-        assert WeightsOnlyFormat.calls == [folder, folder]
+    assert WeightsOnlyFormat.calls == [folder, folder]
     engine = DynamicInferenceEngine(model, engine_config(), tokenizer=tokenizer)
     out = engine.generate(["def f"], GREEDY)[0]
     assert len(out.token_ids) == 6 and max(out.token_ids) < tokenizer.vocab_size
+
+
+def test_a_format_that_cannot_load_weights_alone_is_refused() -> None:
+    # With mcore-ckpt installed its CheckpointFormat protocol holds for every entry.
+    pytest.importorskip("mcore.ckpt")
+
+    class Plugin:
+        @hookimpl
+        def mcore_register(self, registry) -> None:
+            registry.add("checkpoint_format", "test_training", TrainingFormat)
+
+    with pytest.raises(McoreError, match=r"'test_training' .* lacks `name`.*`load_model`"):
+        register_plugin(Plugin(), name="test-training-format")
 
 
 def test_a_missing_checkpoint_format_says_what_to_install(tmp_path) -> None:

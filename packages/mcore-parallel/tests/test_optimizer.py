@@ -447,3 +447,20 @@ def _refuses_fused_dtensors(rank: int, world: int) -> str:
 def test_fused_is_refused_for_sharded_dtensor_parameters() -> None:
     (message,) = run_ranks(_refuses_fused_dtensors, 1, backend="gloo")
     assert "optimizer.optimizer_impl = 'fused' needs plain CPU or CUDA parameters" in message
+
+
+def test_a_parameter_without_a_gradient_counts_as_zero_in_the_grad_norm() -> None:
+    # Regression: without DDP's buffers (a plain or megatron_fsdp-wrapped model) a trainable
+    # parameter that the forward did not use has no gradient, and the norm used to fail on it.
+    torch.manual_seed(0)
+    used, unused = nn.Linear(4, 4), nn.Linear(4, 4)
+    model = nn.ModuleDict({"used": used, "unused": unused})
+    optimizer = MixedPrecisionOptimizer(
+        model, ParallelState(), lambda groups: torch.optim.SGD(groups, lr=0.1)
+    )
+    used(torch.randn(2, 4)).sum().backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in used.parameters()])
+    before = unused.weight.detach().clone()
+    skipped, grad_norm = optimizer.step()
+    assert not skipped and grad_norm == pytest.approx(float(expected))
+    assert torch.equal(unused.weight, before)

@@ -40,3 +40,20 @@ def test_adapter_registers_the_fsdp_section() -> None:
     assert config.fsdp.data_parallel_sharding_strategy == "optim_grads"
     with pytest.raises(ConfigError, match="must be one of 'no_shard', 'optim'"):
         load_config(overrides={"fsdp.data-parallel-sharding-strategy": "zero3"}, manager=manager)
+
+
+def test_the_adapters_wrapper_satisfies_the_data_parallel_protocol() -> None:
+    pytest.importorskip("mcore.parallel")
+    from mcore.core import PluginManager
+    from mcore.core.registry import missing_members
+    from mcore.parallel.protocols import DataParallelWrapper
+    from megatron_fsdp import mcore_adapter
+    from megatron_fsdp.mcore_adapter.wrapper import MegatronFSDP
+
+    manager = PluginManager()
+    manager.register(mcore_adapter, name="megatron-fsdp")
+    # Resolving the entry checks it; the wrapper it builds needs a process group, so its
+    # class is checked here (the type checker checks the function's signature).
+    wrap = manager.registries.get("data_parallel", "megatron_fsdp")
+    assert wrap.accepts_meta_model is True
+    assert missing_members(DataParallelWrapper, MegatronFSDP) == []

@@ -210,7 +210,9 @@ class Bucket:
         self.offloaded = offload_pin_memory is not None
         main_device = torch.device("cpu") if self.offloaded else device
         pin = bool(offload_pin_memory) and torch.cuda.is_available()
-        self._main_alloc = dict(dtype=self.main_dtype, device=main_device, pin_memory=pin)
+        self._main_alloc: dict[str, Any] = dict(
+            dtype=self.main_dtype, device=main_device, pin_memory=pin
+        )
 
         world, rank = plan.shard_world, plan.shard_rank
         self.main = torch.zeros(self.layout.shard_numel, **self._main_alloc)
@@ -271,7 +273,7 @@ class Bucket:
         # in-place update bumps the DTensor's counter, a write through to_local() the local's.
         total = self.main._version
         for p in self.sharded_params:
-            total += p._version + p._local_tensor._version
+            total += p._version + p._local_tensor._version  # pyright: ignore[reportAttributeAccessIssue]
         return total
 
     @property
@@ -300,7 +302,9 @@ class Bucket:
             if self.is_unsharded:
                 return
             self.start_gather(pool)
-        work, out, src, signature = self._pending_gather
+        pending = self._pending_gather
+        assert pending is not None, "start_gather issued it"
+        work, out, src, signature = pending
         self._pending_gather = None
         if work is not None:
             work.wait()
@@ -387,6 +391,7 @@ class Bucket:
 
     def finish_reduce(self) -> None:
         """Wait for the reduction and add the gradient shard into ``param.grad``."""
+        assert self._pending_reduce is not None, "finish_reduce follows a start_reduce"
         work, acc, out, rest = self._pending_reduce
         self._pending_reduce = None
         if work is not None:

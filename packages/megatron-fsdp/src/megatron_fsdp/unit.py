@@ -230,7 +230,7 @@ class FSDPUnit:
                     continue
                 if buf.is_meta:  # allocated here, filled by whoever built the model on meta
                     moved = torch.zeros_like(buf, device=device)
-                    moved.__dict__.update(buf.__dict__)
+                    vars(moved).update(vars(buf))
                     setattr(moved, INIT_PENDING, True)
                     sub._buffers[name] = moved
                 else:
@@ -258,17 +258,23 @@ class FSDPUnit:
             ctx = RootContext(self, units)
             for unit in units:
                 unit.ctx = ctx
+        return self._context
+
+    @property
+    def _context(self) -> RootContext:
+        """The root's context, which the root's first forward gives every unit below it."""
+        assert self.ctx is not None, "the root unit's first forward sets every unit's context"
         return self.ctx
 
     # -- gather / free -------------------------------------------------------------------------
 
     def start_gathers(self) -> None:
         for bucket in self.buckets:
-            bucket.start_gather(self.ctx.pool)
+            bucket.start_gather(self._context.pool)
 
     def finish_gathers(self) -> None:
         for bucket in self.buckets:
-            bucket.finish_gather(self.ctx.pool)
+            bucket.finish_gather(self._context.pool)
 
     def unshard(self) -> None:
         """Gather every bucket of this unit now."""
@@ -316,7 +322,7 @@ class FSDPUnit:
         self._register(unsharded=False)
         if _in_backward():  # a recompute: backward is about to use these parameters
             return output
-        self.ctx.record_post_forward(self)
+        self._context.record_post_forward(self)
         self.state = State.IDLE
         if not self.is_root:
             self.reshard()
@@ -338,9 +344,9 @@ class FSDPUnit:
         if self.state is State.PRE_BACKWARD:
             return
         self.state = State.PRE_BACKWARD
-        self.ctx.queue_end_of_backward()
+        self._context.queue_end_of_backward()
         self.start_gathers()
-        nxt = self.ctx.next_backward(self) if self.prefetch else None
+        nxt = self._context.next_backward(self) if self.prefetch else None
         if nxt is not None and nxt.strategy.reshard_params:
             nxt.start_gathers()
         self.finish_gathers()
@@ -352,7 +358,7 @@ class FSDPUnit:
                 return
             bucket.fold_grad(index, grad, 1.0 / self.gradient_divide_factor)
             if self.overlap_grad_reduce and bucket.all_grads_folded and self._reduce_now():
-                self.ctx.add_reduction(bucket)
+                self._context.add_reduction(bucket)
             if (
                 self.strategy.reshard_params
                 and not self.has_frozen
@@ -378,7 +384,7 @@ class FSDPUnit:
             return
         for bucket in self.buckets:
             if bucket.trainable and not bucket.reduced_this_backward:
-                self.ctx.add_reduction(bucket)
+                self._context.add_reduction(bucket)
 
     def end_backward(self) -> None:
         for bucket in self.buckets:

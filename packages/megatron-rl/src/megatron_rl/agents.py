@@ -21,10 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from megatron_rl.envs.base import Environment, Feedback, Problem
 from megatron_rl.handles import Generation, InferenceHandle, encode_text
+
+if TYPE_CHECKING:
+    from mcore.core import Config
+    from mcore.core.registry import Registries
 
 
 @dataclass
@@ -64,7 +68,8 @@ class Trajectory:
 
 @runtime_checkable
 class Agent(Protocol):
-    """Runs one episode of ``problem`` (see the module docstring)."""
+    """Runs one episode of ``problem`` (see the module docstring); the ``rl_agent`` registry
+    refuses an agent class, or what a factory builds, that lacks :meth:`run`."""
 
     async def run(
         self,
@@ -72,7 +77,22 @@ class Agent(Protocol):
         env: Environment,
         handle: InferenceHandle,
         **generation_args: Any,
-    ) -> Trajectory: ...
+    ) -> Trajectory:
+        """Play one episode against ``env``, generating through ``handle`` with
+        ``generation_args`` (see :mod:`megatron_rl.handles`)."""
+        ...
+
+
+class AgentBuilder(Protocol):
+    """An ``rl_agent`` registry entry: builds the agent from the run's config."""
+
+    def __call__(self, config: Config) -> Agent: ...
+
+
+def build_agent(registries: Registries, name: str, config: Config) -> Agent:
+    """The agent the ``rl_agent`` registry's entry ``name`` builds for ``config`` (refused
+    when it lacks :meth:`Agent.run`)."""
+    return registries["rl_agent"].build(name, config)
 
 
 class SingleTurnAgent:
@@ -147,3 +167,8 @@ def build_single_turn(config: Any) -> SingleTurnAgent:
 def build_multi_turn(config: Any) -> MultiTurnAgent:
     """Registry entry ``multi_turn`` (``rl.max_turns``)."""
     return MultiTurnAgent(max_turns=config.rl.max_turns)
+
+
+if TYPE_CHECKING:
+    # The built-in entries conform: the type checker verifies this assignment.
+    _AGENTS: list[AgentBuilder] = [build_single_turn, build_multi_turn]

@@ -28,11 +28,14 @@ import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from mcore.core import McoreError
+
+if TYPE_CHECKING:
+    from mcore.inference.protocols import InferenceEngine
 
 GENERATION_ARGS = (
     "max_tokens",
@@ -150,7 +153,7 @@ class EngineHandle:
     ``generated_tokens`` counts the tokens this handle's driver produced.
     """
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: InferenceEngine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.generated_tokens = 0

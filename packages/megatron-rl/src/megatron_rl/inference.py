@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from mcore.parallel import ParallelState
 from mcore.parallel.init import materialize
 from mcore.parallel.sharding import unwrap
 from megatron_rl.refit import copy_local_weights
+
+if TYPE_CHECKING:
+    from mcore.inference import DynamicInferenceEngine
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ def build_engine(
     max_requests: int,
     max_sequence_length: int,
     layout: EngineLayout | None = None,
-) -> Any:
+) -> DynamicInferenceEngine:
     """An inference engine for this rank (see the module docstring); ``layout`` defaults to
     the whole single-process model.
 

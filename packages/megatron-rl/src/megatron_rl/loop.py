@@ -40,7 +40,8 @@ from mcore.core import Config, McoreError
 from mcore.core.plugins import PluginManager, get_plugin_manager
 from mcore.core.training.metrics import MetricsLogger, check_finite
 from mcore.core.training.trainer import Trainer, setup_trainer
-from megatron_rl.envs.base import demonstration
+from megatron_rl.agents import build_agent
+from megatron_rl.envs.base import build_environment, demonstration
 from megatron_rl.grpo import GRPOLossConfig, group_advantages, zero_variance_groups
 from megatron_rl.handles import EngineHandle, encode_text
 from megatron_rl.inference import build_engine, engine_layout, reference_chunks
@@ -91,7 +92,7 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
     rl, train_cfg = config.rl, config.train
     run = setup_trainer(config, manager, command="rl")
     runtime, tokenizer, model_config = run.runtime, run.tokenizer, run.model_config
-    ps = runtime.parallel_state
+    ps = run.parallel_state
     if ps.cp_size > 1:
         raise McoreError(
             "parallel.cp > 1: packed RL rows are not split over context-parallel ranks yet; "
@@ -124,8 +125,8 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
     )
 
     # --- environment, agent, trainer; the warm-up; the reference; rollouts ---------------
-    env = registries.get("rl_env", rl.env)(config)
-    agent = registries.get("rl_agent", rl.agent)(config)
+    env = build_environment(registries, rl.env, config)
+    agent = build_agent(registries, rl.agent, config)
     handle = EngineHandle(engine)
     trainer = GRPOTrainer(
         runtime,

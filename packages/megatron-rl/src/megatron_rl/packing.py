@@ -125,7 +125,7 @@ def micro_batches(
         extra = value.new_full((total - have, value.shape[1]), fill)
         padded[key] = torch.cat([value, extra])
     if total > have:  # empty rows: positions 0.. (padding positions continue in each row)
-        padded["position_ids"][have:] = torch.arange(value.shape[1])
+        padded["position_ids"][have:] = torch.arange(rows["position_ids"].shape[1])
     return [
         {k: v[m * rows_per_micro_batch : (m + 1) * rows_per_micro_batch] for k, v in padded.items()}
         for m in range(num_micro_batches)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,11 @@ from torch import nn
 
 from mcore.core import McoreError
 from mcore.parallel.sharding import is_dtensor, model_sharded_tensors, unwrap
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+    from mcore.inference.protocols import InferenceEngine
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global offset, size)
 
@@ -99,7 +105,7 @@ def full_weights(
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     world = dist.get_world_size() if distributed else 1
     rank = dist.get_rank() if distributed else 0
-    gathered = [local]
+    gathered: list[Any] = [local]
     if distributed:
         gathered = [None] * world
         dist.all_gather_object(gathered, local)
@@ -168,7 +174,7 @@ def local_weights(
             if bucket and held + size > limit:
                 yield bucket
                 bucket, held = {}, 0
-            tensor = tensor.detach().full_tensor()
+            tensor = cast("DTensor", tensor.detach()).full_tensor()
             held += size
         bucket[name] = tensor.detach()
     if bucket:
@@ -234,7 +240,7 @@ def check_counterparts(target: nn.Module, chunk: nn.Module) -> None:
 
 @torch.no_grad()
 def refit_engine(
-    engine: object,
+    engine: InferenceEngine,
     chunks: Sequence[nn.Module],
     *,
     sharded: bool = False,

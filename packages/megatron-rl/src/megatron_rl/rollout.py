@@ -120,11 +120,14 @@ class RolloutRunner:
         while True:
             done = [t for t in tasks if t.done()]
             for task in done:  # an agent's error surfaces now
-                if task.exception() is not None:
-                    raise task.exception()
+                error = task.exception()
+                if error is not None:
+                    raise error
             if len(done) >= min(count, len(tasks)):
                 return
-            spent = (self.handle.generated_tokens - start) if counter is not None else 0
+            spent = (
+                (getattr(self.handle, "generated_tokens", 0) - start) if counter is not None else 0
+            )
             if token_budget is not None and done and spent >= token_budget:
                 return
             if counter is None:  # a remote server: wait for the next group to finish

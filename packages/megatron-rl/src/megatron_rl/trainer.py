@@ -22,7 +22,13 @@ import torch
 import torch.distributed as dist
 
 from mcore.models.packing import PackedSeqParams
-from megatron_rl.grpo import GRPOLossConfig, grpo_token_loss, token_logprobs, token_loss_weights
+from megatron_rl.grpo import (
+    Aggregation,
+    GRPOLossConfig,
+    grpo_token_loss,
+    token_logprobs,
+    token_loss_weights,
+)
 from megatron_rl.packing import TrainSequence, build_rows, micro_batches, pack_bins
 
 METRIC_SUMS = ("loss", "tokens", "clipped", "entropy", "kl", "ratio", "is_weight", "truncated")
@@ -92,7 +98,7 @@ def make_minibatch(
 
 
 def with_loss_weights(
-    sequences: Sequence[TrainSequence], mode: str, *, max_completion_tokens: int
+    sequences: Sequence[TrainSequence], mode: Aggregation, *, max_completion_tokens: int
 ) -> list[TrainSequence]:
     """``sequences`` with their aggregation weights set for the mini-batch they form."""
     masks = [torch.tensor(s.loss_mask, dtype=torch.float) for s in sequences]
@@ -188,6 +194,7 @@ class GRPOTrainer:
                 if not want_entropy:  # only reported: no graph for it
                     with torch.no_grad():
                         _, entropy = self._logprobs(logits.detach(), mb["labels"], True)
+                assert entropy is not None  # asked for, one way or the other
                 old = mb["old_logprobs"] if "old_logprobs" in mb else logp.detach()
                 out = grpo_token_loss(
                     logp,
@@ -229,7 +236,7 @@ class GRPOTrainer:
             def loss_func(logits: torch.Tensor):
                 logp, _ = self._logprobs(logits, mb["labels"])
                 total = -(logp * mb["weights"]).sum()
-                sums = dict.fromkeys(METRIC_SUMS, total.new_zeros(()))
+                sums: dict[str, torch.Tensor] = dict.fromkeys(METRIC_SUMS, total.new_zeros(()))
                 sums.update(loss=total.detach(), tokens=mb["loss_mask"].sum())
                 return total * scale, sums
 

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch.distributed as dist
 
@@ -34,6 +34,9 @@ from mcore.ckpt import directory, state
 from mcore.ckpt.errors import CheckpointingException
 from mcore.ckpt.formats import get_format
 from mcore.parallel.sharding import unwrap
+
+if TYPE_CHECKING:
+    from mcore.core.protocols import TrainingRuntime
 
 VERSION = 1
 
@@ -74,9 +77,10 @@ class _Result:
 
 
 class Checkpointer:
-    """Saves and resumes one run's training state; every rank builds one, at the same time."""
+    """Saves and resumes one run's training state; every rank builds one, at the same time.
+    The :class:`mcore.core.protocols.Checkpointer` of ``mcore train`` and ``mcore rl``."""
 
-    def __init__(self, config: Any, runtime: Any) -> None:
+    def __init__(self, config: Any, runtime: TrainingRuntime) -> None:
         self.config = config
         self.settings = config.checkpoint
         self.parallel_state = runtime.parallel_state
@@ -88,7 +92,11 @@ class Checkpointer:
             )
         # Checkpoint collectives get a group of their own (gloo: they carry small CPU
         # objects), so a background save never interleaves with training's collectives.
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.group: dist.ProcessGroup | None = (
+            cast("dist.ProcessGroup", dist.new_group(backend="gloo"))
+            if dist.is_initialized()
+            else None
+        )
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.root = Path(self.settings.save) if self.settings.save else None
         self._worker = _Worker() if self.settings.async_save else None
@@ -190,6 +198,7 @@ class Checkpointer:
         return None
 
     def _write_and_publish(self, iteration: int, prepared: Any, common: dict) -> str:
+        assert self.root is not None, "save() checked checkpoint.save"
         return write_checkpoint(
             self.root,
             iteration,
@@ -247,6 +256,7 @@ class Checkpointer:
 
     def _collect(self) -> None:
         result, self._in_flight = self._in_flight, None
+        assert result is not None, "called with a save in flight"
         if result.error is not None:
             raise result.error
         self._published.append(result.value)
@@ -340,7 +350,7 @@ def _gather(group: dist.ProcessGroup | None, value: Any) -> list[Any]:
 
 def _model_config(chunks: list) -> dict[str, Any]:
     config = getattr(unwrap(chunks[0]), "config", None) if chunks else None
-    if config is None or not dataclasses.is_dataclass(config):
+    if config is None or not dataclasses.is_dataclass(config) or isinstance(config, type):
         return {}
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 

@@ -61,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(path: Path, *, verify: bool = False) -> dict[str, Any]:
     """What ``inspect --json`` prints."""
+    folder = directory.resolve(path)  # a missing checkpoint fails before torch imports
+    from mcore.ckpt import dcp_io
     from mcore.ckpt.checkpointer import read_common
 
-    folder = directory.resolve(path)  # a missing checkpoint fails before torch's DCP imports
     common = read_common(folder)
-    from mcore.ckpt import dcp_io
     from mcore.ckpt.formats import get_format
 
     fmt = get_format(common["format"])
@@ -88,11 +88,12 @@ def describe(path: Path, *, verify: bool = False) -> dict[str, Any]:
 def _size(n: int | None) -> str:
     if n is None:
         return "-"
+    size: float = n
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024
+    return str(size)
 
 
 def inspect(path: Path, *, as_json: bool, verify: bool) -> int:
@@ -131,6 +132,7 @@ def inspect(path: Path, *, as_json: bool, verify: bool) -> int:
 def _read_all(folder: Path) -> dict[str, Any]:
     """Every stored tensor of a DCP checkpoint, whole, in memory."""
     import torch
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from mcore.ckpt import dcp_io
     from mcore.ckpt.checkpointer import read_common
@@ -140,9 +142,8 @@ def _read_all(folder: Path) -> dict[str, Any]:
     dcp_io.check_files(folder, metadata, common.get("files"))
     tensors = {}
     for key, md in metadata.state_dict_metadata.items():
-        size = getattr(md, "size", None)
-        if size is not None:
-            tensors[key] = torch.empty(tuple(size), dtype=md.properties.dtype)
+        if isinstance(md, TensorStorageMetadata):  # not bytes (a megatron_fsdp param_groups)
+            tensors[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
     dcp_io.read(folder, tensors, group=None, metadata=metadata)
     return tensors
 
@@ -197,7 +198,7 @@ def convert(src: Path, dst: Path, fmt_name: str) -> Path:
             f"{str(folder)!r} is a Hugging Face folder: use mcore ckpt import-hf"
         )
     tensors = _read_all(folder)
-    if not target.rng:
+    if not getattr(target, "rng", True):  # a DCPFormat that stores no random generators
         tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
     final = _write_checkpoint(dst, tensors, {**common, "format": target.name})
     _copy_tokenizer(folder, final)

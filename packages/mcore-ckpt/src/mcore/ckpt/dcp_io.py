@@ -96,7 +96,7 @@ class _Pieces(torch.Tensor):
         for data, offset in self.sharded.pieces:
             if torch.Size(offset) == index.offset:
                 return data
-        raise CheckpointingException(f"{index.fqn}: no piece at offset {tuple(index.offset)}")
+        raise CheckpointingException(f"{index.fqn}: no piece at offset {tuple(index.offset or ())}")
 
 
 def to_dcp(tensors: Mapping[str, ShardedTensor | torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Checkpoint formats, the ``checkpoint_format`` registry's entries.
 
-A format turns this rank's training state into files in a folder and back:
+A format (:class:`mcore.ckpt.protocols.CheckpointFormat`) turns this rank's training state into
+files in a folder and back:
 
 - ``prepare(chunks, optimizer) -> prepared`` runs on the training thread (it may copy);
 - ``write(folder, prepared, group=, abort=) -> {file: {"size", "crc32"}}`` writes this rank's
@@ -30,16 +31,21 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mcore.ckpt import dcp_io, state
 from mcore.ckpt.directory import COMMON
 from mcore.ckpt.errors import CheckpointingException
 from mcore.ckpt.plugin import RETIRED_FORMATS
 from mcore.parallel.sharding import named_layouts, unwrap
+
+if TYPE_CHECKING:
+    from mcore.ckpt.protocols import CheckpointFormat
+    from mcore.models import GPTModel
 
 
 @dataclass
@@ -102,7 +108,7 @@ class DCPFormat:
             optimizer.finish_load()
         rng = {k: v for k, v in state.rng_tensors().items() if k in stored}
         world = dist.get_world_size() if dist.is_initialized() else 1
-        rng = {k: v for k, v in rng.items() if stored[k].size[0] == world}
+        rng = {k: v for k, v in rng.items() if _size(stored[k])[:1] == (world,)}
         if self.rng and rng:
             dcp_io.read(folder, rng, group=group, metadata=metadata)
             state.restore_rng(rng)
@@ -122,10 +128,11 @@ class DCPFormat:
         metadata = dcp_io.read_metadata(folder)
         out = []
         for key, md in sorted(metadata.state_dict_metadata.items()):
-            size = getattr(md, "size", None)
-            if size is None:  # bytes (e.g. a megatron_fsdp optimizer's param_groups)
+            if not isinstance(md, TensorStorageMetadata):
+                # bytes (e.g. a megatron_fsdp optimizer's param_groups)
                 out.append({"key": key, "shape": None, "dtype": "bytes", "bytes": None})
                 continue
+            size = md.size
             dtype = md.properties.dtype
             numel = 1
             for d in size:
@@ -169,7 +176,7 @@ class HFFormat:
     ) -> dict[str, dict[str, int]]:
         from mcore.models.hf import save_hf
 
-        save_hf(unwrap(prepared[0]), folder)
+        save_hf(cast("GPTModel", unwrap(prepared[0])), folder)
         return {}
 
     def load(
@@ -212,12 +219,17 @@ class HFFormat:
         return out
 
 
+def _size(md: Any) -> tuple[int, ...]:
+    """A stored tensor's global shape (``()`` for bytes)."""
+    return tuple(md.size) if isinstance(md, TensorStorageMetadata) else ()
+
+
 TORCH_DIST = DCPFormat("torch_dist", rng=True)
 FSDP_DTENSOR = DCPFormat("fsdp_dtensor", rng=False)
 HF = HFFormat()
 
 
-def get_format(name: str) -> Any:
+def get_format(name: str) -> CheckpointFormat:
     """The format registered as ``name``; retired Megatron formats say what to use instead."""
     if name in RETIRED_FORMATS:
         raise CheckpointingException(

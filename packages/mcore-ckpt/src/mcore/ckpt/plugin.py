@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mcore.core import CliCommand, Config, ConfigErrors, Lazy, PluginRegistrar, hookimpl
+
+if TYPE_CHECKING:
+    from mcore.core.protocols import Checkpointer, TrainingRuntime
 
 # Formats Megatron-LM once offered that mcore does not carry, with what to use instead.
 RETIRED_FORMATS = {
@@ -59,7 +62,7 @@ def mcore_validate_config(config: Config, errors: ConfigErrors) -> None:
 
 
 @hookimpl
-def mcore_checkpointer(config: Config, runtime: Any) -> Any:
-    from mcore.ckpt.checkpointer import Checkpointer
+def mcore_checkpointer(config: Config, runtime: TrainingRuntime) -> Checkpointer:
+    from mcore.ckpt.checkpointer import Checkpointer as MCoreCheckpointer
 
-    return Checkpointer(config, runtime)
+    return MCoreCheckpointer(config, runtime)

@@ -621,8 +621,12 @@ def add_config_arguments(
                 metavar=_metavar(tp),
                 default=argparse.SUPPRESS,
                 help=help_text.replace("%", "%%"),
-                **({"nargs": "?", "const": "true"} if tp is bool else {}),
+                **(_BOOL_FLAG if tp is bool else {}),
             )
+
+
+# A bool flag given alone means true: `--train.fp16` as well as `--train.fp16 false`.
+_BOOL_FLAG: dict[str, Any] = {"nargs": "?", "const": "true"}
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, str]:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from mcore.core.config import Config, ConfigErrors
+    from mcore.core.protocols import Checkpointer, TrainingRuntime
     from mcore.core.registry import PluginRegistrar
     from mcore.core.training.trainer import Trainer
 
@@ -47,29 +48,32 @@ def mcore_validate_config(config: Config, errors: ConfigErrors) -> None:
 
 
 @hookspec(firstresult=True)
-def mcore_training_runtime(config: Config) -> Any:
+def mcore_training_runtime(config: Config) -> TrainingRuntime | None:
     """Provide the parallel runtime ``mcore train`` runs on, or ``None`` to leave it to others.
 
     The first non-``None`` result wins. mcore-parallel provides one built from the ``[parallel]``
-    section; a plugin with its own layout can return first. The object has ``parallel_state``
-    (with ``dp_rank``/``dp_size``), ``build(config, model_config, registries, *, initialize)
+    section; a plugin with its own layout can return first. The object implements
+    :class:`mcore.core.protocols.TrainingRuntime`: ``parallel_state`` (with
+    ``dp_rank``/``dp_size``), ``build(config, model_config, registries, *, initialize)
     -> (chunks, optimizer, scheduler)`` (``initialize=False``: a checkpoint is about to be
     loaded, so the model's weights need storage but no initial values),
     ``prepare_batch(batch) -> batch`` (this rank's part of a
     micro-batch), ``forward_backward(...)`` (Megatron's schedule arguments),
     ``finalize_grads(chunks)`` and ``reduce_loss(losses) -> float``; optionally
-    ``read_metrics(chunks) -> dict[str, float]``, which the loop calls on every rank at log
-    steps only (statistics gathered on the device since the last read).
+    ``read_metrics(chunks) -> dict[str, float]`` (:class:`mcore.core.protocols.ReadsMetrics`),
+    which the loop calls on every rank at log steps only (statistics gathered on the device
+    since the last read).
     """
 
 
 @hookspec(firstresult=True)
-def mcore_checkpointer(config: Config, runtime: Any) -> Any:
+def mcore_checkpointer(config: Config, runtime: TrainingRuntime) -> Checkpointer | None:
     """Provide what ``mcore train`` saves and resumes checkpoints with, or ``None``.
 
     The first non-``None`` result wins; mcore-ckpt provides one for the formats of the
     ``checkpoint_format`` registry. ``runtime`` is the run's training runtime (its
-    ``parallel_state`` names the layout). The object has:
+    ``parallel_state`` names the layout). The object implements
+    :class:`mcore.core.protocols.Checkpointer`:
 
     - ``resume_path() -> Path | None``: the checkpoint ``load`` will read, if any (asked
       before the model is built, so weights about to be loaded are not initialised);

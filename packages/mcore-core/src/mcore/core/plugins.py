@@ -115,13 +115,14 @@ class PluginManager:
         Its ``mcore_register`` hook runs at once; raises :class:`PluginError` if it fails, and
         then nothing of the plugin is kept.
         """
-        name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+        module: str | None = getattr(plugin, "__name__", None)
+        name = name or module or type(plugin).__name__
         if name in self.plugins:
             raise PluginError(
                 f"a plugin named {name!r} is already registered; unregister it first "
                 f"or choose another name"
             )
-        info = PluginInfo(name=name, module=getattr(plugin, "__name__", None))
+        info = PluginInfo(name=name, module=module)
         self.plugins[name] = info
         self._register(info, plugin)
         if not info.ok:

@@ -3,6 +3,11 @@
 Each kind (``router``, ``model``, ``checkpoint_format``, ...) has its own :class:`Registry`.
 Plugins add to them through a :class:`PluginRegistrar`, which records who added what so that
 ``mcore plugins`` can show it and a duplicate can name both claimants.
+
+A kind whose components have a typed interface names its ``typing.Protocol`` by import path
+(:attr:`Kind.protocol`), in the package that owns the kind: the core never imports it itself,
+so it stays free of the other mcore packages, and an entry missing a member of the protocol is
+refused with the members it lacks.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,18 +52,103 @@ class Kind:
     expects: str = "a callable (class or factory)"
     label: str = ""
     """How messages name one entry; defaults to the kind with spaces ("token dispatcher")."""
+    protocol: str = ""
+    """The ``typing.Protocol`` this kind's components satisfy, as ``"module:Name"`` in the
+    package that owns the kind; imported on first check (and not checked when that package is
+    not installed, since nothing could then use the components)."""
+    builds: bool = True
+    """Entries build the component (a class, or a factory called with the owning package's
+    arguments) rather than being it. A class must have the protocol's methods and class
+    variables; a factory's product is checked when :meth:`Registry.build` calls it."""
 
     def __post_init__(self) -> None:
         if not self.label:
             object.__setattr__(self, "label", self.name.replace("_", " "))
 
+    def missing_members(self, obj: Any) -> list[str]:
+        """The members of :attr:`protocol` that entry ``obj`` lacks (empty: it conforms)."""
+        protocol = _protocol(self.protocol) if self.protocol else None
+        if protocol is None:
+            return []
+        if self.builds and isinstance(obj, type):
+            return [m for m in _class_members(protocol) if not _class_has(obj, m)]
+        if self.builds and callable(obj) and not isinstance(obj, type):
+            return []  # a factory: what it builds is checked by Registry.build
+        return missing_members(protocol, obj)
+
+
+def missing_members(protocol: type, obj: object) -> list[str]:
+    """The members of ``protocol`` that object ``obj`` lacks (empty: it conforms)."""
+    return [m for m in _members(protocol) if not hasattr(obj, m)]
+
+
+@functools.cache
+def _protocol(target: str) -> type | None:
+    try:
+        return _import_target(target)
+    except McoreError:
+        return None  # the owning package is not installed: nothing can use the entries
+
+
+@functools.cache
+def _members(protocol: type) -> tuple[str, ...]:
+    """Public attributes and methods of ``protocol`` (and ``__call__``), its bases' included."""
+    names: dict[str, None] = {}
+    for base in reversed(protocol.__mro__):
+        if base is object or base.__module__ == "typing":
+            continue
+        for name in [*_annotations(base), *vars(base)]:
+            if not name.startswith("_") or name == "__call__":
+                names[name] = None
+    return tuple(names)
+
+
+@functools.cache
+def _class_members(protocol: type) -> tuple[str, ...]:
+    """The members of ``protocol`` that a class implementing it holds itself: methods and
+    ``ClassVar`` attributes (instance attributes appear only once it is built)."""
+    out = []
+    for name in _members(protocol):
+        owner = next(b for b in protocol.__mro__ if name in vars(b) or name in _annotations(b))
+        value = vars(owner).get(name)
+        method = inspect.isroutine(value) or isinstance(value, (classmethod, staticmethod))
+        annotation = str(_annotations(owner).get(name, ""))
+        if method or annotation.startswith(("ClassVar", "typing.ClassVar")):
+            out.append(name)
+    return tuple(out)
+
+
+def _annotations(cls: type) -> dict[str, Any]:
+    return vars(cls).get("__annotations__", {})
+
+
+def _class_has(cls: type, name: str) -> bool:
+    # Looked up in the class's own hierarchy, not through its metaclass (every class is
+    # callable through ``type.__call__``; its instances are only if the class defines one).
+    return any(name in vars(c) for c in inspect.getmro(cls))
+
 
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in [
-        Kind("router", "MoE routers: score tokens and pick experts", "mcore-moe"),
-        Kind("token_dispatcher", "MoE token dispatchers: move tokens to experts", "mcore-moe"),
-        Kind("flex_backend", "backends of the flex token dispatcher", "mcore-moe"),
+        Kind(
+            "router",
+            "MoE routers: score tokens and pick experts",
+            "mcore-moe",
+            protocol="mcore.moe.protocols:Router",
+        ),
+        Kind(
+            "token_dispatcher",
+            "MoE token dispatchers: move tokens to experts",
+            "mcore-moe",
+            protocol="mcore.moe.protocols:TokenDispatcher",
+        ),
+        Kind(
+            "flex_backend",
+            "backends of the flex token dispatcher",
+            "mcore-moe",
+            protocol="mcore.moe.protocols:FlexBackend",
+        ),
         Kind("mlp", "MLP blocks of a transformer layer", "mcore-models"),
         Kind("norm", "normalisation layers", "mcore-models"),
         Kind("attention", "attention modules of a transformer layer", "mcore-models"),
@@ -70,9 +161,22 @@ KINDS: dict[str, Kind] = {
         Kind("model", "model builders", "mcore-models"),
         Kind("attention_backend", "attention kernels", "mcore-models"),
         Kind("linear_backend", "linear layer implementations", "mcore-parallel"),
-        Kind("data_parallel", "data-parallel wrappers", "mcore-parallel"),
+        Kind(
+            "data_parallel",
+            "data-parallel wrappers",
+            "mcore-parallel",
+            protocol="mcore.parallel.protocols:DataParallelWrapper",
+        ),
         Kind("optimizer", "optimizer builders", "mcore-parallel"),
-        Kind("checkpoint_format", "checkpoint formats", "mcore-ckpt"),
+        Kind(
+            "checkpoint_format",
+            "checkpoint formats",
+            "mcore-ckpt",
+            check=lambda obj: obj is not None,
+            expects="a checkpoint format object",
+            protocol="mcore.ckpt.protocols:CheckpointFormat",
+            builds=False,
+        ),
         Kind(
             "hf_architecture",
             "Hugging Face architectures and their weight mappings",
@@ -83,8 +187,18 @@ KINDS: dict[str, Kind] = {
         ),
         Kind("dataset", "training datasets", "mcore-core"),
         Kind("tokenizer", "tokenizers", "mcore-core"),
-        Kind("rl_env", "RL environments", "megatron-rl"),
-        Kind("rl_agent", "RL agents", "megatron-rl"),
+        Kind(
+            "rl_env",
+            "RL environments",
+            "megatron-rl",
+            protocol="megatron_rl.envs.base:Environment",
+        ),
+        Kind(
+            "rl_agent",
+            "RL agents",
+            "megatron-rl",
+            protocol="megatron_rl.agents:Agent",
+        ),
         Kind(
             "cli_command",
             "sub-commands of the mcore CLI",
@@ -194,12 +308,11 @@ class Registry:
         self._missing_hint = missing_hint
 
     def add(self, component: Component) -> None:
-        """Add one entry; refuses a second claim on a name unless exactly one side overrides."""
-        if not isinstance(component.obj, Lazy) and not self.kind.check(component.obj):
-            raise McoreError(
-                f"plugin {component.plugin!r} registered {self.kind.name} {component.name!r} as "
-                f"{component.obj!r}, but a {self.kind.name} must be {self.kind.expects}"
-            )
+        """Add one entry; refuses an entry its kind does not accept (a :class:`Lazy` one is
+        checked when first resolved), and a second claim on a name unless exactly one side
+        overrides."""
+        if not isinstance(component.obj, Lazy):
+            self._check(component, component.obj)
         for other in self._entries:
             if other.name != component.name:
                 continue
@@ -233,9 +346,44 @@ class Registry:
         return overriding[-1] if overriding else found[-1]
 
     def get(self, name: str) -> Any:
-        """The object registered as ``name`` (a :class:`Lazy` entry is imported now)."""
-        obj = self.component(name).obj
-        return obj.resolve() if isinstance(obj, Lazy) else obj
+        """The object registered as ``name`` (a :class:`Lazy` entry is imported and checked
+        now)."""
+        component = self.component(name)
+        if not isinstance(component.obj, Lazy):
+            return component.obj
+        obj = component.obj.resolve()
+        self._check(component, obj)
+        return obj
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the entry ``name`` with the arguments the owning package documents and return
+        what it built, refused when it lacks a member of the kind's protocol."""
+        built = self.get(name)(*args, **kwargs)
+        protocol = _protocol(self.kind.protocol) if self.kind.protocol else None
+        missing = missing_members(protocol, built) if protocol is not None else []
+        if missing:
+            plugin = self.component(name).plugin
+            raise McoreError(
+                f"{self.kind.name} {name!r} of plugin {plugin!r} built a "
+                f"{type(built).__name__}, which lacks {_listed(missing)} of the "
+                f"{self.kind.label} protocol ({self.kind.protocol})"
+            )
+        return built
+
+    def _check(self, component: Component, obj: Any) -> None:
+        kind = self.kind
+        if not kind.check(obj):
+            raise McoreError(
+                f"plugin {component.plugin!r} registered {kind.name} {component.name!r} as "
+                f"{obj!r}, but a {kind.name} must be {kind.expects}"
+            )
+        missing = kind.missing_members(obj)
+        if missing:
+            raise McoreError(
+                f"plugin {component.plugin!r} registered {kind.name} {component.name!r} as "
+                f"{obj!r}, which lacks {_listed(missing)} of the {kind.label} protocol "
+                f"({kind.protocol}); implement them as its docstring says"
+            )
 
     def names(self) -> list[str]:
         """Every resolvable name, sorted."""
@@ -270,6 +418,10 @@ class Registry:
         if hint:
             msg += f" {hint}"
         return msg
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names)
 
 
 class Registries:

@@ -127,7 +127,7 @@ def run_ranks(
         # Modules torch imports lazily on first use (DTensor, sympy) take seconds each; import
         # them once here so forked ranks inherit them instead of each paying again.
         import torch.distributed.tensor  # noqa: F401
-    ctx = mp.get_context(method)
+    ctx: Any = mp.get_context(method)  # a concrete context (typed as the base, without Process)
     threads = _threads_per_rank(method, world_size)
     with tempfile.TemporaryDirectory(prefix="mcore-ranks-") as tmp:
         store = str(Path(tmp) / "store")
@@ -217,6 +217,7 @@ def served(command: list[str], *, shutdown_timeout_s: float = 60) -> Iterator[st
     ``mcore serve`` does) and yield the URL. On leaving, the server gets SIGINT and must exit
     cleanly; on an error it is killed. Fails with the server's stderr if it never prints."""
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stderr is not None  # both are pipes
     try:
         line = server.stdout.readline()
         if not line.startswith("mcore serve: http://"):

@@ -46,8 +46,10 @@ class Distiller:
         """Read the teacher, check it against the student, wrap ``chunks`` in place."""
         if len(chunks) != 1:
             raise McoreError("kd.teacher_load: distillation supports one model chunk per rank")
-        student = chunks[0]
-        teacher = load_teacher(trainer, kd)
+        # An mcore model of the ``model`` registry (``config``, ``layers``, ``post_process``,
+        # ...), typed loosely: any builder's model will do.
+        student: Any = chunks[0]
+        teacher: Any = load_teacher(trainer, kd)
         vocab, student_vocab = teacher.config.vocab_size, student.config.vocab_size
         if vocab != student_vocab:
             raise McoreError(
@@ -64,7 +66,7 @@ class Distiller:
         chunks[0] = DistillationStage(student, teacher, pairs if student.post_process else [])
         return distiller
 
-    def _add_projections(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    def _add_projections(self, student: Any, teacher: Any) -> None:
         """A learned ``student hidden -> teacher hidden`` map per pair, a student submodule
         (trained, reduced and saved with it: ``kd_projections.S_T.weight``)."""
         from mcore.parallel.grads import mark_tp_partial_grad
@@ -129,8 +131,8 @@ def _tp_mean(local: torch.Tensor, group: Any) -> torch.Tensor:
 
 def _check_pairs(
     pairs: list[tuple[int, int]],
-    student: torch.nn.Module,
-    teacher: torch.nn.Module,
+    student: Any,
+    teacher: Any,
     ps: Any,
 ) -> None:
     """Every pair names existing layers that sit on the last pipeline stage (all ranks learn
@@ -149,7 +151,7 @@ def _check_pairs(
         sorted(int(k) for k in student.layers) if student.post_process else None,
         sorted(int(k) for k in teacher.layers) if teacher.post_process else None,
     )
-    last = mine
+    last: Any = mine  # the last stage's (student, teacher) layer numbers
     if ps.pp_size > 1 and dist.is_initialized():
         stages: list[Any] = [None] * ps.pp_size
         dist.all_gather_object(stages, mine, group=ps.pp_group)

@@ -14,18 +14,23 @@ student's names unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 
 class DistillationStage(torch.nn.Module):
-    """``module`` (a student chunk) with ``teacher`` (the same stage of the teacher)."""
+    """``module`` (a student chunk) with ``teacher`` (the same stage of the teacher): mcore
+    models of the ``model`` registry (``config``, ``layers``, ``output_layer``,
+    ``set_input_tensor``, ...), typed loosely since any builder's model will do."""
+
+    module: Any
+    teacher: Any
 
     def __init__(
         self,
-        student: torch.nn.Module,
-        teacher: torch.nn.Module,
+        student: Any,
+        teacher: Any,
         pairs: list[tuple[int, int]] = (),  # type: ignore[assignment]
     ) -> None:
         super().__init__()
@@ -48,6 +53,7 @@ class DistillationStage(torch.nn.Module):
         """The previous stage's ``[student | teacher]`` hidden states, split between the two."""
         if isinstance(tensor, (list, tuple)):
             (tensor,) = tensor
+        tensor = cast("torch.Tensor | None", tensor)
         if tensor is None:
             self.module.set_input_tensor(None)
             self.teacher.set_input_tensor(None)

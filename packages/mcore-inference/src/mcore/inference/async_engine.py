@@ -215,6 +215,7 @@ class AsyncInferenceEngine:
             else:
                 future.set_result(result)
 
+        assert self._loop is not None  # start() runs before any command
         self._loop.call_soon_threadsafe(settle)
 
     def _run_commands(self) -> None:
@@ -279,4 +280,5 @@ class AsyncInferenceEngine:
                 if stream is not None:
                     stream.put_nowait(delta)
 
+        assert self._loop is not None  # start() runs before any step
         self._loop.call_soon_threadsafe(put)

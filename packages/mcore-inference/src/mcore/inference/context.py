@@ -238,6 +238,7 @@ class DynamicInferenceContext:
             return
         self._offloaded_states = None
         if offload and self.states is not None:
+            assert self.state_slots is not None  # states come with their slots
             used = torch.tensor(self.state_slots.in_use(), dtype=torch.long)
             index = used.to(self.device)
             self._offloaded_states = (
@@ -275,6 +276,7 @@ class DynamicInferenceContext:
             if saved is None:
                 continue
             used, copies = saved
+            assert tensors is not None  # allocate() made what was saved before
             index = used.to(self.device)
             for layer, host in copies.items():
                 for target, rows in zip(tensors[layer], host, strict=True):
@@ -283,6 +285,7 @@ class DynamicInferenceContext:
 
     def _zero_new_slots(self) -> None:
         """Zero the state slots handed out since the last step (one fill per tensor)."""
+        assert self.state_slots is not None and self.states is not None  # a hybrid model's
         slots = sorted(set(self.state_slots.take_to_zero()))
         if not slots:
             return

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -85,7 +86,7 @@ class CudaGraphRunner:
     ) -> None:
         if context.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the engine runs on {context.device}")
-        self.model = model
+        self.model: Any = model  # anything with forward_paged (see DynamicInferenceEngine)
         self.context = context
         self.shapes = sorted(shapes)
         self._graphs: dict[BatchDims, _Graph] = {}

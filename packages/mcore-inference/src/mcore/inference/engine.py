@@ -52,6 +52,7 @@ from mcore.inference.scheduler import Scheduler
 from mcore.inference.speculative import Speculator
 from mcore.inference.tokenizer import IncrementalDetokenizer, TextTokenizer
 from mcore.models.inference import prepare_for_inference
+from mcore.parallel.sharding import is_dtensor
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ class DynamicInferenceEngine:
             )
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
-        self.model = prepare_for_inference(model.to(self.device, self.dtype))
+        # A GPTModel, or anything with forward_paged and kv_cache_specs: typed loosely.
+        self.model: Any = prepare_for_inference(model.to(self.device, self.dtype))
         model_config = getattr(model, "config", None)
         longest = getattr(model_config, "max_position_embeddings", None)
         self.max_sequence_length = min(config.max_sequence_length, longest or 2**31)
@@ -407,10 +409,11 @@ class DynamicInferenceEngine:
             return []
         requests = [c.request for c in sampling]
         if self.stages is None:
+            assert logits is not None  # a whole model returns them
             sampled = self.sampler.sample(logits, requests)
-        else:  # the last stage samples; every stage records the same tokens
-            last = self.stages.last
-            sampled = self.stages.share(self.sampler.sample(logits, requests) if last else None)
+        else:  # the last stage samples (it alone has logits); every stage records the same
+            mine = self.sampler.sample(logits, requests) if logits is not None else None
+            sampled = self.stages.share(mine)
         deltas = []
         for i, request in enumerate(requests):
             self._append(
@@ -543,7 +546,7 @@ class DynamicInferenceEngine:
                 field="weights",
             )
         for name, value in state.items():
-            value = value.full_tensor() if hasattr(value, "full_tensor") else value
+            value = value.full_tensor() if is_dtensor(value) else value
             target = own[name]
             if tuple(value.shape) != tuple(target.shape):
                 raise InvalidRequestError(

@@ -153,7 +153,7 @@ class ExpertParallelEngine(DynamicInferenceEngine):
         try:
             dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         except Exception as exc:
-            raise self._lost(exc) from exc
+            raise self._lose(exc) from exc
         most, closed = both.tolist()
         self._closed = bool(closed)
         return most
@@ -168,7 +168,7 @@ class ExpertParallelEngine(DynamicInferenceEngine):
                 moe._routed(empty)
         self.empty_steps += 1
 
-    def _lost(self, exc: BaseException) -> ExpertGroupLostError:
+    def _lose(self, exc: BaseException) -> ExpertGroupLostError:
         ranks = dist.get_process_group_ranks(self.group)
         self._lost = ExpertGroupLostError(
             f"a rank of this expert-parallel group (global ranks {ranks}) is gone, and its "
@@ -185,5 +185,5 @@ class ExpertParallelEngine(DynamicInferenceEngine):
             yield
         except Exception as exc:
             if ReplicaEngine.world_broken(exc):
-                raise self._lost(exc) from exc
+                raise self._lose(exc) from exc
             raise

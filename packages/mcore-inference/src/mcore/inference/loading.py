@@ -143,7 +143,7 @@ def check_layout(
             f"inference.expert_model_parallel_size = {ep}, but the model has no experts "
             "(moe.num_experts is unset) to split over expert-parallel ranks"
         )
-    if ep > 1 and experts % ep:
+    if ep > 1 and experts and experts % ep:
         raise McoreError(
             f"inference.expert_model_parallel_size = {ep} does not divide the model's "
             f"moe.num_experts = {experts}"
@@ -265,6 +265,13 @@ def _checkpoint_tokenizer(folder: Path, config: Any) -> TextTokenizer:
     return CoreTextTokenizer(build_tokenizer(config))
 
 
+def _builds_format(entry: object) -> bool:
+    """Whether a ``checkpoint_format`` entry is a class or factory of the format rather than
+    the format itself."""
+    loads = hasattr(entry, "load_model") or hasattr(entry, "load")
+    return isinstance(entry, type) or (callable(entry) and not loads)
+
+
 def _load_with_format(
     folder: Path, common: dict[str, Any], model: torch.nn.Module, registries: Any
 ) -> None:
@@ -276,9 +283,8 @@ def _load_with_format(
             f"installed plugin provides it (known: {', '.join(formats.names()) or 'none'}). "
             "Install mcore-ckpt (pip install mcore-ckpt), which registers the checkpoint formats."
         )
-    fmt = formats.get(name)
-    loads = hasattr(fmt, "load_model") or hasattr(fmt, "load")
-    if isinstance(fmt, type) or (callable(fmt) and not loads):
+    fmt: Any = formats.get(name)
+    if _builds_format(fmt):
         fmt = fmt()  # a class or factory
     if callable(getattr(fmt, "load_model", None)):
         fmt.load_model(folder, model)

@@ -9,6 +9,7 @@ oneDNN: :mod:`mcore.inference.packed_linears`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ class ModelRunner:
         *,
         stages: PipelineStages | None = None,
     ) -> None:
-        self.model = model
+        self.model: Any = model  # anything with forward_paged (see DynamicInferenceEngine)
         self.context = context
         self.stages = stages
         """This rank's pipeline stage (None: the whole model here): hidden states come from
@@ -56,8 +57,9 @@ class ModelRunner:
         self.eager_steps = 0
 
     @torch.inference_mode()
-    def execute(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, list]:
-        """``(logits [S, vocab], chunks)``: one row per chunk that samples, in that order."""
+    def execute(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor | None, list]:
+        """``(logits [S, vocab], chunks)``: one row per chunk that samples, in that order
+        (``None`` logits on a pipeline stage before the last)."""
         dims = None
         if self.graphs is not None:
             decode = sum(1 for c in chunks if c.num_tokens == 1)
@@ -65,6 +67,7 @@ class ModelRunner:
             dims = self.graphs.pick(actual)
         batch = self.context.build_batch(chunks, dims)
         if dims is not None:
+            assert self.graphs is not None  # dims are the captured graphs' shapes
             logits = self.graphs.replay(dims, batch.paged)
             self.graph_steps += 1
         elif self.stages is not None:

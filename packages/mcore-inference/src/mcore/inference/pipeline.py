@@ -42,7 +42,7 @@ class PipelineStages:
         dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.group)
         return int(count.item())
 
-    def forward(self, model: torch.nn.Module, paged: Any) -> torch.Tensor | None:
+    def forward(self, model: Any, paged: Any) -> torch.Tensor | None:
         """Run this stage on the step's batch: receive the previous stage's hidden states,
         send ours on; the last stage returns the logits, the others None."""
         hidden = None

@@ -47,7 +47,7 @@ class RecurrentStateConfig:
         """The config of ``model``'s ``recurrent_state_specs()``; None when it has no
         sequence-mixer layers (or no such method)."""
         specs_of = getattr(model, "recurrent_state_specs", None)
-        specs = specs_of() if callable(specs_of) else None
+        specs: Any = specs_of() if callable(specs_of) else None
         if not specs:
             return None
         return cls(layers=dict(specs), num_slots=max_requests + 1, dtype=dtype)

@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -90,6 +90,7 @@ class ReplicaEngine(DynamicInferenceEngine):
         self._check_leader("add_request")
         rid = super().add_request(prompt, sampling_params, request_id=request_id)
         request = self.get_request(rid)
+        assert request is not None  # just queued
         self._journal.append(("add", request.prompt_token_ids, request.params, rid))
         return rid
 
@@ -251,7 +252,7 @@ def join_replica(
     from mcore.parallel import ParallelState
 
     cuda = device is not None and device.startswith("cuda")
-    if cuda:
+    if device is not None and cuda:
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group(
         "cpu:gloo,cuda:nccl" if cuda else "gloo",
@@ -260,5 +261,5 @@ def join_replica(
         world_size=tp * pp * ep,
         timeout=timedelta(seconds=timeout_s),
     )
-    group = dist.new_group(backend="gloo") if cuda else None
+    group = cast("dist.ProcessGroup", dist.new_group(backend="gloo")) if cuda else None
     return group, ParallelState(tp=tp, pp=pp, ep=ep, device_type="cuda" if cuda else "cpu")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from mcore.inference.errors import RequestId
 from mcore.inference.sampling import SamplingParams
@@ -222,7 +222,7 @@ class OutputCollector:
         """The request's output so far (complete once :attr:`finished`); a fresh copy."""
         last = self.last
         return RequestOutput(
-            request_id=self.request_id,
+            request_id=cast("RequestId", self.request_id),  # None only before any delta
             prompt_token_ids=list(self.prompt_token_ids or ()),
             token_ids=list(self.token_ids),
             logprobs=None if self.logprobs is None else list(self.logprobs),
@@ -298,6 +298,7 @@ class Request:
         self.all_token_ids.append(token)
         self.output_token_ids.append(token)
         if self.logprobs is not None:
+            assert logprob is not None  # sampled for every request that asks for logprobs
             self.logprobs.append(logprob)
         if self.top_logprobs is not None:
             self.top_logprobs.append(top or {})

@@ -187,6 +187,7 @@ class Sampler:
             all_logprobs = torch.log_softmax(logits, dim=-1)
             chosen = all_logprobs.gather(1, tokens[:, None])[:, 0].tolist()
             k = max(n or 0 for n in want)
+            values, ids = [], []
             if k:
                 values, ids = all_logprobs.topk(k, dim=-1)
                 values, ids = values.tolist(), ids.tolist()

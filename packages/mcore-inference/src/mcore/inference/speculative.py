@@ -82,7 +82,7 @@ class Speculator:
     here when ``inference.num_speculative_tokens > 0``)."""
 
     def __init__(self, model: torch.nn.Module, num_tokens: int) -> None:
-        mtp = getattr(model, "mtp", None)
+        mtp: Any = getattr(model, "mtp", None)
         depth = 0 if mtp is None else mtp.depth
         if depth == 0:
             raise InvalidRequestError(
@@ -98,6 +98,7 @@ class Speculator:
                 "per step",
                 field="num_speculative_tokens",
             )
+        assert mtp is not None  # depth > 0
         if any(m.mixer is not None for layer in mtp.layers for m in layer.block):
             raise InvalidRequestError(
                 "speculative decoding with MTP blocks that hold Mamba or gated-delta-net layers "
@@ -284,7 +285,7 @@ class Speculator:
     ) -> dict[int, tuple[int, dict[int, tuple[torch.Tensor, ...]]]] | None:
         """Copies of the state slots of requests verifying drafts (hybrid models only)."""
         context = engine.context
-        if context.states is None:
+        if context.states is None or context.state_slots is None:
             return None
         out = {}
         for chunk in chunks:
@@ -301,7 +302,9 @@ class Speculator:
         self, engine: DynamicInferenceEngine, snapshot: dict, request: Request
     ) -> None:
         slot, saved = snapshot[id(request)]
-        for layer, tensors in engine.context.states.items():
+        states = engine.context.states
+        assert states is not None  # the snapshot was of them
+        for layer, tensors in states.items():
             for target, value in zip(tensors, saved[layer], strict=True):
                 target[slot].copy_(value)
 

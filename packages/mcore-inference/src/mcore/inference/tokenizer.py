@@ -163,8 +163,9 @@ class HFTextTokenizer:
         eos = _ids(_read_json(self.path / "generation_config.json").get("eos_token_id"))
         if not eos:
             eos = _ids(_read_json(self.path / "config.json").get("eos_token_id"))
-        if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
-            eos.add(self._tok.token_to_id(self.eos_token))
+        eos_id = None if self.eos_token is None else self._tok.token_to_id(self.eos_token)
+        if eos_id is not None:
+            eos.add(eos_id)
         self.eos_token_ids = frozenset(eos)
         self.chat_template = self._chat_template(config)
 

@@ -103,7 +103,7 @@ class SelfAttention(torch.nn.Module):
         )
         self.q_layernorm = ctx.norm(d) if cfg.qk_layernorm else None
         self.k_layernorm = ctx.norm(d) if cfg.qk_layernorm else None
-        if cfg.qk_layernorm and ps.tp_size > 1:
+        if self.q_layernorm is not None and self.k_layernorm is not None and ps.tp_size > 1:
             # Shared over heads, but each TP rank only normalises its own heads.
             mark_tp_partial_grad(*self.q_layernorm.parameters(), *self.k_layernorm.parameters())
         self.core_attention = _CoreAttention(ctx)
@@ -143,7 +143,7 @@ class SelfAttention(torch.nn.Module):
             _heads_first(t, n)
             for t, n in ((q, self.local_heads), (k, self.local_groups), (v, self.local_groups))
         )
-        if self.q_layernorm is not None:
+        if self.q_layernorm is not None and self.k_layernorm is not None:  # both, or neither
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
@@ -168,7 +168,7 @@ class SelfAttention(torch.nn.Module):
             q, gate = q_gate.unflatten(1, (hq, 2)).unbind(2)
         else:
             q, k, v = heads.split([hq, hkv, hkv], dim=1)
-        if self.q_layernorm is not None:
+        if self.q_layernorm is not None and self.k_layernorm is not None:  # both, or neither
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary is not None:
             tables = paged.memo(("rotary", id(rotary[0])), lambda: rotary_rows(*rotary))
@@ -272,7 +272,7 @@ class MLASelfAttention(torch.nn.Module):
         return KVCacheSpec(heads=1, key_dim=width, value_dim=self.kv_lora_rank, values_in_keys=True)
 
     def _project_q(self, x: torch.Tensor) -> torch.Tensor:
-        if self.linear_q_down_proj is None:
+        if self.linear_q_down_proj is None or self.q_layernorm is None:  # both, or neither
             return self.linear_q_proj(x)
         latent_q = self.q_layernorm(self.linear_q_down_proj(x))
         if self.sequence_parallel:

@@ -69,13 +69,14 @@ class TEAttention:
     name = "te"
 
     def __init__(self, *, dropout: float = 0.0) -> None:
-        import transformer_engine.pytorch as te  # noqa: F401  (fails here when TE is absent)
+        # Fails here when Transformer Engine (the optional `te` extra) is absent.
+        import transformer_engine.pytorch as te  # noqa: F401  # pyright: ignore[reportMissingImports]
 
         self.dropout = dropout
         self._modules: dict[tuple, Any] = {}
 
     def __call__(self, q, k, v, *, softmax_scale, cp_group=None, training=False, attn_mask=None):
-        import transformer_engine.pytorch as te
+        import transformer_engine.pytorch as te  # pyright: ignore[reportMissingImports]
 
         if attn_mask is not None:
             raise NotImplementedError(

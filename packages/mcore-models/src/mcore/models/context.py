@@ -59,8 +59,9 @@ class ModelContext:
         return lambda t: torch.nn.init.normal_(t, mean=0.0, std=std)
 
     def build(self, kind: str, name: str, *args: Any, **kwargs: Any) -> Any:
-        """Build the ``kind`` component registered as ``name``."""
-        return self.registries.get(kind, name)(*args, **kwargs)
+        """Build the ``kind`` component registered as ``name`` (refused when it lacks a member
+        of the kind's protocol, e.g. :class:`mcore.moe.protocols.Router`)."""
+        return self.registries[kind].build(name, *args, **kwargs)
 
     def norm(self, size: int) -> torch.nn.Module:
         cfg = self.config

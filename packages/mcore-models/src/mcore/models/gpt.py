@@ -21,7 +21,7 @@ draws a full copy of a sharded tensor.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -31,7 +31,7 @@ from mcore.models.config import TransformerConfig
 from mcore.models.context import ModelContext
 from mcore.models.inference import KVCacheSpec, PagedBatch, RecurrentStateSpec
 from mcore.models.layer import LayerSpec, TransformerLayer, layer_specs, mtp_layer_specs
-from mcore.models.mtp import MultiTokenPrediction, mtp_targets
+from mcore.models.mtp import MultiTokenPrediction, MultiTokenPredictionLayer, mtp_targets
 from mcore.models.packing import PackedSeqParams
 from mcore.models.rope import RotaryEmbedding
 from mcore.parallel import (
@@ -52,6 +52,9 @@ from mcore.parallel import (
     vocab_parallel_cross_entropy,
 )
 from mcore.parallel.init import materialize, peek_seed, set_init
+
+if TYPE_CHECKING:
+    from mcore.core.config import Config
 
 
 class GPTModel(torch.nn.Module):
@@ -97,7 +100,7 @@ class GPTModel(torch.nn.Module):
         vp_stage: int | None = None,
         vp_size: int | None = None,
         init_seed: int | None = None,
-        sections: Mapping[str, Any] | None = None,
+        sections: Mapping[str, Any] | Config | None = None,
     ) -> None:
         super().__init__()
         device = torch.get_default_device()
@@ -122,7 +125,7 @@ class GPTModel(torch.nn.Module):
         registries: Any,
         vp_stage: int | None,
         vp_size: int | None,
-        sections: Mapping[str, Any] | None,
+        sections: Mapping[str, Any] | Config | None,
     ) -> None:
         """The modules of this stage, on the meta device (``__init__``'s arguments)."""
         if config.vocab_size is None:
@@ -166,7 +169,7 @@ class GPTModel(torch.nn.Module):
             )
             if not self.pre_process:
                 mark_shared_embedding(self.embedding.weight)
-                self.embedding.weight.checkpoint_key = "embedding.weight"
+                self.embedding.weight.checkpoint_key = "embedding.weight"  # pyright: ignore[reportAttributeAccessIssue]
         if self.pre_process and config.position_embedding_type == "learned_absolute":
             self.position_embeddings = torch.nn.Embedding(
                 config.max_position_embeddings, config.hidden_size
@@ -214,7 +217,7 @@ class GPTModel(torch.nn.Module):
             if copies_table:
                 mark_shared_embedding(self.output_layer.weight)
                 # The same tensor as the first stage's table: checkpoints store it once.
-                self.output_layer.weight.checkpoint_key = "embedding.weight"
+                self.output_layer.weight.checkpoint_key = "embedding.weight"  # pyright: ignore[reportAttributeAccessIssue]
         self.mtp = None
         if self.post_process and config.mtp_depth > 0:
             self.mtp = MultiTokenPrediction(
@@ -224,7 +227,7 @@ class GPTModel(torch.nn.Module):
             )
         # The first stage's table has a copy on the last stage (tied output layer, or MTP's).
         copied = self.tied_embeddings or config.mtp_depth > 0
-        if copied and self.pre_process and not self.post_process:
+        if copied and self.pre_process and not self.post_process and self.embedding is not None:
             mark_shared_embedding(self.embedding.weight)
         self.recompute_layers = config.recompute_granularity == "full"
 
@@ -246,7 +249,7 @@ class GPTModel(torch.nn.Module):
         stage without the embedding (a one-element list is accepted, as Megatron passes)."""
         if isinstance(input_tensor, (list, tuple)):
             (input_tensor,) = input_tensor
-        self.input_tensor = input_tensor
+        self.input_tensor = cast("torch.Tensor | None", input_tensor)
 
     def forward(
         self,
@@ -270,7 +273,7 @@ class GPTModel(torch.nn.Module):
         x, position_ids, mask = self._main_stack(input_ids, position_ids, packed_seq_params)
         if not self.post_process:
             return x
-        x = self.final_layernorm(x)
+        x = self._final_norm(x)
         if labels is None:
             return self._logits(x)
         loss = self._per_token_loss(x, labels)  # [s, b]
@@ -295,7 +298,7 @@ class GPTModel(torch.nn.Module):
             raise ValueError("mtp_logits needs a single-stage model (no pipeline parallelism)")
         x, position_ids, mask = self._main_stack(input_ids, position_ids, packed_seq_params)
         hidden = self._mtp_hidden(
-            self.final_layernorm(x), input_ids, position_ids, packed_seq_params, mask
+            self._final_norm(x), input_ids, position_ids, packed_seq_params, mask
         )
         return [self._logits(h) for h in hidden]
 
@@ -310,11 +313,29 @@ class GPTModel(torch.nn.Module):
         if not self.post_process:
             raise ValueError("vocab_parallel_logits: this chunk has no output layer")
         x, _, _ = self._main_stack(input_ids, position_ids, packed_seq_params)
-        return self.output_layer(self.final_layernorm(x), weight=self._output_weight())
+        return self._output(self._final_norm(x))
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's final norm of hidden states ``x``."""
+        assert self.final_layernorm is not None, "only the last pipeline stage has it"
+        return self.final_layernorm(x)
+
+    def _output_layer(self) -> ColumnParallelLinear:
+        assert self.output_layer is not None, "only the last pipeline stage has it"
+        return self.output_layer
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary shard of the logits of final-normed ``x``."""
+        return self._output_layer()(x, weight=self._output_weight())
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding of ``input_ids`` ``[s, b]`` (on chunks that hold the table)."""
+        assert self.embedding is not None, "only the first stage (and MTP's last) has it"
+        return self.embedding(input_ids)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Gathered logits ``[b, s, vocab]`` of final-normed hidden states ``[s, b, h]``."""
-        logits = self.output_layer(x, weight=self._output_weight())  # [s, b, vocab / tp]
+        logits = self._output(x)  # [s, b, vocab / tp]
         logits = gather_from_tensor_parallel_region(logits, self.parallel_state.tp_group)
         return logits.transpose(0, 1).contiguous()
 
@@ -323,7 +344,7 @@ class GPTModel(torch.nn.Module):
         the vocab-parallel logits (chunk by chunk with cross_entropy_loss_fusion, never whole;
         the MTP depths' losses come here too)."""
         if self.config.cross_entropy_loss_fusion:
-            layer, weight = self.output_layer, self._output_weight()
+            layer, weight = self._output_layer(), self._output_weight()
             return fused_linear_cross_entropy(
                 x,
                 layer.weight if weight is None else weight,
@@ -332,7 +353,7 @@ class GPTModel(torch.nn.Module):
                 sequence_parallel=layer.sequence_parallel,
                 chunk_tokens=self.config.cross_entropy_chunk_tokens,
             )
-        logits = self.output_layer(x, weight=self._output_weight())
+        logits = self._output(x)
         return vocab_parallel_cross_entropy(
             logits, labels.t(), tp_group=self.parallel_state.tp_group
         )
@@ -360,7 +381,8 @@ class GPTModel(torch.nn.Module):
                 "has multi-token-prediction depths (they embed the shifted tokens)"
             )
         if position_ids is None:
-            position_ids = self.default_positions(*input_ids.shape, input_ids.device)
+            b, s = input_ids.shape
+            position_ids = self.default_positions(b, s, input_ids.device)
         rotaries = {}
 
         def run_layer(k, layer, h):
@@ -368,8 +390,9 @@ class GPTModel(torch.nn.Module):
                 rotaries[k] = self.rotary(position_ids + k) if self.rotary is not None else None
             return self._run_layer(layer, h, rotaries[k], mask, packed_seq_params)
 
+        assert self.mtp is not None, "only a model with MTP depths has them"
         return self.mtp.hidden_states(
-            x, input_ids, lambda ids: self.embedding(ids.t()), run_layer, self._mtp_shift
+            x, input_ids, lambda ids: self._embed(ids.t()), run_layer, self._mtp_shift
         )
 
     def _mtp_shift(self, x: torch.Tensor, depth: int, fill: int | float = 0) -> torch.Tensor:
@@ -390,6 +413,7 @@ class GPTModel(torch.nn.Module):
             self._per_token_loss(h, self._mtp_shift(labels, k)).t()
             for k, h in enumerate(hidden, start=1)
         ]
+        assert self.mtp is not None, "only a model with MTP depths has them"
         return self.mtp.attach_loss(
             loss, depth_losses, labels, loss_mask, packed_seq_params, self._mtp_shift,
             counts=self._cp_mean_counts if self.parallel_state.cp_size > 1 else None,
@@ -417,7 +441,7 @@ class GPTModel(torch.nn.Module):
             b, s = input_ids.shape
             if position_ids is None:
                 position_ids = self.default_positions(b, s, input_ids.device)
-            x = self.embedding(input_ids.t())  # [s, b, h], or [s / tp, b, h] with SP
+            x = self._embed(input_ids.t())  # [s, b, h], or [s / tp, b, h] with SP
             if self.position_embeddings is not None:
                 pos = self.position_embeddings(position_ids.t())
                 if self.sequence_parallel:
@@ -449,7 +473,8 @@ class GPTModel(torch.nn.Module):
         specs = {}
         layers = list(self.layers.values())
         if mtp and self.mtp is not None:
-            layers += [m for depth in self.mtp.layers for m in depth.block]
+            depths = cast("list[MultiTokenPredictionLayer]", list(self.mtp.layers))
+            layers += [m for depth in depths for m in depth.block]
         for layer in layers:
             attention = layer.self_attention
             if attention is None:
@@ -466,9 +491,10 @@ class GPTModel(torch.nn.Module):
     def recurrent_state_specs(self) -> dict[int, RecurrentStateSpec]:
         """What each sequence-mixer layer (Mamba-2, gated delta net) keeps per request at
         inference, by layer number (other layers keep no recurrent state)."""
+        layers = cast("list[TransformerLayer]", list(self.layers.values()))
         return {
             layer.layer_number: layer.mixer.recurrent_state_spec()
-            for layer in self.layers.values()
+            for layer in layers
             if layer.mixer is not None
         }
 
@@ -500,10 +526,11 @@ class GPTModel(torch.nn.Module):
         batch.begin_forward()
         positions = batch.positions.unsqueeze(0)  # [1, T]
         if self.pre_process:
-            x = self.embedding(batch.input_ids.unsqueeze(1))  # [T, 1, h]
+            x = self._embed(batch.input_ids.unsqueeze(1))  # [T, 1, h]
             if self.position_embeddings is not None:
                 x = x + self.position_embeddings(positions.t())
         else:
+            assert hidden_states is not None  # checked above
             x = hidden_states
         rotary = self.rotary(positions) if self.rotary is not None else None
         for layer in self.layers.values():
@@ -511,13 +538,13 @@ class GPTModel(torch.nn.Module):
         if not self.post_process:
             return x
         if return_hidden:
-            normed = self.final_layernorm(x)
+            normed = self._final_norm(x)
             return self._paged_logits(normed[batch.logits_rows]), normed
-        return self._paged_logits(self.final_layernorm(x[batch.logits_rows]))
+        return self._paged_logits(self._final_norm(x[batch.logits_rows]))
 
     def _paged_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Gathered logits ``[R, vocab]`` of final-normed rows ``[R, 1, h]``."""
-        logits = self.output_layer(x, weight=self._output_weight())
+        logits = self._output(x)
         logits = gather_from_tensor_parallel_region(logits, self.parallel_state.tp_group)
         return logits[:, 0]
 
@@ -541,7 +568,7 @@ class GPTModel(torch.nn.Module):
             )
         if new_batch:
             batch.begin_forward()
-        x = self.embedding(batch.input_ids.unsqueeze(1))  # [T, 1, h]
+        x = self._embed(batch.input_ids.unsqueeze(1))  # [T, 1, h]
         # Depth k sits at the positions of the tokens it embeds (t + k), as in training.
         positions = (batch.positions + depth).unsqueeze(0)
         rotary = self.rotary(positions) if self.rotary is not None else None

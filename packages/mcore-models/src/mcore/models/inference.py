@@ -336,6 +336,8 @@ def paged_attention(
     """
     num_tokens, heads = q.shape[0], q.shape[1]
     dv = value_dim if value_cache is None else value_cache.shape[-1]
+    if dv is None:
+        raise ValueError("paged_attention: without a value_cache, give value_dim")
 
     def keys_values(tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys = _gather(key_cache, tables)
@@ -344,7 +346,7 @@ def paged_attention(
 
     nd = batch.num_decode
     decoded = _decode_attention(q[:nd], batch, keys_values, softmax_scale, dv) if nd else None
-    if nd == num_tokens:
+    if nd == num_tokens and decoded is not None:
         return decoded  # a decode-only step: nothing else to place
     out = q.new_zeros(num_tokens + 1, heads, dv)  # the last row catches padded prefill queries
     if decoded is not None:

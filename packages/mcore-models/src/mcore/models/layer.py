@@ -13,9 +13,9 @@ section picks ``moe`` for its MoE layers).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,7 @@ def gpt_layer_spec(
         choose = getattr(section, "mlp_for_layer", None)
         chosen = choose(layer_number) if callable(choose) else None
         if chosen is not None:
-            mlp = chosen
+            mlp = cast("str", chosen)
     return LayerSpec(attention=_attention_name(config), mlp=mlp)
 
 
@@ -78,7 +78,7 @@ def mlp_layer_spec(config: TransformerConfig) -> LayerSpec:
 
 def layer_specs(
     config: TransformerConfig,
-    layer_numbers: list[int],
+    layer_numbers: Sequence[int],
     *,
     sections: Mapping[str, Any] | None = None,
     registries: Any = None,
@@ -163,11 +163,13 @@ class TransformerLayer(torch.nn.Module):
         ``attn_mask``: packed sequences' block-diagonal causal mask (``mcore.models.packing``);
         ``packed_seq_params``: the same packing, for a sequence mixer."""
         if self.mixer is not None:
+            assert self.input_layernorm is not None  # built with the mixer
             h = self.mixer(
                 self.input_layernorm(x), paged=paged, packed_seq_params=packed_seq_params
             )
             x = x + F.dropout(h, self.dropout, self.training)
         if self.self_attention is not None:
+            assert self.input_layernorm is not None  # built with the attention
             normed = self.input_layernorm(x)
             if paged is not None:
                 h = self.self_attention(normed, rotary, paged=paged)
@@ -177,6 +179,7 @@ class TransformerLayer(torch.nn.Module):
                 h = self.self_attention(normed, rotary)
             x = x + F.dropout(h, self.dropout, self.training)
         if self.mlp is not None:
+            assert self.pre_mlp_layernorm is not None  # built with the MLP
             h = self.mlp(self.pre_mlp_layernorm(x))
             x = x + F.dropout(h, self.dropout, self.training)
         return x

@@ -89,7 +89,7 @@ class MultiTokenPredictionLayer(torch.nn.Module):
         self,
         embedded: torch.Tensor,
         hidden: torch.Tensor,
-        run_layer: Callable[[TransformerLayer, torch.Tensor], torch.Tensor],
+        run_layer: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """``embedded`` (the shifted tokens) and ``hidden`` (the previous depth's) ``[s, b, h]``
         → this depth's final-normed hidden states ``[s, b, h]``."""

@@ -17,6 +17,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: TransformerConfig) -> torch.Te
     # Long wavelengths are slowed by the factor, short ones kept, and the band between is blended.
     factor = cfg.rope_scaling_factor
     old_len = cfg.rope_original_max_position_embeddings
+    assert old_len is not None, "validated with rope_scaling"
     low_wavelen = old_len / cfg.rope_low_freq_factor
     high_wavelen = old_len / cfg.rope_high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -37,6 +38,7 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 def _yarn_inv_freq(dim: int, cfg: TransformerConfig) -> tuple[torch.Tensor, float]:
     base, factor = cfg.rotary_base, cfg.rope_scaling_factor
     old_len = cfg.rope_original_max_position_embeddings
+    assert old_len is not None, "validated with rope_scaling"
 
     def correction_dim(rotations: float) -> float:
         # The dimension index whose wavelength fits ``rotations`` times into the old context.
@@ -78,6 +80,8 @@ def rope_frequencies(dim: int, cfg: TransformerConfig) -> tuple[torch.Tensor, fl
 
 class RotaryEmbedding(torch.nn.Module):
     """Computes cos and sin tables for the given positions; holds no trainable state."""
+
+    inv_freq: torch.Tensor  # a buffer
 
     def __init__(self, dim: int, config: TransformerConfig) -> None:
         super().__init__()

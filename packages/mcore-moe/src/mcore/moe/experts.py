@@ -13,7 +13,7 @@ each fills only its experts' shards from counter-based tiles (:mod:`mcore.parall
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -160,11 +160,11 @@ class GroupedMLP(torch.nn.Module):
         (checkpoints): its experts along dim 0 (EP), its ETP block of each along fc1's rows
         (gate and up halves split alike) or fc2's columns."""
         if name == "linear_fc1.weight":
-            shape = tuple(self.linear_fc1.weight.shape)
+            shape = tuple(self.get_parameter(name).shape)
             halves = [shape[1] // 2] * 2 if self.gated else None
             return Layout.split(shape, {0: (*self._ep, None), 1: (*self._etp, halves)})
         if name == "linear_fc2.weight":
-            shape = tuple(self.linear_fc2.weight.shape)
+            shape = tuple(self.get_parameter(name).shape)
             return Layout.split(shape, {0: (*self._ep, None), 2: (*self._etp, None)})
         return None
 
@@ -179,7 +179,9 @@ class GroupedMLP(torch.nn.Module):
     ) -> torch.Tensor:
         """``[rows, hidden]`` expert by expert -> ``[rows, hidden]`` (partial under ETP)."""
         linear = grouped_linear if self.grouped else _looped_linear
-        w1, w2 = self.linear_fc1.weight, self.linear_fc2.weight
+        # Bare modules holding the stacked weights (typed as submodules by torch).
+        w1 = cast("torch.Tensor", self.linear_fc1.weight)
+        w2 = cast("torch.Tensor", self.linear_fc2.weight)
         h = linear(x, w1.to(x.dtype), tokens_per_expert)
         if self.gated:
             h = swiglu(h)

@@ -564,6 +564,7 @@ def _deepseek_hf(cfg: TransformerConfig, sections: Sections) -> dict[str, Any]:
         },
         name,
     )
+    assert shared is not None  # refused above otherwise
     rope = rope_to_hf(cfg)
     return {
         "architectures": [name],

@@ -39,6 +39,7 @@ from mcore.moe.routing import (
 )
 
 if TYPE_CHECKING:
+    from mcore.moe.protocols import Router, TokenDispatcher
     from mcore.parallel import ParallelState
 
 
@@ -73,9 +74,11 @@ class MoELayer(torch.nn.Module):
         self.num_experts = moe.num_experts
         nl = moe.num_experts // ps.ep_size
         local = list(range(ps.ep_rank * nl, (ps.ep_rank + 1) * nl))
-        self.router = ctx.build("router", moe.router_type, ctx, moe, layer_number=self.layer_number)
+        self.router: Router = ctx.build(
+            "router", moe.router_type, ctx, moe, layer_number=self.layer_number
+        )
         self.experts = GroupedMLP(ctx, moe, num_local_experts=nl)
-        self.dispatcher = ctx.build(
+        self.dispatcher: TokenDispatcher = ctx.build(
             "token_dispatcher",
             moe.token_dispatcher_type,
             ctx,

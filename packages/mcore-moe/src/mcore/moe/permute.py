@@ -19,6 +19,7 @@ which runs row by row on the CPU).
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -30,6 +31,30 @@ def tokens_per_expert(routing_map: Tensor) -> Tensor:
     """``[E]`` int64: how many tokens each expert gets: the row count of its block."""
     _check_routing_map(routing_map)
     return routing_map.sum(dim=0, dtype=torch.int64)
+
+
+@overload
+def permute(
+    tokens: Tensor,
+    routing_map: Tensor,
+    probs: Tensor,
+    *,
+    num_out_tokens: int | None = None,
+    fused: bool = False,
+    topk: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+@overload
+def permute(
+    tokens: Tensor,
+    routing_map: Tensor,
+    probs: None = None,
+    *,
+    num_out_tokens: int | None = None,
+    fused: bool = False,
+    topk: int | None = None,
+) -> tuple[Tensor, None, Tensor]: ...
 
 
 def permute(
@@ -123,6 +148,28 @@ def unpermute(
         rows = rows * probs.to(acc_dtype).unsqueeze(1)
     out = rows.new_zeros(num_tokens, permuted.shape[1]).index_add(0, sorted_indices, rows)
     return out.to(permuted.dtype)
+
+
+@overload
+def sort_chunks_by_index(
+    x: Tensor,
+    split_sizes: Tensor | list[int],
+    order: list[int] | Tensor,
+    *,
+    probs: Tensor,
+    fused: bool = False,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def sort_chunks_by_index(
+    x: Tensor,
+    split_sizes: Tensor | list[int],
+    order: list[int] | Tensor,
+    *,
+    probs: None = None,
+    fused: bool = False,
+) -> tuple[Tensor, None]: ...
 
 
 def sort_chunks_by_index(

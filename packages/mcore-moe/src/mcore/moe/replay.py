@@ -54,9 +54,9 @@ class RouterReplay:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.slots: dict[str, ReplaySlot] = {
-            name: module.replay
+            name: slot
             for name, module in model.named_modules()
-            if isinstance(getattr(module, "replay", None), ReplaySlot)
+            if isinstance(slot := getattr(module, "replay", None), ReplaySlot)
         }
         if not self.slots:
             raise ValueError("router replay: the model has no MoE layers")

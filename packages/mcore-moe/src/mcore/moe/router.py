@@ -47,10 +47,13 @@ class RouterOutput:
 
 
 class Router(torch.nn.Module):
-    """Base class of routers: holds the config; subclasses implement ``forward``."""
+    """Base class of routers: holds the config; subclasses implement ``forward`` (the
+    :class:`mcore.moe.protocols.Router` protocol)."""
 
     def __init__(self, ctx: ModelContext, moe: MoEConfig, *, layer_number: int) -> None:
         super().__init__()
+        if moe.num_experts is None:
+            raise ValueError("a router needs moe.num_experts to be set")
         self.moe = moe
         self.layer_number = layer_number
         self.num_experts = moe.num_experts
@@ -81,6 +84,8 @@ class TopKRouter(Router):
     its own (see :class:`FusedTopKRouting`).
     """
 
+    expert_bias: torch.Tensor | None  # a buffer, or None without router_enable_expert_bias
+
     def __init__(self, ctx: ModelContext, moe: MoEConfig, *, layer_number: int) -> None:
         super().__init__(ctx, moe, layer_number=layer_number)
         self.routing = FusedTopKRouting(moe)
@@ -101,8 +106,9 @@ class TopKRouter(Router):
         # Casting the model to bf16 must leave the bias in fp32: it accumulates tiny updates.
         bias = self.expert_bias
         out = super()._apply(fn, recurse)
-        if bias is not None and self.expert_bias.dtype != torch.float32:
-            self._buffers["expert_bias"] = bias.to(self.expert_bias.device)
+        applied = self.expert_bias
+        if bias is not None and applied is not None and applied.dtype != torch.float32:
+            self._buffers["expert_bias"] = bias.to(applied.device)
         return out
 
     def forward(
@@ -124,6 +130,12 @@ class TopKRouter(Router):
         )
 
 
+RoutedTensors = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor
+]
+"""What :func:`fused_topk_routing` returns (``scores`` is the only one that may be None)."""
+
+
 class FusedTopKRouting(torch.nn.Module):
     """:func:`fused_topk_routing` as a module (no parameters), so that ``train.compile``
     compiles it as one region: its elementwise and small reductions over ``[tokens, experts]``
@@ -143,7 +155,7 @@ class FusedTopKRouting(torch.nn.Module):
         logits: torch.Tensor,
         expert_bias: torch.Tensor | None = None,
         replay_indices: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> RoutedTensors:
         return fused_topk_routing(logits, self.moe, expert_bias, replay_indices)
 
 
@@ -152,13 +164,14 @@ def fused_topk_routing(
     moe: MoEConfig,
     expert_bias: torch.Tensor | None = None,
     replay_indices: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, ...]:
+) -> RoutedTensors:
     """Top-k routing of ``logits`` and all the MoE layer needs of it, as one pure function:
     ``(probs [T, k], indices [T, k], scores [T, E], dense_probs [T, E], routing_map [T, E],
     tokens_per_expert [E])``, the first three as :func:`topk_routing` gives them, the dense
     probabilities and routing map as :func:`~mcore.moe.routing.routing_map_from_topk` builds
     them, and the token count per expert (the load-balancing loss's statistics)."""
     routed = topk_routing(logits, moe, expert_bias, replay_indices)
+    assert moe.num_experts is not None  # a router's [moe] section always sets it
     dense, routing_map = routing_map_from_topk(routed.probs, routed.indices, moe.num_experts)
     counts = routing_map.sum(dim=0)
     return routed.probs, routed.indices, routed.scores, dense, routing_map, counts
@@ -182,6 +195,7 @@ def topk_routing(
     if expert_bias is not None:
         choice = choice + expert_bias
     if moe.router_num_groups is not None:
+        assert moe.router_group_topk is not None, "validated with router_num_groups"
         choice = _mask_to_top_groups(choice, moe.router_num_groups, moe.router_group_topk)
     if replay_indices is not None:
         if replay_indices.shape != (logits.shape[0], k):

@@ -49,6 +49,7 @@ def max_routes(num_tokens: int, num_experts: int, moe: MoEConfig) -> int:
     rows = num_tokens * min(moe.router_topk, num_experts)
     factor = moe.expert_capacity_factor
     if factor is not None and moe.pad_expert_input_to_capacity:
+        assert moe.num_experts is not None  # an MoE layer's [moe] section always sets it
         capacity = expert_capacity(num_tokens, moe.router_topk, moe.num_experts, factor)
         rows = max(rows, num_experts * min(capacity, num_tokens))
     if moe.padding_alignment is not None:

@@ -55,7 +55,8 @@ def _compile(module: torch.nn.Module, backend: str, failed: set[type]) -> None:
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
             return compiled(*args, **kwargs)
-        except torch._dynamo.exc.TorchDynamoException as exc:
+        # torch.compile imported torch._dynamo, which imports its exc submodule
+        except torch._dynamo.exc.TorchDynamoException as exc:  # pyright: ignore[reportAttributeAccessIssue]
             module._compiled_call_impl = None  # eager from now on
             if type(module) not in failed:
                 failed.add(type(module))

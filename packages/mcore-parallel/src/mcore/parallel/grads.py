@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 
-def mark_tp_partial_grad(*params: torch.nn.Parameter) -> None:
+def mark_tp_partial_grad(*params: torch.Tensor) -> None:
     """Mark replicated parameters whose gradient each TP rank only sees part of (norms under
     sequence parallelism, qk-norm over a rank's heads); :func:`reduce_tp_partial_grads` sums them.
     """
     for p in params:
-        p.reduce_grad_over_tp = True
+        p.reduce_grad_over_tp = True  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def reduce_tp_partial_grads(module: torch.nn.Module, tp_group: Any) -> None:
@@ -43,12 +43,12 @@ def reduce_tp_partial_grads(module: torch.nn.Module, tp_group: Any) -> None:
         offset += g.numel()
 
 
-def mark_expert_parallel(*params: torch.nn.Parameter) -> None:
+def mark_expert_parallel(*params: torch.Tensor) -> None:
     """Mark parameters of experts, which differ across expert-parallel ranks: their gradients
     are reduced over the expert-data-parallel group (``edp``) instead of ``dp_cp``, and each
     expert-parallel rank counts its own in the gradient norm."""
     for p in params:
-        p.expert_parallel = True
+        p.expert_parallel = True  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def is_expert_parallel(param: torch.nn.Parameter) -> bool:

@@ -26,7 +26,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -71,7 +71,10 @@ def as_init(method: Init | Callable[[torch.Tensor], Any]) -> Init:
     return method if isinstance(method, Init) else Init(method)
 
 
-def set_init(tensor: torch.Tensor, method: Init | Callable[[torch.Tensor], Any]) -> torch.Tensor:
+_T = TypeVar("_T", bound=torch.Tensor)
+
+
+def set_init(tensor: _T, method: Init | Callable[[torch.Tensor], Any]) -> _T:
     """Record how ``tensor`` (a parameter or buffer) is initialised; returns it."""
     setattr(tensor, INIT_ATTR, as_init(method))
     return tensor
@@ -244,7 +247,9 @@ def _allocate(module: nn.Module, device: torch.device) -> list[torch.Tensor]:
     fresh: list[torch.Tensor] = []
     replaced: dict[int, torch.Tensor] = {}  # a tensor registered in two places stays one
     for sub in module.modules():
-        for table in (sub._parameters, sub._buffers):
+        # Parameters and buffers alike: the tables' value types differ, the handling does not.
+        tables = cast("tuple[dict[str, Any], ...]", (sub._parameters, sub._buffers))
+        for table in tables:
             for name, t in table.items():
                 if t is None or not t.is_meta:
                     continue
@@ -255,7 +260,7 @@ def _allocate(module: nn.Module, device: torch.device) -> list[torch.Tensor]:
                         new = nn.Parameter(data, requires_grad=t.requires_grad)
                     else:
                         new = data
-                    new.__dict__.update(t.__dict__)
+                    vars(new).update(vars(t))
                     replaced[id(t)] = new
                     fresh.append(new)
                 table[name] = new
@@ -316,7 +321,8 @@ def materialize(
 
 
 def _mark_done(tensor: torch.Tensor) -> None:
-    tensor._mcore_initialized = True  # private: wrappers that copy attributes do not carry it
+    # private: wrappers that copy attributes do not carry it
+    tensor._mcore_initialized = True  # pyright: ignore[reportAttributeAccessIssue]
     if getattr(tensor, INIT_PENDING, False):
         setattr(tensor, INIT_PENDING, False)
 

@@ -3,11 +3,14 @@ the ``mcore plan`` command."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mcore.core import CliCommand, Lazy, PluginRegistrar, hookimpl
+from mcore.core import CliCommand, Config, Lazy, PluginRegistrar, hookimpl
 from mcore.parallel.config import ParallelConfig
 from mcore.parallel.distributed.config import DDPConfig
+
+if TYPE_CHECKING:
+    from mcore.core.protocols import TrainingRuntime
 
 
 @hookimpl
@@ -45,7 +48,7 @@ def _plan_run(args: Any) -> int:
 
 
 @hookimpl
-def mcore_training_runtime(config: Any) -> Any:
+def mcore_training_runtime(config: Config) -> TrainingRuntime:
     from mcore.parallel.training import MeshTrainingRuntime
 
     return MeshTrainingRuntime(config)

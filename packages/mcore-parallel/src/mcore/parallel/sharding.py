@@ -28,14 +28,18 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
 Shape = tuple[int, ...]
 
 
-def is_dtensor(tensor: object) -> bool:
+def is_dtensor(tensor: object) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a ``DTensor``, without importing ``torch.distributed.tensor``
     (seconds of start-up): when nothing imported it, no tensor can be one."""
     module = sys.modules.get("torch.distributed.tensor")
@@ -169,7 +173,8 @@ def held_region(tensor: torch.Tensor) -> tuple[torch.Tensor, Shape]:
     offset, or the whole tensor."""
     if is_dtensor(tensor):
         (chunk,) = tensor.__create_chunk_list__()
-        local = tensor.detach().to_local()  # untracked: loading writes into it in place
+        # untracked: loading writes into it in place
+        local = cast("DTensor", tensor.detach()).to_local()
         return local.view(tuple(chunk.sizes)), tuple(chunk.offsets)
     return tensor, (0,) * tensor.dim()
 

@@ -16,7 +16,7 @@ and every group ``None``, which layers read as "no communication".
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -186,14 +186,15 @@ class ParallelState:
         members = layout.permute(0, 3, 1, 2).reshape(pp * tp, dp * cp).tolist()
         dp_cp_group, _ = dist.new_subgroups_by_enumeration(members, group_desc="dp_cp")
         (mine,) = [m for m in members if self.rank in m]
-        self._set_dim("dp_cp", dp * cp, mine.index(self.rank), dp_cp_group)
+        # Every rank is in one of the groups: it gets a group, never the non-member value.
+        self._set_dim("dp_cp", dp * cp, mine.index(self.rank), cast("ProcessGroup", dp_cp_group))
         # ep_etp: the ranks that hold the different experts and expert shards of one replica,
         # over which the allgather dispatcher gathers tokens.
         edp, ep, etp = (sizes[d] for d in ("edp", "ep", "etp"))
         members = torch.arange(world).view(pp * edp, ep * etp).tolist()
         ep_etp_group, _ = dist.new_subgroups_by_enumeration(members, group_desc="ep_etp")
         (mine,) = [m for m in members if self.rank in m]
-        self._set_dim("ep_etp", ep * etp, mine.index(self.rank), ep_etp_group)
+        self._set_dim("ep_etp", ep * etp, mine.index(self.rank), cast("ProcessGroup", ep_etp_group))
 
     def _set_dim(self, dim: str, size: int, rank: int, group: ProcessGroup | None) -> None:
         setattr(self, f"{dim}_size", size)

@@ -8,7 +8,7 @@ hook, which this package implements with :class:`MeshTrainingRuntime`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -19,11 +19,13 @@ from mcore.parallel.context_parallel import split_for_context_parallel
 from mcore.parallel.init import materialize, peek_seed
 from mcore.parallel.optimizer.scheduler import build_lr_scheduler
 from mcore.parallel.pipeline import allreduce_embedding_grads, get_forward_backward_func
+from mcore.parallel.protocols import data_parallel_builder
 from mcore.parallel.state import ParallelState
 
 
 class MeshTrainingRuntime:
-    """Training on a ``ParallelState`` mesh: TP, SP, CP, PP (1F1B or interleaved), DP."""
+    """Training on a ``ParallelState`` mesh: TP, SP, CP, PP (1F1B or interleaved), DP; the
+    :class:`mcore.core.protocols.TrainingRuntime` of ``mcore train`` and ``mcore rl``."""
 
     def __init__(self, config: Any) -> None:
         self.parallel_state = ParallelState.from_config(config.parallel)
@@ -62,7 +64,7 @@ class MeshTrainingRuntime:
         # Mixed precision is the data-parallel wrapper's to apply (train.bf16 / train.fp16):
         # DDP casts the model and the optimizer keeps fp32 main weights; a fully sharded
         # wrapper keeps the fp32 weights as its shards and computes on low-precision copies.
-        wrap = registries.get("data_parallel", config.train.data_parallel)
+        wrap = data_parallel_builder(registries, config.train.data_parallel)
         seed = peek_seed()
         chunks = build_meta_chunks(config, model_config, registries, ps)
         if on_model is not None:
@@ -76,7 +78,7 @@ class MeshTrainingRuntime:
             chunks = [chunk.to(self.device) for chunk in chunks]
         if self.vp_size is None:
             self._wrapped = wrap(chunks[0], ps, config)
-            chunks = [self._wrapped]
+            chunks = [cast("torch.nn.Module", self._wrapped)]  # wrappers are modules
         else:
             # One data-parallel wrapper over all of this rank's chunks, so one optimizer steps
             # them; the schedule runs the chunks themselves, all micro-batches under no_sync,
@@ -138,7 +140,9 @@ class MeshTrainingRuntime:
         when any module reports statistics, all-reduces them once over the world; the training
         step itself reads nothing back.
         """
-        modules = [m for c in chunks for m in c.modules() if hasattr(type(m), "read_statistics")]
+        modules: list[Any] = [
+            m for c in chunks for m in c.modules() if hasattr(type(m), "read_statistics")
+        ]
         names = self._statistic_names(modules)
         if not names:
             return {}
@@ -162,7 +166,7 @@ class MeshTrainingRuntime:
         rows = packed.tolist()  # the one host read
         return {name: s / c for name, (s, c) in zip(names, rows, strict=True) if c}
 
-    def _statistic_names(self, modules: list[torch.nn.Module]) -> list[str]:
+    def _statistic_names(self, modules: list[Any]) -> list[str]:
         """The names every rank's :meth:`read_metrics` packs, fixed at the first read: those the
         modules declare. Pipeline stages hold other layers, so with ``pp > 1`` the stages
         exchange their names once; otherwise every rank holds the same modules and nothing is
@@ -177,7 +181,9 @@ class MeshTrainingRuntime:
             self._metric_names = sorted(names)
         return self._metric_names
 
-    def _modules_with(self, attribute: str) -> list[torch.nn.Module]:
+    def _modules_with(self, attribute: str) -> list[Any]:
+        """This rank's modules whose class has ``attribute`` (a per-step hook, see
+        :meth:`forward_backward` and :meth:`finalize_grads`)."""
         found = []
         for chunk in self._chunks:
             found += [m for m in chunk.modules() if hasattr(type(m), attribute)]

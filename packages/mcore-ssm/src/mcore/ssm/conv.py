@@ -7,8 +7,36 @@ where the previous one stopped; packed training rows (``seq_idx``) never mix two
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 import torch.nn.functional as F
+
+
+@overload
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    return_final_state: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    return_final_state: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def causal_conv1d(

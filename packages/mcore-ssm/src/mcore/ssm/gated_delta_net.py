@@ -201,6 +201,7 @@ class GatedDeltaNet(torch.nn.Module):
         nd = paged.num_decode
         if nd:
             slots = paged.decode_state_slots
+            assert slots is not None  # a batch over recurrent state carries its slots
             conv = conv_states.index_select(0, slots)
             state = states.index_select(0, slots)
             mixed = causal_conv1d_step(qkv[:nd], conv, weight, None)
@@ -213,6 +214,7 @@ class GatedDeltaNet(torch.nn.Module):
         if paged.num_prefill:
             rows, valid = paged.prefill_query_rows, paged.prefill_rows_valid()
             slots = paged.prefill_state_slots
+            assert slots is not None  # a batch over recurrent state carries its slots
 
             def pad(t: torch.Tensor) -> torch.Tensor:
                 return torch.cat([t, t.new_zeros(1, *t.shape[1:])])[rows]

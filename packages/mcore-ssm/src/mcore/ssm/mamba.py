@@ -66,10 +66,10 @@ def check_tp_divisible(ctx: ModelContext, **sizes: int) -> None:
             )
 
 
-def mark_tensor_parallel(*params: torch.nn.Parameter) -> None:
+def mark_tensor_parallel(*params: torch.Tensor) -> None:
     """Megatron's marking: these parameters are split over TP (clipping counts each share)."""
     for p in params:
-        p.tensor_model_parallel = True
+        p.tensor_model_parallel = True  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def uniform(low: float, high: float) -> Init:
@@ -229,9 +229,10 @@ class MambaMixer(torch.nn.Module):
         )
 
     def _split(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return projected.split(
+        z, xbc, dt = projected.split(
             [self.local_inner, sum(self.conv_channels), self.local_heads], dim=-1
         )
+        return z, xbc, dt
 
     def _time_step(self, dt: torch.Tensor) -> torch.Tensor:
         dt = F.softplus(dt.float() + self.dt_bias.float())
@@ -280,6 +281,7 @@ class MambaMixer(torch.nn.Module):
         nd = paged.num_decode
         if nd:
             slots = paged.decode_state_slots
+            assert slots is not None  # a batch over recurrent state carries its slots
             z, xbc, dt = self._split(projected[:nd])
             conv = conv_states.index_select(0, slots)
             state = ssm_states.index_select(0, slots)
@@ -300,6 +302,7 @@ class MambaMixer(torch.nn.Module):
         if paged.num_prefill:
             rows, valid = paged.prefill_query_rows, paged.prefill_rows_valid()
             slots = paged.prefill_state_slots
+            assert slots is not None  # a batch over recurrent state carries its slots
             padded = torch.cat([projected, projected.new_zeros(1, projected.shape[1])])[rows]
             z, xbc, dt = self._split(padded)  # [P, Q, *]
             xbc, conv_final = causal_conv1d(

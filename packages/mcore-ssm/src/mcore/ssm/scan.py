@@ -21,9 +21,7 @@ _FUNCTIONS = {
 }
 
 
-def scan_functions(
-    kernel: Literal["torch", "triton"], kind: Literal["mamba", "gdn"]
-) -> tuple[Callable, Callable]:
+def scan_functions(kernel: str, kind: Literal["mamba", "gdn"]) -> tuple[Callable, Callable]:
     """``(scan, step)`` of ``kind`` for the ``ssm_kernel`` named ``kernel``."""
     import importlib
 

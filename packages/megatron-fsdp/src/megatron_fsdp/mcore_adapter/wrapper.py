@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -53,7 +53,7 @@ class MegatronFSDP(nn.Module):
         instances = config.num_distributed_optimizer_instances
         dense_mesh = _mesh(ps, "dp_cp", instances)
         expert_mesh = _mesh(ps, "edp", instances) if _has_experts(module) else None
-        options = dict(
+        options: dict[str, Any] = dict(
             sharding_strategy=config.data_parallel_sharding_strategy,
             prefetch=config.overlap_param_gather,
             double_buffer=config.fsdp_double_buffer,
@@ -151,7 +151,7 @@ def wrap_megatron_fsdp(
 
 # mcore train hands this wrapper the model still on the meta device and materialises the shards
 # it creates, so no rank allocates a full copy of any parameter.
-wrap_megatron_fsdp.accepts_meta_model = True
+wrap_megatron_fsdp.accepts_meta_model = True  # pyright: ignore[reportFunctionMemberAccess]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -236,7 +236,7 @@ def _mesh(ps: ParallelState, dim: str, instances: int) -> DeviceMesh:
     (mine,) = [g for g in every if ps.rank in g]
     layout = torch.tensor(mine).view(instances, shard_size)
     return DeviceMesh.from_group(
-        [replicate_group, shard_group],
+        [cast(dist.ProcessGroup, replicate_group), cast(dist.ProcessGroup, shard_group)],
         device_type,
         mesh=layout,
         mesh_dim_names=("replicate", "shard"),
@@ -245,6 +245,7 @@ def _mesh(ps: ParallelState, dim: str, instances: int) -> DeviceMesh:
 
 def _all_groups(ps: ParallelState, dim: str) -> list[list[int]]:
     """The global ranks of every ``dp_cp`` or ``edp`` group, each in group-rank order."""
+    assert ps.mesh is not None and ps.expert_mesh is not None  # a distributed layout
     if dim == "dp_cp":
         ranks = ps.mesh.mesh  # [pp, dp, cp, tp]
         pp, dp, cp, tp = ranks.shape
@@ -252,3 +253,10 @@ def _all_groups(ps: ParallelState, dim: str) -> list[list[int]]:
     ranks = ps.expert_mesh.mesh  # [pp, edp, ep, etp]
     pp, edp, ep, etp = ranks.shape
     return ranks.permute(0, 2, 3, 1).reshape(pp * ep * etp, edp).tolist()
+
+
+if TYPE_CHECKING:
+    # The registry entry conforms: the type checker verifies this assignment.
+    from mcore.parallel.protocols import DataParallelBuilder
+
+    _BUILDER: DataParallelBuilder = wrap_megatron_fsdp

@@ -26,9 +26,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from mcore.core import McoreError
+
+if TYPE_CHECKING:
+    from mcore.core import Config
+    from mcore.core.registry import Registries
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,11 @@ class Feedback:
 
 @runtime_checkable
 class Environment(Protocol):
-    """Yields prompts and scores completions (see the module docstring)."""
+    """Yields prompts and scores completions (see the module docstring); the ``rl_env``
+    registry refuses an environment class, or what a factory builds, that lacks a member."""
 
     name: str
+    """The environment's name, for messages and logs."""
 
     def problem(self, index: int) -> Problem:
         """Problem number ``index`` of an endless, deterministic stream."""
@@ -70,6 +76,18 @@ class Environment(Protocol):
     def score(self, problem: Problem, completion: str, turn: int = 0) -> Feedback:
         """Score ``completion`` (the text of turn ``turn``, counted from 0)."""
         ...
+
+
+class EnvironmentBuilder(Protocol):
+    """An ``rl_env`` registry entry: builds the environment from the run's config."""
+
+    def __call__(self, config: Config) -> Environment: ...
+
+
+def build_environment(registries: Registries, name: str, config: Config) -> Environment:
+    """The environment the ``rl_env`` registry's entry ``name`` builds for ``config``
+    (refused when it lacks a member of :class:`Environment`)."""
+    return registries["rl_env"].build(name, config)
 
 
 def demonstration(env: Environment, problem: Problem) -> str:
@@ -110,3 +128,17 @@ def read_jsonl(path: str | Path, *, required: tuple[str, ...], source: str) -> l
     if not records:
         raise McoreError(f"{source}: {str(path)!r} holds no problems")
     return records
+
+
+if TYPE_CHECKING:
+    # The built-in entries conform: the type checker verifies this assignment.
+    from megatron_rl.envs.arithmetic import build_arithmetic
+    from megatron_rl.envs.math_answer import build_math_answer
+    from megatron_rl.envs.string_task import build_string_copy, build_string_reverse
+
+    _ENVIRONMENTS: list[EnvironmentBuilder] = [
+        build_arithmetic,
+        build_math_answer,
+        build_string_copy,
+        build_string_reverse,
+    ]

@@ -253,7 +253,8 @@ def build_gpt_datasets(
         if weights is None:
             w = [float(len(m)) for m in members]
             size = sum(len(m) for m in members)
-            size = size if sizes[s] is None else min(sizes[s], size)
+            cap = sizes[s]
+            size = size if cap is None else min(cap, size)
         else:
             w = weights
             size = sizes[s]

@@ -160,7 +160,7 @@ def build_gpt_indices(
     if num_samples is not None:
         needed = num_samples * seq_length + 1
         num_epochs = max(1, -(-needed // tokens_per_epoch))
-    separate_final_epoch = False
+    separate_final_epoch, before_final = False, 0
     if num_epochs > 1:
         assert num_samples is not None
         before_final = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length

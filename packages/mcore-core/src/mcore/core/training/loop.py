@@ -19,6 +19,7 @@ from mcore.core.config import Config
 from mcore.core.data import build_datasets
 from mcore.core.errors import McoreError
 from mcore.core.plugins import PluginManager, get_plugin_manager
+from mcore.core.protocols import Checkpointer, ReadsMetrics, TrainingRuntime
 from mcore.core.training.flops import gpt_flops_per_token, mfu, peak_flops
 from mcore.core.training.metrics import NonFiniteLossError, check_finite
 from mcore.core.training.profiling import StartupTimes, StepProfiler, ranges
@@ -188,7 +189,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
                         valid_set, round_=step // eval_interval, iters=eval_iters,
                     )
                 )  # fmt: skip
-            if logger.should_log(step) and hasattr(runtime, "read_metrics"):
+            if logger.should_log(step) and isinstance(runtime, ReadsMetrics):
                 # e.g. MoE balancing losses and expert load: they wait on the device, summed
                 # over the interval, and are read (one collective) only when logged.
                 step_metrics.update(runtime.read_metrics(chunks))
@@ -232,7 +233,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
 
 
 def _batch_runner(
-    runtime: Any,
+    runtime: TrainingRuntime,
     chunks: list[Any],
     *,
     gbs: int,
@@ -266,7 +267,7 @@ def _batch_runner(
 
 
 def _evaluate(
-    runtime: Any,
+    runtime: TrainingRuntime,
     chunks: list[Any],
     run_batch: Any,
     forward_step: Any,
@@ -293,9 +294,13 @@ def _evaluate(
     return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 20.0))}
 
 
-def _checkpointer(config: Config, runtime: Any, manager: PluginManager) -> Any:
+def _checkpointer(
+    config: Config, runtime: TrainingRuntime, manager: PluginManager
+) -> Checkpointer | None:
     """The installed checkpoint I/O (mcore-ckpt's), or None when the run saves and loads none."""
-    checkpointer = manager.hook.mcore_checkpointer(config=config, runtime=runtime)
+    checkpointer: Checkpointer | None = manager.hook.mcore_checkpointer(
+        config=config, runtime=runtime
+    )
     wanted = [f for f in ("save", "load") if getattr(config.checkpoint, f)]
     if checkpointer is None and wanted:
         raise McoreError(

@@ -27,6 +27,8 @@ from mcore.core.config import Config
 from mcore.core.data import build_tokenizer
 from mcore.core.errors import McoreError
 from mcore.core.plugins import PluginManager
+from mcore.core.protocols import Checkpointer, TrainingRuntime
+from mcore.core.registry import Registries
 from mcore.core.training.metrics import MetricsLogger, configure_logging
 
 __all__ = ["Trainer", "init_distributed", "padded_vocab", "setup_trainer"]
@@ -45,7 +47,7 @@ class Trainer:
 
     config: Config
     manager: PluginManager
-    runtime: Any
+    runtime: TrainingRuntime
     """The parallel runtime (the ``mcore_training_runtime`` hook's)."""
     tokenizer: Any
     model_config: Any
@@ -55,7 +57,7 @@ class Trainer:
     chunks: list[torch.nn.Module] = field(default_factory=list)
     optimizer: Any = None
     scheduler: Any = None
-    checkpointer: Any = None
+    checkpointer: Checkpointer | None = None
     """The checkpoint I/O (mcore-ckpt's), or ``None`` when the run saves and loads none."""
     logger: MetricsLogger | None = None
     iteration: int = 0
@@ -71,7 +73,9 @@ class Trainer:
 
     @property
     def parallel_state(self) -> Any:
-        """The layout: ranks and process groups of every parallel dimension."""
+        """The layout: ranks and process groups of every parallel dimension (the runtime's,
+        mcore-parallel's ``ParallelState`` under its runtime: typed loosely because the core
+        cannot name it, and plugins hand it to mcore-parallel's functions)."""
         return self.runtime.parallel_state
 
     @property
@@ -79,7 +83,7 @@ class Trainer:
         return self.manager.hook
 
     @property
-    def registries(self) -> Any:
+    def registries(self) -> Registries:
         return self.manager.registries
 
     def build(self, *, initialize: bool = True) -> None:
@@ -203,7 +207,7 @@ def setup_trainer(config: Config, manager: PluginManager, *, command: str = "tra
     runtime, the tokenizer and the model config with its vocabulary padded."""
     configure_logging(config.logger.log_level)
     init_distributed(config)
-    runtime = manager.hook.mcore_training_runtime(config=config)
+    runtime: TrainingRuntime | None = manager.hook.mcore_training_runtime(config=config)
     if runtime is None:
         raise McoreError(f"mcore {command} needs a parallel runtime: pip install mcore-parallel")
     torch.manual_seed(config.train.seed)

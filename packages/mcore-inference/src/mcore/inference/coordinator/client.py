@@ -115,7 +115,7 @@ class InferenceClient:
         for future in self._replies.values():
             if not future.done():
                 future.set_exception(CoordinatorError("the client was closed"))
-        if self._socket is not None:
+        if self._socket is not None and self._ctx is not None:  # both set by start()
             self._socket.close(linger=0)
             self._ctx.term()
 
@@ -130,7 +130,7 @@ class InferenceClient:
     ) -> RequestStream:
         """Submit a request; returns the stream of its deltas once an engine rank accepted it.
         Raises ``InvalidRequestError`` / ``ContextOverflowError`` if it refused."""
-        self._check_open()
+        socket = self._check_open()
         params = sampling_params or SamplingParams()
         rid = request_id if request_id is not None else f"client-{next(self._ids)}"
         if rid in self._streams:
@@ -139,7 +139,7 @@ class InferenceClient:
         state = _Stream(asyncio.Queue(), rid)
         self._streams[rid] = state
         try:
-            await self._socket.send(
+            await socket.send(
                 pack("submit", rid=rid, prompt_token_ids=prompt, sampling_params=params.to_dict())
             )
             await state.accepted
@@ -150,7 +150,7 @@ class InferenceClient:
 
     async def _close_stream(self, rid: RequestId, finished: bool) -> None:
         self._streams.pop(rid, None)
-        if not finished and not self._closed:
+        if not finished and not self._closed and self._socket is not None:
             with contextlib.suppress(zmq.ZMQError):
                 await self._socket.send(pack("abort", rid=rid))
 
@@ -180,19 +180,19 @@ class InferenceClient:
         return await stream.final()
 
     async def abort(self, request_id: RequestId) -> None:
-        self._check_open()
-        await self._socket.send(pack("abort", rid=request_id))
+        socket = self._check_open()
+        await socket.send(pack("abort", rid=request_id))
 
     # -- control ------------------------------------------------------------------------------
 
     async def control(self, signal: Signal | str, *, timeout_s: float = 120.0) -> int:
         """Send a control signal; returns once every live rank acknowledged it (the number of
         ranks that did)."""
-        self._check_open()
+        socket = self._check_open()
         signal = Signal(signal)
         cid = f"c{next(self._ids)}"
         reply = self._expect(cid)
-        await self._socket.send(pack("control", cid=cid, signal=signal.value))
+        await socket.send(pack("control", cid=cid, signal=signal.value))
         message = await self._wait(reply, timeout_s, f"{signal.value} was not acknowledged")
         return int(message.get("engines", 0))
 
@@ -213,10 +213,10 @@ class InferenceClient:
 
     async def status(self, *, timeout_s: float = 10.0) -> dict[str, Any]:
         """``{"engines": [{rank, pid, alive, inflight}], "pending": n}``."""
-        self._check_open()
+        socket = self._check_open()
         cid = f"s{next(self._ids)}"
         reply = self._expect(cid)
-        await self._socket.send(pack("status", cid=cid))
+        await socket.send(pack("status", cid=cid))
         message = await self._wait(reply, timeout_s, "no status from the coordinator")
         return {"engines": message.get("engines", []), "pending": message.get("pending", 0)}
 
@@ -242,9 +242,11 @@ class InferenceClient:
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
+    def _check_open(self) -> zmq.asyncio.Socket:
+        """The connected socket; raises when the client is not (or no longer) connected."""
         if self._socket is None or self._closed:
             raise CoordinatorError("the client is not connected: await start() first")
+        return self._socket
 
     def _expect(self, key: Any) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
@@ -262,11 +264,14 @@ class InferenceClient:
                     del self._replies[key]
 
     async def _receive_loop(self) -> None:
+        socket = self._socket
+        assert socket is not None  # start() connects before it starts this loop
         while True:
-            message = unpack(await self._socket.recv())
+            message = unpack(await socket.recv())
             kind = message["type"]
             if kind == "output":
-                state = self._streams.get(message.get("rid"))
+                rid: Any = message.get("rid")
+                state = self._streams.get(rid)
                 if state is not None:
                     state.receive(message)
             elif kind == "hello":

@@ -181,6 +181,7 @@ class InferenceCoordinator:
 
     async def _receive_loop(self) -> None:
         sock = self._socket
+        assert sock is not None  # bound before the loop starts
         while True:
             frames = await sock.recv_multipart()
             if len(frames) != 2:
@@ -220,6 +221,7 @@ class InferenceCoordinator:
 
     async def _send(self, identity: bytes, kind: str, **fields: Any) -> bool:
         """Send to a peer; False when it is gone (an engine then counts as dead)."""
+        assert self._socket is not None, "sends happen while serving"
         try:
             await self._socket.send_multipart([identity, pack(kind, **fields)])
             return True
@@ -338,7 +340,7 @@ class InferenceCoordinator:
             engine.inflight.discard(gid)  # it died just now: try the next rank
 
     async def _on_output(self, identity: bytes, message: dict[str, Any]) -> None:
-        gid = message.get("rid")
+        gid: Any = message.get("rid")
         route = self._routes.get(gid)
         engine = self._engines.get(identity)
         if engine is None or route is None or route.engine != identity:
@@ -397,7 +399,7 @@ class InferenceCoordinator:
         await self._maybe_done(cid)
 
     async def _on_ack(self, identity: bytes, message: dict[str, Any]) -> None:
-        cid = message.get("cid")
+        cid: Any = message.get("cid")
         control = self._controls.get(cid)
         if control is None:
             return
@@ -426,6 +428,7 @@ class InferenceCoordinator:
         )
         if control.signal is Signal.STOP:
             self.stopped_by_signal = True
+            assert self._closing is not None  # set up when serving started
             self._closing.set()
 
     async def _on_status(self, identity: bytes, message: dict[str, Any]) -> None:

@@ -102,7 +102,7 @@ class EngineRank:
                 receive.cancel()
                 reason = "it shut down"
                 if lost.done():
-                    why = self._served.lost
+                    why = self._serving.lost
                     reason = str(why) if why is not None else "its engine stopped stepping"
                 self._post("goodbye", rank=self.rank, reason=reason)
             stopped.cancel()
@@ -114,29 +114,41 @@ class EngineRank:
             await self._drain_outbox(sock)
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
-            self.lost = self._served.lost
-            await self._served.shutdown()
+            self.lost = self._serving.lost
+            await self._serving.shutdown()
             sock.close(linger=0)
             ctx.term()
 
+    @property
+    def _serving(self) -> AsyncInferenceEngine:
+        """The engine as :meth:`serve` runs it."""
+        assert self._served is not None, "serve() starts it"
+        return self._served
+
+    @property
+    def _queue(self) -> asyncio.Queue[bytes]:
+        """Frames for the coordinator, sent in order by :meth:`serve`'s sender task."""
+        assert self._outbox is not None, "serve() creates it"
+        return self._outbox
+
     async def _watch_engine(self) -> None:
         """Returns when the engine's stepping thread stopped on its own (a lost replica)."""
-        while self._served.running:
+        while self._serving.running:
             await asyncio.sleep(0.2)
 
     def _post(self, kind: str, **fields: Any) -> None:
-        self._outbox.put_nowait(pack(kind, **fields))
+        self._queue.put_nowait(pack(kind, **fields))
 
     async def _send_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:
-            frame = await self._outbox.get()
+            frame = await self._queue.get()
             await sock.send(frame)
 
     async def _drain_outbox(self, sock: zmq.asyncio.Socket) -> None:
         # What is queued when STOP arrives (final outputs, the ack) still goes out.
         try:
-            while not self._outbox.empty():
-                await asyncio.wait_for(sock.send(self._outbox.get_nowait()), timeout=1.0)
+            while not self._queue.empty():
+                await asyncio.wait_for(sock.send(self._queue.get_nowait()), timeout=1.0)
         except Exception:
             pass
 
@@ -147,7 +159,7 @@ class EngineRank:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise TimeoutError(f"no coordinator answered at {self.address}")
-            if await sock.poll(timeout=remaining * 1000):
+            if await sock.poll(timeout=int(remaining * 1000)):
                 message = unpack(await sock.recv())
                 if message["type"] == "registered":
                     log.info("engine rank %d registered with %s", self.rank, self.address)
@@ -166,14 +178,14 @@ class EngineRank:
                 rid = message["rid"]
                 self._tasks[rid] = asyncio.create_task(self._serve_request(message))
             elif kind == "abort":
-                await self._served.abort(message["rid"])
+                await self._serving.abort(message["rid"])
             elif kind == "control" and await self._control(message):
                 return
 
     async def _control(self, message: dict[str, Any]) -> bool:
         """Carry out a signal and acknowledge it; True when the rank should exit."""
         signal = Signal(message["signal"])
-        served = self._served
+        served = self._serving
         if signal is Signal.PAUSE:
             await served.pause()
         elif signal is Signal.UNPAUSE:
@@ -196,7 +208,7 @@ class EngineRank:
             prompt = message.get("prompt_token_ids")
             if not isinstance(prompt, list):
                 raise InvalidRequestError("prompt_token_ids must be a list of ints", field="prompt")
-            stream = await self._served.add_request(prompt, params, request_id=rid)
+            stream = await self._serving.add_request(prompt, params, request_id=rid)
             self._post("output", rid=rid, accepted=True, token_ids=[], finished=False)
             async with stream:
                 async for delta in stream:

@@ -26,7 +26,7 @@ An ``output`` carries what is new since the previous one (``token_ids``, ``logpr
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -51,7 +51,7 @@ class ProtocolError(InferenceError):
 
 
 def pack(kind: str, **fields: Any) -> bytes:
-    return msgpack.packb({"type": kind, **fields}, use_bin_type=True)
+    return cast(bytes, msgpack.packb({"type": kind, **fields}, use_bin_type=True))
 
 
 def unpack(frame: bytes) -> dict[str, Any]:

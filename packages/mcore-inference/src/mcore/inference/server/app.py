@@ -15,9 +15,10 @@ chunk costs the same however long its completion grows. Work on text that can be
 prompts, rendering chat templates, decoding logprob tokens) runs on a few worker threads
 (``text_workers``), never on the event loop that serves every other stream.
 
-The backend is anything with ``add_request(prompt, params, request_id=) -> RequestStream`` and
-``stats()``: :class:`~mcore.inference.async_engine.AsyncInferenceEngine` in process, or the
-coordinator's :class:`~mcore.inference.coordinator.client.InferenceClient`.
+The backend is a :class:`~mcore.inference.protocols.ServingBackend` (``add_request(prompt,
+params, request_id=) -> RequestStream`` and ``stats()``):
+:class:`~mcore.inference.async_engine.AsyncInferenceEngine` in process, or the coordinator's
+:class:`~mcore.inference.coordinator.client.InferenceClient`.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, cast
 
 from aiohttp import web
 
-from mcore.inference.errors import InvalidRequestError, RequestId
+from mcore.inference.errors import InvalidRequestError
+from mcore.inference.protocols import ServingBackend
 from mcore.inference.request import RequestDelta, RequestOutput
 from mcore.inference.sampling import SamplingParams
 from mcore.inference.server import protocol
@@ -47,16 +49,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 2**20
 
 
-class Backend(Protocol):
-    async def add_request(
-        self,
-        prompt: list[int],
-        sampling_params: SamplingParams | None = None,
-        *,
-        request_id: RequestId | None = None,
-    ) -> RequestStream: ...
-
-    async def stats(self) -> dict[str, Any]: ...
+Backend = ServingBackend
+"""What the server sends requests to (:class:`mcore.inference.protocols.ServingBackend`)."""
 
 
 def _speculation_lines(stats: dict[str, Any]) -> list[str]:
@@ -311,7 +305,7 @@ class OpenAIServer:
 
     def _encode(self, prompts: list[list[int] | str]) -> list[list[int]]:
         if all(isinstance(p, list) for p in prompts):
-            return prompts
+            return cast("list[list[int]]", prompts)
         if self.tokenizer is None:
             raise InvalidRequestError(
                 "this model has no tokenizer: send the prompt as token ids", field="prompt"

@@ -428,7 +428,7 @@ def load_hf(
     missing = [k for k in state if k not in loaded and not k.endswith("inv_freq")]
     if missing:
         raise McoreError(f"{arch.name} mapping left parameters unloaded: {missing[:5]}")
-    model.hf_architecture = arch.name
+    model.hf_architecture = arch.name  # pyright: ignore[reportArgumentType] (a str attribute)
     return model
 
 

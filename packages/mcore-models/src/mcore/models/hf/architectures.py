@@ -268,7 +268,12 @@ def rope_to_hf(cfg: TransformerConfig) -> dict[str, Any]:
 
 # --- Llama-like config ------------------------------------------------------------------------
 
-_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "gelu", "relu2": "squared_relu"}
+_ACTIVATIONS: dict[str, Literal["swiglu", "gelu", "squared_relu"]] = {
+    "silu": "swiglu",
+    "swish": "swiglu",
+    "gelu": "gelu",
+    "relu2": "squared_relu",
+}
 
 
 def llama_like_config(

@@ -46,14 +46,19 @@ class AllGatherDispatcher(TokenDispatcher):
         return DispatchOutput(tokens=rows, tokens_per_expert=counts, probs=row_probs)
 
     def combine(self, expert_output: torch.Tensor, *, probs_applied: bool = False) -> torch.Tensor:
+        sorted_indices, routed_rows = self._sorted, self._routed_rows
+        if sorted_indices is None or routed_rows is None:
+            raise RuntimeError(
+                "AllGatherDispatcher.combine was called without a dispatch before it"
+            )
         # The experts leave the padding rows undefined (possibly inf or nan): where, not a
         # multiply, so they cannot reach the tokens.
         row = torch.arange(expert_output.shape[0], device=expert_output.device)
-        expert_output = torch.where((row < self._routed_rows).unsqueeze(1), expert_output, 0)
+        expert_output = torch.where((row < routed_rows).unsqueeze(1), expert_output, 0)
         probs = None if probs_applied else self._row_probs
         out = unpermute(
             expert_output,
-            self._sorted,
+            sorted_indices,
             self._num_tokens,
             probs=probs,
             fused=self.moe.permute_fusion,

@@ -73,6 +73,9 @@ class AllToAllDispatcher(TokenDispatcher):
         )
 
     def combine(self, expert_output: torch.Tensor, *, probs_applied: bool = False) -> torch.Tensor:
+        sorted_indices = self._sorted
+        if sorted_indices is None:
+            raise RuntimeError("AllToAllDispatcher.combine was called without a dispatch before it")
         ps, fused = self.parallel_state, self.moe.permute_fusion
         sorted_sizes = [self._chunk_sizes[i] for i in self._order]
         inverse = [0] * len(self._order)
@@ -84,7 +87,7 @@ class AllToAllDispatcher(TokenDispatcher):
         out = all_to_all(out, self._in_splits, self._out_splits, ps.ep_group)
         probs = None if probs_applied else self._row_probs
         out = unpermute(
-            out, self._sorted, self._num_tokens, probs=probs, fused=fused, topk=self._topk
+            out, sorted_indices, self._num_tokens, probs=probs, fused=fused, topk=self._topk
         )
         self._row_probs = self._sorted = None
         return out

@@ -38,7 +38,8 @@ class DispatchOutput:
 
 
 class TokenDispatcher:
-    """Base class of dispatchers; holds what all of them need from the model's context."""
+    """Base class of dispatchers (the :class:`mcore.moe.protocols.TokenDispatcher` protocol);
+    holds what all of them need from the model's context."""
 
     def __init__(
         self,
@@ -50,6 +51,8 @@ class TokenDispatcher:
     ) -> None:
         self.ctx, self.moe = ctx, moe
         self.parallel_state = ctx.parallel_state
+        if moe.num_experts is None:
+            raise ValueError("a token dispatcher needs moe.num_experts to be set")
         self.num_experts = moe.num_experts
         self.num_local_experts = num_local_experts
         self.local_expert_indices = local_expert_indices

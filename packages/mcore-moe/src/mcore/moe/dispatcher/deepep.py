@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -205,7 +205,7 @@ _COMMS: dict[int, tuple[ProcessGroup, _LegacyComm | _ElasticComm]] = {}
 class DeepEPBackend(FlexBackend):
     """Flex backend on DeepEP's high-throughput kernels (NVLink within a node, RDMA across)."""
 
-    name = "deepep"
+    name: ClassVar[str] = "deepep"
 
     @classmethod
     def unmet_requirements(cls) -> list[str]:
@@ -288,6 +288,7 @@ class DeepEPBackend(FlexBackend):
         self._sorted_indices = sorted_indices
         self._num_received = recv_x.shape[0]
         tokens_per_expert = torch.tensor(meta.counts, dtype=torch.int64)
+        assert row_probs is not None  # dispatched with their probabilities
         return tokens, tokens_per_expert, row_probs
 
     def combine(self, expert_output: torch.Tensor) -> torch.Tensor:

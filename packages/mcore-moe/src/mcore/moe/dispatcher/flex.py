@@ -22,13 +22,15 @@ import importlib
 import importlib.util
 import weakref
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 import torch.distributed as dist
 
 from mcore.core.errors import McoreError
 from mcore.moe.dispatcher.base import DispatchOutput, TokenDispatcher
+from mcore.moe.protocols import FlexBackend as FlexBackendProtocol
+from mcore.moe.protocols import flex_backend_class
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -66,7 +68,8 @@ def import_optional(module: str) -> tuple[ModuleType | None, str | None]:
 
 
 class FlexBackend:
-    """What a flex backend implements: a differentiable dispatch/combine pair over one group.
+    """What a flex backend implements (:class:`mcore.moe.protocols.FlexBackend`): a
+    differentiable dispatch/combine pair over one group.
 
     Built as ``Backend(group, hidden_size=..., num_experts=..., num_local_experts=...,
     max_topk=..., permute_fusion=...)`` where ``group`` spans the EP*ETP ranks (``None`` only
@@ -184,8 +187,8 @@ def expert_comm_group(state: ParallelState) -> ProcessGroup | None:
         # one group, in rank order ep-major: group rank ep_rank * etp + etp_rank.
         span = state.ep_size * state.etp_size
         members = state.expert_mesh.mesh.reshape(-1, span).tolist()
-        group, _ = dist.new_subgroups_by_enumeration(members, group_desc="ep_etp")
-        _EP_ETP_GROUPS[state] = group
+        created, _ = dist.new_subgroups_by_enumeration(members, group_desc="ep_etp")
+        group = _EP_ETP_GROUPS[state] = cast("ProcessGroup", created)  # every rank is in one
     return group
 
 
@@ -233,7 +236,7 @@ class FlexDispatcher(TokenDispatcher):
                 "moe.pad_expert_input_to_capacity is not supported by the flex dispatcher; "
                 "unset it or use moe.token_dispatcher_type = 'alltoall'"
             )
-        backend_cls = ctx.registries.get("flex_backend", name)
+        backend_cls = flex_backend_class(ctx.registries, name)
         state = self.parallel_state
         problems = list(backend_cls.unmet_requirements())
         group = None
@@ -258,7 +261,7 @@ class FlexDispatcher(TokenDispatcher):
         # Rows carry more than router_topk experts only when padding adds zero-probability
         # routes; then the width is measured per batch (one host sync).
         self.topk: int | None = None if moe.router_padding_for_quantization else moe.router_topk
-        self.backend: FlexBackend = backend_cls(
+        self.backend: FlexBackendProtocol = backend_cls(
             group,
             hidden_size=ctx.config.hidden_size,
             num_experts=group_experts,

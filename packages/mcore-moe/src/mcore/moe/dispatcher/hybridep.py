@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -103,7 +103,7 @@ _BUFFERS: dict[int, tuple[ProcessGroup, Any]] = {}
 class HybridEPBackend(FlexBackend):
     """Flex backend on DeepEP's HybridEP kernels (TMA all-to-all with fused permute)."""
 
-    name = "hybridep"
+    name: ClassVar[str] = "hybridep"
 
     @classmethod
     def unmet_requirements(cls) -> list[str]:

@@ -4,6 +4,12 @@ One program per row: the weight's gradient is a sum over the whole row, so loopi
 feature dim inside the program makes it a plain reduction instead of atomics across programs.
 """
 
+# Triton kernels are beyond the type checker: launch arguments bound to tl.constexpr
+# parameters, launch options (num_warps), tl.static_range loops and names a constexpr branch
+# defines. Their tests check them against the torch references instead.
+# pyright: reportArgumentType=false, reportCallIssue=false, reportGeneralTypeIssues=false
+# pyright: reportPossiblyUnboundVariable=false
+
 from __future__ import annotations
 
 from typing import Any

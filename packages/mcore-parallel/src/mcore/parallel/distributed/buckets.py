@@ -123,7 +123,7 @@ class GradBuffer:
                 flat = self.param_data[start:end].view_as(p)
                 flat.copy_(p.data)
                 p.data = flat
-            p.main_grad = self.grad_data[start:end].view_as(p)
+            p.main_grad = self.grad_data[start:end].view_as(p)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def build_grad_buffers(

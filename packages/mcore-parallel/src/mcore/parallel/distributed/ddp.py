@@ -187,7 +187,7 @@ class DistributedDataParallel(nn.Module):
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         if param.grad is None:
             return
-        param.main_grad.add_(param.grad)
+        param.main_grad.add_(param.grad)  # pyright: ignore[reportAttributeAccessIssue]
         param.grad = None  # the buffer holds it now; free the autograd copy
         if not self._sync_enabled:
             return
@@ -269,7 +269,7 @@ class DistributedDataParallel(nn.Module):
         tp_group, tp_size = self.parallel_state.tp_group, self.parallel_state.tp_size
         if tp_group is None or tp_size == 1:
             return
-        grads = [p.main_grad for p in self.params if getattr(p, "reduce_grad_over_tp", False)]
+        grads = [p.main_grad for p in self.params if getattr(p, "reduce_grad_over_tp", False)]  # pyright: ignore[reportAttributeAccessIssue]
         if not grads:
             return
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}

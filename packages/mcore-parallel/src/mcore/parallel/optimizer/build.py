@@ -11,7 +11,7 @@ dynamic loss scaler; ``optimizer.optimizer_cpu_offload`` offloads
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ def build_optimizer(
     fp16 = "train" in config and config.train.fp16
     cls = DistributedOptimizer if opt.use_distributed_optimizer else MixedPrecisionOptimizer
     return cls(
-        model,
+        cast(Any, model),  # DistributedOptimizer checks that it is DistributedDataParallel
         parallel_state,
         make_optimizer,
         weight_decay=opt.weight_decay,

@@ -78,7 +78,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         super()._publish_params()
         ddp = self.ddp
         assert ddp is not None
-        works = [
+        works: list[Any] = [  # async_op: each a Work to wait on
             dist.all_gather_into_tensor(
                 bucket.param_data,
                 bucket.shard(bucket.param_data, bucket.group_rank, bucket.group_size),

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -87,7 +87,7 @@ class _Shard:
         return _local(self.param).detach().view(-1)[self.start : self.end]
 
     def grad_view(self, from_main_grad: bool) -> torch.Tensor | None:
-        grad = self.param.main_grad if from_main_grad else self.param.grad
+        grad = self.param.main_grad if from_main_grad else self.param.grad  # pyright: ignore[reportAttributeAccessIssue]
         return None if grad is None else _local(grad).reshape(-1)[self.start : self.end]
 
 
@@ -242,9 +242,11 @@ class MixedPrecisionOptimizer:
 
     def _grad_norm(self) -> float:
         """The global norm: dense and expert parts summed over their own groups. Every rank
-        runs both reductions, also where a stage holds no experts, so collectives match."""
-        dense = [s.main.grad for s in self._shards if s.counted and not s.expert]
-        expert = [s.main.grad for s in self._shards if s.counted and s.expert]
+        runs both reductions, also where a stage holds no experts, so collectives match. A
+        parameter without a gradient this step (unused by the forward) counts as zero."""
+        grads = [(s.expert, s.main.grad) for s in self._shards if s.counted]
+        dense = [g for is_expert, g in grads if g is not None and not is_expert]
+        expert = [g for is_expert, g in grads if g is not None and is_expert]
         total = global_grad_norm(dense, self._norm_groups()) ** 2
         if self._any_experts:
             total = total + global_grad_norm(expert, self._expert_norm_groups()).to(total) ** 2
@@ -371,7 +373,8 @@ class MixedPrecisionOptimizer:
 
             def add(name: str, flat: torch.Tensor, s=s, layout=layout, shape=shape, base=base):
                 regions = flat_range_regions(flat.reshape(-1), shape, s.start, base)
-                entry = out.setdefault(name, ShardedTensor(name, layout.global_shape, flat.dtype))
+                new = ShardedTensor(name, layout.global_shape, flat.dtype)
+                entry = cast("ShardedTensor", out.setdefault(name, new))
                 entry.pieces += pieces(layout, regions)
 
             if s.is_copy or not for_load:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,7 @@ _EMBEDDING_GROUPS: weakref.WeakKeyDictionary[ParallelState, dist.ProcessGroup] =
 def mark_shared_embedding(*params: torch.nn.Parameter) -> None:
     """Mark parameters that are one stage's copy of the tied word embeddings."""
     for p in params:
-        p.shared_embedding = True
+        p.shared_embedding = True  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def embedding_group(parallel_state: ParallelState) -> dist.ProcessGroup | None:
@@ -43,10 +44,11 @@ def embedding_group(parallel_state: ParallelState) -> dist.ProcessGroup | None:
     if ps.pp_size == 2:
         return ps.pp_group
     if ps not in _EMBEDDING_GROUPS:
+        assert ps.mesh is not None  # pp_size > 2: a distributed layout
         ranks = ps.mesh.mesh.reshape(ps.pp_size, -1)  # [pp, dp * cp * tp] global ranks
         pairs = [[int(first), int(last)] for first, last in zip(ranks[0], ranks[-1], strict=True)]
         group, _ = dist.new_subgroups_by_enumeration(pairs, group_desc="embedding")
-        _EMBEDDING_GROUPS[ps] = group
+        _EMBEDDING_GROUPS[ps] = cast("dist.ProcessGroup", group)  # every rank is in one pair
     return _EMBEDDING_GROUPS[ps]
 
 

@@ -262,7 +262,7 @@ def forward_backward_pipelining_with_interleaving(
     # inputs[c][i] is the input of outputs[c][i]; the first virtual stage's inputs are None.
     inputs: list[list[torch.Tensor | None]] = [[] for _ in range(v)]
     outputs: list[list[torch.Tensor]] = [[] for _ in range(v)]
-    output_grads: list[list[torch.Tensor]] = [[] for _ in range(v)]
+    output_grads: list[list[torch.Tensor | None]] = [[] for _ in range(v)]
 
     def forward(step: int) -> torch.Tensor | None:
         """Run forward ``step``; return what to send on (``None`` on the last virtual stage)."""
@@ -477,6 +477,7 @@ def _communicator(
         hidden_size = _model_attr(chunks[0], "pipeline_hidden_size", None)
         if hidden_size is None:
             hidden_size = _model_attr(chunks[0], "config").hidden_size
+        assert hidden_size is not None, "the model config gives the hidden size"
     if sequence_parallel is None:
         sequence_parallel = bool(_model_attr(chunks[0], "sequence_parallel", False))
     param = next(iter(chunks[0].parameters()), None)

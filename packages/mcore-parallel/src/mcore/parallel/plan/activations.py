@@ -165,7 +165,7 @@ class MetaRun(TorchDispatchMode):
             out = func(*args, **kwargs)
             _symmetric(func, args)
             return out
-        first = args[0] if args else None
+        first: Any = args[0] if args else None
         on_meta = isinstance(first, torch.Tensor) and first.device.type == "meta"
         if func is aten._local_scalar_dense.default and on_meta:
             return self._host_value(first).item()
@@ -240,7 +240,7 @@ def _symmetric(func: Any, args: tuple) -> None:
 
 
 def measure_chunk(
-    chunk: torch.nn.Module,
+    chunk: Any,
     *,
     micro_batch_size: int,
     seq_length: int,

@@ -59,7 +59,7 @@ def mlp_flops(model: Any, moe: Any, kind: str | None) -> float:
     return 0.0
 
 
-def mixer_flops(model: Any, ssm: Any, symbol: str, seq_length: int) -> float:
+def mixer_flops(model: Any, ssm: Any, symbol: str | None, seq_length: int) -> float:
     """Forward FLOPs per token of a sequence-mixer layer: ``M`` (Mamba-2) or ``G`` (gated delta
     net) sized by the ``[ssm]`` section; other symbols have none.
 

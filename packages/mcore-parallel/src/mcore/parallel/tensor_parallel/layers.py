@@ -313,7 +313,7 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias = _zeros((out_features,), dtype, device)
             if sequence_parallel and self.tp_size > 1:
-                self.bias.reduce_grad_over_tp = True
+                self.bias.reduce_grad_over_tp = True  # pyright: ignore[reportAttributeAccessIssue]
         else:
             self.register_parameter("bias", None)
 
