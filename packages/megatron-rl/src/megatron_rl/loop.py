@@ -102,6 +102,7 @@ def train_rl(config: Config, *, manager: PluginManager | None = None) -> RLResul
     # --- the policy (training layout), its reference, the engine ---------------------------
     run.build()
     chunks, optimizer, scheduler = run.chunks, run.optimizer, run.scheduler
+    assert optimizer is not None and scheduler is not None  # built just above
     checkpointer, resumed = _restore(config, runtime, manager, chunks, optimizer, scheduler)
     run.checkpointer = checkpointer
     start = run.iteration = int(resumed["iteration"]) if resumed else 0

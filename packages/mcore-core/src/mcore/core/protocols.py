@@ -21,7 +21,52 @@ if TYPE_CHECKING:
     from mcore.core.config import Config
     from mcore.core.registry import Registries
 
-__all__ = ["Checkpointer", "ParallelLayout", "ReadsMetrics", "TrainingRuntime"]
+__all__ = [
+    "Checkpointer",
+    "LRSchedule",
+    "ParallelLayout",
+    "ReadsMetrics",
+    "TrainingOptimizer",
+    "TrainingRuntime",
+]
+
+
+@runtime_checkable
+class TrainingOptimizer(Protocol):
+    """The optimizer a :class:`TrainingRuntime` builds (mcore-parallel's mixed-precision and
+    distributed optimizers): what the loops and the checkpointer call on it."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The parameter groups with their hyper-parameters (``lr`` is logged every step)."""
+        ...
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the loss scale before backward (fp16); unchanged otherwise."""
+        ...
+
+    def zero_grad(self) -> None: ...
+
+    def step(self) -> tuple[bool, float]:
+        """One update: ``(skipped, grad_norm)``; skipped when gradients were not finite."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class LRSchedule(Protocol):
+    """The learning-rate schedule a :class:`TrainingRuntime` builds beside its optimizer."""
+
+    def step(self, increment: int = 1) -> float:
+        """Advance by ``increment`` optimizer steps; returns the new learning rate."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class ParallelLayout(Protocol):
@@ -80,7 +125,7 @@ class TrainingRuntime(Protocol):
         *,
         initialize: bool = True,
         on_model: Callable[[list[torch.nn.Module]], None] | None = None,
-    ) -> tuple[list[torch.nn.Module], Any, Any]:
+    ) -> tuple[list[torch.nn.Module], TrainingOptimizer, LRSchedule]:
         """This rank's model chunks (one per virtual pipeline stage), their optimizer and LR
         schedule: ``(chunks, optimizer, scheduler)``. ``initialize=False``: a checkpoint is
         about to be loaded, so the weights need storage but no initial values.
@@ -129,7 +174,10 @@ class Checkpointer(Protocol):
         ...
 
     def load(
-        self, chunks: list[torch.nn.Module], optimizer: Any, scheduler: Any
+        self,
+        chunks: list[torch.nn.Module],
+        optimizer: TrainingOptimizer,
+        scheduler: LRSchedule | None,
     ) -> dict[str, int] | None:
         """Resume in place and return the loop's state (``{"iteration": n,
         "consumed_samples": m}``), or ``None`` when there is nothing to resume from.
@@ -140,8 +188,8 @@ class Checkpointer(Protocol):
         self,
         iteration: int,
         chunks: list[torch.nn.Module],
-        optimizer: Any,
-        scheduler: Any,
+        optimizer: TrainingOptimizer,
+        scheduler: LRSchedule,
         loop_state: dict[str, int],
     ) -> str | None:
         """Write a checkpoint of the whole training state; returns its published path, or

@@ -94,6 +94,7 @@ def train(config: Config, *, manager: PluginManager | None = None) -> TrainResul
     trainer.build(initialize=not resuming)
     startup.mark("build")
     chunks, optimizer, scheduler = trainer.chunks, trainer.optimizer, trainer.scheduler
+    assert optimizer is not None and scheduler is not None  # built just above
     resumed = checkpointer.load(chunks, optimizer, scheduler) if checkpointer else None
     start = trainer.iteration = int(resumed["iteration"]) if resumed else 0
     mbs = train_cfg.micro_batch_size

@@ -25,9 +25,10 @@ import torch.distributed as dist
 
 from mcore.core.config import Config
 from mcore.core.data import build_tokenizer
+from mcore.core.data.tokenizer import Tokenizer
 from mcore.core.errors import McoreError
 from mcore.core.plugins import PluginManager
-from mcore.core.protocols import Checkpointer, TrainingRuntime
+from mcore.core.protocols import Checkpointer, LRSchedule, TrainingOptimizer, TrainingRuntime
 from mcore.core.registry import Registries
 from mcore.core.training.metrics import MetricsLogger, configure_logging
 
@@ -49,14 +50,15 @@ class Trainer:
     manager: PluginManager
     runtime: TrainingRuntime
     """The parallel runtime (the ``mcore_training_runtime`` hook's)."""
-    tokenizer: Any
+    tokenizer: Tokenizer
     model_config: Any
     """``config.model`` with the vocabulary padded for this layout."""
     command: str = "train"
     """``"train"`` or ``"rl"``: the command running the loop."""
     chunks: list[torch.nn.Module] = field(default_factory=list)
-    optimizer: Any = None
-    scheduler: Any = None
+    optimizer: TrainingOptimizer | None = None
+    """Set by :meth:`build` (``None`` only before it)."""
+    scheduler: LRSchedule | None = None
     checkpointer: Checkpointer | None = None
     """The checkpoint I/O (mcore-ckpt's), or ``None`` when the run saves and loads none."""
     logger: MetricsLogger | None = None
