@@ -90,7 +90,9 @@ def mcore_checkpointer(config: Config, runtime: TrainingRuntime) -> Checkpointer
 
 
 @hookspec
-def mcore_plan_frozen_models(config: Config) -> list[tuple[str, Config, Any, Any]] | None:
+def mcore_plan_frozen_models(
+    config: Config,
+) -> list[tuple[str, Config, Any, torch.dtype]] | None:
     """Models a run of ``config`` holds beside the one it trains, frozen (a distillation
     teacher), for ``mcore plan``: ``(name, run config, model config, dtype)`` each.
 
