@@ -51,11 +51,17 @@ def microseconds_per_range(n: int = 20000) -> tuple[float, float]:
 
 
 class _ToggleRanges:
-    """A run-time plugin: the ranges on for even steps, off for odd ones."""
+    """A run-time plugin: the ranges on for even steps, off for odd ones. With
+    ``control=True`` it switches nothing: the same run then measures how much even steps
+    differ from odd ones by themselves, the bias of the paired figure."""
+
+    def __init__(self, control: bool = False) -> None:
+        self.control = control
 
     @hookimpl
     def mcore_on_step_end(self, trainer, step, metrics) -> None:
-        ranges.set(step % 2 == 1)  # the next step (even when this one is odd) gets them
+        # The next step (even when this one is odd) gets the ranges.
+        ranges.set(step % 2 == 1 and not self.control)
 
 
 def paired_overhead(seconds: list[float], warmup: int) -> float:
@@ -137,14 +143,19 @@ def main() -> None:
         f"overhead (on / off - 1): {100 * (on / off - 1):+.2f}% "
         f"(spread of the off rounds {100 * spread:.1f}%)"
     )
-    register_plugin(_ToggleRanges(), name="toggle-ranges")
-    try:
-        paired = run(False, args.rounds * args.steps)
-    finally:
-        unregister_plugin("toggle-ranges")
+    paired = {}
+    for control in (True, False):
+        register_plugin(_ToggleRanges(control), name="toggle-ranges")
+        try:
+            paired[control] = paired_overhead(run(False, args.rounds * args.steps), args.warmup)
+        finally:
+            unregister_plugin("toggle-ranges")
+    steps = args.rounds * args.steps
     print(
-        f"paired steps, one run of {len(paired)} steps with the ranges on every other step: "
-        f"overhead {100 * paired_overhead(paired, args.warmup):+.2f}%"
+        f"paired steps, one run of {steps} steps with the ranges on every other step: "
+        f"even / odd {100 * paired[False]:+.2f}%; the same run with nothing switched (even "
+        f"steps against odd ones alone) {100 * paired[True]:+.2f}%; overhead "
+        f"{100 * (paired[False] - paired[True]):+.2f}%"
     )
 
 
