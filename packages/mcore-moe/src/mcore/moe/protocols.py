@@ -136,8 +136,9 @@ class FlexBackend(Protocol):
         permute_fusion: bool = False,
     ) -> None:
         """``group`` spans the EP*ETP ranks (``None`` only without ``needs_nccl`` in a single
-        process); ``num_experts`` counts the experts over that group and ``max_topk`` bounds
-        the columns of ``topk_indices`` (``None``: unknown)."""
+        process); ``num_experts`` counts the experts over that group
+        (``group.size() * num_local_experts``) and ``max_topk`` bounds the columns of
+        ``topk_indices`` (``None``: unknown)."""
         ...
 
     def dispatch(
@@ -145,12 +146,13 @@ class FlexBackend(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Send ``hidden`` ``[T, H]`` to the experts ``topk_indices`` (``[T, k]`` int64, ``-1``
         for none) picks, with ``topk_probs`` (``[T, k]`` fp32): this rank's expert rows
-        (expert-major), ``tokens_per_expert`` (int64 ``[num_local_experts]``) and each row's
-        probability ``[rows]``."""
+        (expert-major), ``tokens_per_expert`` (CPU int64 ``[num_local_experts]``) and each
+        row's probability ``[rows]``. Differentiable in ``hidden`` and ``topk_probs``."""
         ...
 
     def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
-        """Sum the rows of ``expert_output`` back into their tokens: ``[T, H]``."""
+        """Sum the rows of ``expert_output`` (as :meth:`dispatch` returned them) back into
+        their tokens: ``[T, H]``. Differentiable."""
         ...
 
 

@@ -68,16 +68,9 @@ def import_optional(module: str) -> tuple[ModuleType | None, str | None]:
 
 
 class FlexBackend:
-    """What a flex backend implements (:class:`mcore.moe.protocols.FlexBackend`): a
-    differentiable dispatch/combine pair over one group.
-
-    Built as ``Backend(group, hidden_size=..., num_experts=..., num_local_experts=...,
-    max_topk=..., permute_fusion=...)`` where ``group`` spans the EP*ETP ranks (``None`` only
-    for backends with ``needs_nccl = False`` in a single process), ``num_experts`` counts the
-    experts over that group (``group.size() * num_local_experts``) and ``max_topk`` bounds the
-    columns of ``topk_indices`` (``None``: unknown). A backend keeps what :meth:`combine` needs
-    from the latest :meth:`dispatch`; one backend instance serves one MoE layer.
-    """
+    """A base for flex backends: keeps the constructor's arguments and reports no unmet
+    requirements. The contract (construction, :meth:`dispatch`, :meth:`combine`) is
+    :class:`mcore.moe.protocols.FlexBackend`; one instance serves one MoE layer."""
 
     name: ClassVar[str] = ""
     """The registry name, for messages."""
@@ -86,7 +79,6 @@ class FlexBackend:
 
     @classmethod
     def unmet_requirements(cls) -> list[str]:
-        """What this process lacks to run the backend (each entry says the fix); empty: ready."""
         return []
 
     def __init__(
@@ -109,15 +101,9 @@ class FlexBackend:
     def dispatch(
         self, hidden: torch.Tensor, topk_indices: torch.Tensor, topk_probs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Send ``hidden`` ``[T, H]`` to the experts ``topk_indices`` (``[T, k]`` int64, ``-1``
-        for none) picks, with ``topk_probs`` (``[T, k]`` fp32). Returns the rows for this
-        rank's experts, expert-major; ``tokens_per_expert`` (CPU int64 ``[num_local_experts]``)
-        and each row's probability ``[rows]``. Differentiable in ``hidden`` and ``topk_probs``."""
         raise NotImplementedError
 
     def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
-        """Sum the rows of ``expert_output`` (as :meth:`dispatch` returned them) back into
-        their tokens: ``[T, H]``. Differentiable."""
         raise NotImplementedError
 
 
